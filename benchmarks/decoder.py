@@ -1,0 +1,87 @@
+"""Decoder throughput at COCO shapes, encoder excluded; prints one JSON line.
+
+train: teacher-forced forward + backward + Adam step, B=32 captions of T=22 words (captions/s).
+beam:  batched beam search, 32 images per call, K=5, 20 steps forced (<end> suppressed)
+       (images/s).
+Shapes: grid 14x14 (L=196), D=2048, V=9490, embed/hidden/attention 512.
+
+    python benchmarks/decoder.py [--threads 2] [--attention additive] [--repeats 5]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+
+import torch
+
+from caption.config import ModelConfig
+from caption.decoding import DecodingOptions, beam_search
+from caption.losses import caption_loss
+from caption.model import AttentionDecoder
+from caption.vocab import END_ID, START_ID
+
+
+def _time(fn, repeats: int) -> float:
+    """Median seconds of ``repeats`` calls after one warm-up call."""
+    fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--attention", default="additive")
+    p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--beam", type=int, default=5)
+    args = p.parse_args()
+    torch.set_num_threads(args.threads)
+    torch.manual_seed(0)
+    B, L, D, T, V = args.batch, 196, 2048, 22, 9490
+    hidden = D if args.attention == "dot" else 512
+    cfg = ModelConfig(attention=args.attention, embed_dim=512, hidden_dim=hidden, attention_dim=512)
+    decoder = AttentionDecoder(V, D, cfg)
+    optim = torch.optim.Adam(decoder.parameters(), lr=1e-4)
+    features = torch.randn(B, L, D).relu()
+    captions = torch.randint(4, V, (B, T + 1))
+    captions[:, 0], captions[:, -1] = START_ID, END_ID
+
+    def train_step() -> None:
+        decoder.train()
+        optim.zero_grad(set_to_none=True)
+        caption_loss(decoder(features, captions), alpha_c=1.0).total.backward()
+        torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
+        optim.step()
+
+    options = DecodingOptions(beam_size=args.beam, max_len=20, min_len=20)
+
+    def beam_call() -> None:
+        decoder.eval()
+        with torch.no_grad():
+            beam_search(decoder, features, options)
+
+    t_train = _time(train_step, args.repeats)
+    t_beam = _time(beam_call, args.repeats)
+    print(json.dumps({
+        "benchmark": "decoder",
+        "attention": args.attention,
+        "threads": args.threads,
+        "train_captions_per_s": round(B / t_train, 1),
+        "beam_images_per_s": round(B / t_beam, 1),
+        "beam_size": args.beam,
+        "shapes": {"B": B, "L": L, "D": D, "T": T, "V": V, "H": hidden, "A": 512, "E": 512},
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+    }))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,243 @@
+"""Feature cache for a frozen encoder: encode every image once, train the decoder from disk.
+
+Layout: ``<prefix>.f16`` is a raw float16 array (N, L, D) read with ``np.memmap``; ``<prefix>.json``
+is its index (key, sizes, image ids, how many images are done, which were unreadable). Building is
+resumable: progress is flushed every few batches and on any exception (index written atomically
+after the array), and a rerun encodes only the images not yet done. A stale cache (other key,
+records, encoder weights or preprocessing) is rebuilt from scratch. :class:`FeatureStore` reopens
+the array lazily in each process, so it pickles cheaply into DataLoader workers.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+from torch import nn
+from torch.utils.data import DataLoader
+from tqdm import tqdm
+
+from caption.config import ModelConfig
+from caption.data import ImageDataset, ImageRecord, collate_images
+
+log = logging.getLogger("caption.cache")
+
+FORMAT_VERSION = 1
+_FP16_MAX = 65504.0
+
+
+def cache_key(model_cfg: ModelConfig, image_size: int) -> str:
+    """Short stable name of the encoder settings that determine the features, e.g.
+    ``resnet101-DEFAULT-224-g14-1a2b3c4d``."""
+    info = {
+        "encoder": model_cfg.encoder, "weights": model_cfg.weights, "grid": model_cfg.grid,
+        "stage": model_cfg.stage, "small_channels": model_cfg.small_channels, "image_size": int(image_size),
+    }
+    digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:8]
+    weights = re.sub(r"[^A-Za-z0-9_.]+", "_", model_cfg.weights)
+    return f"{model_cfg.encoder}-{weights}-{int(image_size)}-g{model_cfg.grid}-{digest}"
+
+
+def encoder_digest(encoder: nn.Module) -> str:
+    """sha1 of the encoder's floating-point parameters and buffers (random-init encoders differ per seed)."""
+    h = hashlib.sha1()
+    for name, tensor in encoder.state_dict().items():
+        if not tensor.is_floating_point():
+            continue  # e.g. BatchNorm's num_batches_tracked: no effect on eval outputs
+        flat = tensor.detach().to("cpu").contiguous().reshape(-1)
+        h.update(f"{name}:{tuple(tensor.shape)}:{tensor.dtype};".encode())
+        h.update(flat.view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _paths(prefix: Path) -> tuple[Path, Path]:
+    prefix = Path(prefix)
+    return prefix.with_name(prefix.name + ".f16"), prefix.with_name(prefix.name + ".json")
+
+
+def _write_json(path: Path, data: dict) -> None:
+    """Atomic: temp file, fsync, rename."""
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(data, f)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _read_index(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+
+
+class FeatureStore:
+    """Read-only view of a finished cache: ``store[i]`` is image i's (L, D) float32 feature grid."""
+
+    def __init__(self, path_prefix: str | Path):
+        self.prefix = Path(path_prefix)
+        self.array_path, self.index_path = _paths(self.prefix)
+        index = _read_index(self.index_path)
+        if index is None:
+            raise FileNotFoundError(f"no feature cache index at {self.index_path}")
+        if not index.get("complete"):
+            raise ValueError(f"feature cache {self.prefix} is incomplete ({index.get('done', 0)}/{index.get('N')} "
+                             "images); run build_features again to finish it")
+        self.key = index.get("key")
+        self.shape = (int(index["N"]), int(index["L"]), int(index["D"]))
+        self.image_ids: list[int] = [int(i) for i in index["image_ids"]]
+        self.bad: set[int] = {int(i) for i in index.get("bad", [])}
+        self._positions: dict[int, int] | None = None
+        self._array: np.memmap | None = None
+
+    def _mm(self) -> np.memmap:
+        if self._array is None:  # opened lazily, once per process
+            self._array = np.memmap(self.array_path, dtype=np.float16, mode="r", shape=self.shape)
+        return self._array
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, i: int) -> torch.Tensor:
+        return torch.from_numpy(np.array(self._mm()[i], dtype=np.float32))  # (L, D)
+
+    def index_of(self, image_id: int) -> int:
+        """Position of an image id in the store (KeyError if absent)."""
+        if self._positions is None:
+            self._positions = {image_id: i for i, image_id in enumerate(self.image_ids)}
+        return self._positions[image_id]
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state["_array"] = None  # never ship an open file mapping to another process
+        state["_positions"] = None
+        return state
+
+    def __repr__(self) -> str:
+        return f"FeatureStore({str(self.prefix)!r}, shape={self.shape}, bad={len(self.bad)})"
+
+
+class _Progress:
+    """The build's running state, flushed to disk as memmap first, index second."""
+
+    def __init__(self, array_path: Path, index_path: Path, header: dict):
+        self.array_path, self.index_path, self.header = array_path, index_path, header
+        self.array: np.memmap | None = None
+        self.done = 0
+        self.bad: list[int] = []
+
+    def resume(self, index: dict) -> bool:
+        """Adopt a matching unfinished index; False if the array file is missing or the wrong size."""
+        shape = (int(index["N"]), int(index["L"]), int(index["D"]))
+        expected = int(np.prod(shape)) * 2
+        if not self.array_path.is_file() or self.array_path.stat().st_size != expected:
+            return False
+        self.array = np.memmap(self.array_path, dtype=np.float16, mode="r+", shape=shape)
+        self.done, self.bad = int(index["done"]), [int(i) for i in index.get("bad", [])]
+        return True
+
+    def ensure_array(self, n: int, length: int, dim: int) -> np.memmap:
+        if self.array is None:
+            self.array = np.memmap(self.array_path, dtype=np.float16, mode="w+", shape=(n, length, dim))
+        elif self.array.shape[1:] != (length, dim):
+            raise ValueError(f"encoder output changed shape mid-build: {self.array.shape[1:]} -> {(length, dim)}")
+        return self.array
+
+    def save(self, complete: bool = False) -> None:
+        if self.array is not None:
+            self.array.flush()
+            length, dim = self.array.shape[1:]
+        else:
+            length, dim = None, None
+        index = dict(self.header, L=length, D=dim, done=self.done, bad=self.bad, complete=complete)
+        _write_json(self.index_path, index)
+
+
+def _matches(index: dict | None, header: dict) -> bool:
+    return index is not None and all(index.get(k) == v for k, v in header.items()) and index.get("L") is not None
+
+
+def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform, path_prefix: str | Path, *,
+                   batch_size: int = 32, device: str | torch.device = "cpu", num_workers: int = 0,
+                   progress: bool = True, key: str | None = None, flush_every: int = 20) -> FeatureStore:
+    """Encode every record's image once into ``<prefix>.f16`` / ``<prefix>.json``; resume if interrupted.
+
+    ``key`` (default: the prefix's file name) identifies the encoder settings; with the image ids, the
+    encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
+    Unreadable images are recorded in ``bad`` (their features stay zero) and reported, not fatal.
+    """
+    if not records:
+        raise ValueError("build_features needs at least one record")
+    array_path, index_path = _paths(Path(path_prefix))
+    array_path.parent.mkdir(parents=True, exist_ok=True)
+    header = {
+        "version": FORMAT_VERSION, "key": key or Path(path_prefix).name, "N": len(records),
+        "image_ids": [int(r.image_id) for r in records], "encoder": encoder_digest(encoder),
+        "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no object addresses
+    }
+    state = _Progress(array_path, index_path, header)
+    index = _read_index(index_path)
+    if _matches(index, header) and state.resume(index):
+        if index.get("complete"):
+            return FeatureStore(path_prefix)
+        log.info("resuming feature cache %s at %d/%d images", path_prefix, state.done, len(records))
+    else:
+        for stale in (array_path, index_path):
+            stale.unlink(missing_ok=True)
+    _encode_remaining(encoder, records, transform, state, batch_size, device, num_workers, progress, flush_every)
+    if state.array is None:
+        raise ValueError(f"none of the {len(records)} images could be read; no features were cached")
+    state.save(complete=True)
+    if state.bad:
+        first = set(state.bad[:5])
+        log.warning("%d unreadable image(s) cached as zeros and marked bad, e.g. %s", len(state.bad),
+                    ", ".join(str(r.path) for r in records if r.image_id in first))
+    return FeatureStore(path_prefix)
+
+
+def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transform, state: _Progress,
+                      batch_size: int, device, num_workers: int, progress: bool, flush_every: int) -> None:
+    """Run the encoder over records[state.done:] in order, writing rows and flushing as it goes."""
+    start, n = state.done, len(records)
+    dataset = ImageDataset(records[start:], transform)
+    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
+                        collate_fn=collate_images, pin_memory=torch.device(device).type == "cuda")
+    was_training = encoder.training
+    encoder.eval()
+    bar = tqdm(total=n, initial=start, desc="caching features", unit="img", disable=not progress)
+    try:
+        with torch.no_grad():
+            for b, batch in enumerate(loader):
+                lo, hi = start + b * batch_size, min(start + (b + 1) * batch_size, n)
+                got: set[int] = set()
+                if batch is not None:
+                    images, idx = batch  # (B, 3, S, S), (B,)
+                    feats = encoder(images.to(device, non_blocking=True))  # (B, L, D)
+                    feats = feats.float().clamp_(-_FP16_MAX, _FP16_MAX).cpu().numpy().astype(np.float16)
+                    rows = (idx + start).numpy()
+                    state.ensure_array(n, feats.shape[1], feats.shape[2])[rows] = feats
+                    got = set(rows.tolist())
+                state.bad.extend(int(records[i].image_id) for i in range(lo, hi) if i not in got)
+                state.done = hi
+                bar.update(hi - lo)
+                if (b + 1) % flush_every == 0:
+                    state.save()
+    finally:
+        bar.close()
+        encoder.train(was_training)
+        state.save()  # also on errors and Ctrl-C: a rerun starts where this one stopped
+
+
+def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform, cache_dir: str | Path,
+                  model_cfg: ModelConfig, image_size: int, split: str, **kwargs) -> FeatureStore:
+    """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``), built or finished if needed."""
+    key = cache_key(model_cfg, image_size)
+    return build_features(encoder, records, transform, Path(cache_dir) / f"{split}-{key}", key=key, **kwargs)

@@ -1,0 +1,121 @@
+"""Checkpoints that load safely: state dicts + plain config + vocabulary, never pickled objects.
+
+A checkpoint is a dict of tensors and plain Python values written with ``torch.save`` to a
+temp file and renamed into place, and read back with ``torch.load(..., weights_only=True)``,
+which refuses to unpickle arbitrary objects. Loading checks that the saved weights match the
+model the saved config and vocabulary describe, and says what differs when they do not.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from caption.config import Config, ConfigError, from_dict, to_dict
+from caption.model import Captioner, build_model
+from caption.vocab import Vocabulary
+
+BEST, LAST = "best.pt", "last.pt"
+
+
+class CheckpointError(RuntimeError):
+    """A missing, unreadable or mismatched checkpoint; the message names the file."""
+
+
+def atomic_torch_save(obj: Any, path: str | Path) -> Path:
+    """torch.save to ``path`` via a temp file in the same folder + rename: never half-written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def save_checkpoint(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabulary, **state: Any) -> Path:
+    """Weights, resolved config and vocabulary, plus any plain training ``state`` (optimizer...)."""
+    return atomic_torch_save(
+        {"format": "caption/1", "model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.to_dict(), **state},
+        path,
+    )
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """A run directory means its best checkpoint (else its last); a file means itself."""
+    path = Path(path)
+    if path.is_dir():
+        for name in (BEST, LAST):
+            if (path / name).is_file():
+                return path / name
+        raise CheckpointError(f"no checkpoint in run directory {path} (expected {BEST} or {LAST})")
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint not found: {path}")
+    return path
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The raw checkpoint dict, loaded with weights_only=True on the CPU."""
+    path = resolve_checkpoint(path)
+    try:
+        data = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # corrupt, truncated, or not a torch file
+        raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:200]}") from err
+    if not isinstance(data, dict) or not {"model", "config", "vocab"} <= set(data):
+        raise CheckpointError(f"{path} is not a caption checkpoint (needs model, config and vocab)")
+    return data
+
+
+@dataclass
+class Loaded:
+    """A ready model with the config and vocabulary it was trained with."""
+
+    model: Captioner
+    config: Config
+    vocab: Vocabulary
+    path: Path
+    state: dict  # the whole checkpoint dict (optimizer, epoch, ... when present)
+
+
+def load_state(model: Captioner, state_dict: dict, path: Path | str) -> None:
+    """Load weights, turning shape/key mismatches into one clear error."""
+    own = model.state_dict()
+    missing = sorted(set(own) - set(state_dict))
+    unexpected = sorted(set(state_dict) - set(own))
+    shapes = [k for k in own if k in state_dict and own[k].shape != state_dict[k].shape]
+    if missing or unexpected or shapes:
+        details = "; ".join(filter(None, [
+            f"missing {missing[:3]}" if missing else "",
+            f"unexpected {unexpected[:3]}" if unexpected else "",
+            f"shape of {shapes[0]}: checkpoint {tuple(state_dict[shapes[0]].shape)} vs model {tuple(own[shapes[0]].shape)}"
+            if shapes else "",
+        ]))
+        raise CheckpointError(f"checkpoint {path} does not match its model config/vocabulary: {details}")
+    model.load_state_dict({k: v.to(own[k].dtype) for k, v in state_dict.items()})
+
+
+def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loaded:
+    """Rebuild the model from the checkpoint's own config and vocabulary and load its weights."""
+    path = resolve_checkpoint(path)
+    data = read_checkpoint(path)
+    try:
+        cfg = from_dict(Config, data["config"])
+        vocab = Vocabulary.from_dict(data["vocab"])
+    except (ConfigError, ValueError, KeyError, TypeError) as err:
+        raise CheckpointError(f"checkpoint {path} has an invalid config or vocabulary: {err}") from err
+    model = build_model(_offline(cfg).model, len(vocab))
+    load_state(model, data["model"], path)
+    return Loaded(model.to(device).eval(), cfg, vocab, path, data)
+
+
+def _offline(cfg: Config) -> Config:
+    """Weights come from the checkpoint, so never fetch pretrained backbone weights to rebuild it."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"))

@@ -1,0 +1,161 @@
+"""Command line: ``caption <command>``. A thin layer: parse, call the library, report.
+
+Every command prints one clear line per problem on stderr and exits non-zero on failure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+DEFAULT_RUN = Path("runs") / "shapes"  # where `caption demo` trains; `predict`/`attend` fall back to it
+
+
+class CliError(Exception):
+    """A user-facing error: printed as one line, exit status 2."""
+
+
+def _config(args: argparse.Namespace):
+    from caption.config import load_config
+
+    return load_config(args.config, args.overrides)
+
+
+def _run_dir(args: argparse.Namespace, cfg) -> Path:
+    return Path(args.run_dir) if args.run_dir else Path("runs") / cfg.name
+
+
+def cmd_shapes(args: argparse.Namespace) -> int:
+    from caption.shapes import generate_shapes
+
+    paths = generate_shapes(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
+    for name, path in paths.items():
+        print(f"{name}\t{path}")
+    return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from caption.prepare import prepare
+
+    cfg = _config(args)
+    summary = prepare(cfg, _run_dir(args, cfg), splits=args.splits, device=args.device)
+    print(json.dumps(summary, indent=1))
+    return 0
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from caption.config import apply_overrides, load_config
+    from caption.train import fit
+
+    if args.resume:
+        run_dir = Path(args.resume)
+        if not (run_dir / "config.yaml").is_file():
+            raise CliError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+        cfg = apply_overrides(load_config(run_dir / "config.yaml"), args.overrides)
+    else:
+        if not args.config:
+            raise CliError("caption train needs --config FILE (or --resume RUN_DIR)")
+        cfg = _config(args)
+        run_dir = _run_dir(args, cfg)
+    result = fit(cfg, run_dir, resume=bool(args.resume), device=args.device)
+    print(f"run directory: {result.run_dir}  (best val CIDEr {result.best_score:.4f} after {result.epochs} epochs)")
+    return 0
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from caption.report import evaluate_checkpoint
+
+    scores = evaluate_checkpoint(
+        args.checkpoint, split=args.split, captions=args.captions, images=args.images, beam=args.beam,
+        out_dir=args.out, device=args.device, java=None if not args.no_java else False,
+    )
+    if args.json:
+        print(json.dumps(scores))
+    else:
+        for key, value in scores.items():
+            print(f"{key}\t{value:.4f}" if isinstance(value, float) else f"{key}\t{value}")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from caption.demo import run_demo
+
+    run_demo(Path(args.run_dir), device=args.device)
+    return 0
+
+
+def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--config", required=required, help="YAML file under configs/")
+    p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
+    p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.attention=dot train.lr=2e-4")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="caption", description="Show, Attend and Tell image captioning.")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log more")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("demo", help="generate the shapes world, train, evaluate and caption a few images")
+    p.add_argument("--run-dir", default=str(DEFAULT_RUN))
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser("shapes", help="generate the built-in shapes data set")
+    p.add_argument("--out", required=True)
+    p.add_argument("--n", type=int, default=5000)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--image-size", type=int, default=96)
+    p.set_defaults(func=cmd_shapes)
+
+    p = sub.add_parser("prepare", help="build the vocabulary and the feature cache")
+    _add_config_args(p)
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_prepare)
+
+    p = sub.add_parser("train", help="train (or --resume) a captioner")
+    _add_config_args(p, required=False)
+    p.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly where it stopped")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr")
+    p.add_argument("--checkpoint", default=str(DEFAULT_RUN), help="checkpoint file or run directory")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--captions", help="any COCO-format captions file (instead of --split)")
+    p.add_argument("--images", help="image folder for --captions")
+    p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam_size)")
+    p.add_argument("--out", help="where to write captions and scores (default: <run dir>/eval)")
+    p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
+    p.add_argument("--no-java", action="store_true", help="Python tokenizer, no METEOR")
+    p.add_argument("--device", default=None)
+    p.set_defaults(func=cmd_evaluate)
+
+    from caption.cli_predict import add_predict_commands
+
+    add_predict_commands(sub)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    from caption.checkpoint import CheckpointError
+    from caption.config import ConfigError
+
+    try:
+        return args.func(args)
+    except (CliError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
+        print(f"caption {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"caption {args.command}: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,214 @@
+"""Typed, frozen configuration: dataclasses per concern, YAML in, dotted overrides, exact round-trip.
+
+A config file (``configs/*.yaml``) lists only what differs from the defaults below; command-line
+overrides such as ``model.attention=dot train.lr=2e-4`` are applied on top. An unknown key or a
+value of the wrong type raises :class:`ConfigError` naming the key. The resolved config is saved
+beside every checkpoint and reloads to an equal object.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+import yaml
+
+
+class ConfigError(ValueError):
+    """A bad config key or value; the message names the dotted key."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where captions and images come from, and how images are turned into tensors."""
+
+    format: str = "coco"  # "coco" (pycocotools captions files) or "karpathy" (dataset_*.json)
+    train_captions: str = ""  # coco: captions file of the training split
+    val_captions: str = ""  # coco: captions file used for model selection
+    test_captions: str = ""  # coco: held-out captions file
+    karpathy_json: str = ""  # karpathy: dataset_coco.json / dataset_flickr8k.json / ...
+    images: str = ""  # image folder (karpathy: root that `filepath/filename` is relative to)
+    image_size: int = 224  # images are resized to a square of this side
+    min_freq: int = 5  # words seen fewer times on the training split become <unk>
+    max_caption_len: int = 50  # longer training captions are truncated (in words)
+    cache_dir: str = ""  # feature cache folder; "" means <run dir>/cache
+    num_workers: int = 0
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Encoder backbone, attention scorer and decoder sizes."""
+
+    encoder: str = "resnet101"  # resnet50|resnet101|resnet152|vgg16|mobilenet_v3_large|efficientnet_lite0|small
+    weights: str = "none"  # "DEFAULT" loads pretrained weights (hub for torchvision); "none" = random init
+    grid: int = 14  # features are adaptive-pooled to grid x grid cells (L = grid**2)
+    stage: int = 32  # efficientnet_lite0 only: take the grid from the stride-16 or stride-32 stage
+    fine_tune: bool = False  # unfreeze the top encoder blocks
+    fine_tune_blocks: int = 2  # how many top blocks fine_tune unfreezes
+    small_channels: int = 64  # width of the last layer of the "small" CNN
+    attention: str = "additive"  # additive|dot|general|concat
+    embed_dim: int = 512
+    hidden_dim: int = 512
+    attention_dim: int = 512
+    dropout: float = 0.5
+    gate: str = "scalar"  # β gate on the context: "scalar" (paper), "vector" (tutorial), "none"
+    deep_output: bool = False  # the paper's deep output layer L_o(E y + L_h h + L_z z)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Optimisation and model-selection settings."""
+
+    epochs: int = 20
+    batch_size: int = 32
+    lr: float = 4e-4
+    weight_decay: float = 0.0
+    encoder_lr: float = 1e-4  # used once the encoder is fine-tuned
+    fine_tune_from_epoch: int = -1  # -1: never; else start fine-tuning the encoder at this epoch
+    grad_clip: float = 5.0
+    alpha_c: float = 1.0  # λ of the doubly-stochastic attention penalty
+    lr_decay_factor: float = 0.8  # multiply the LR by this when val CIDEr plateaus
+    lr_patience: int = 2
+    early_stop_patience: int = 6  # stop after this many epochs without a better val CIDEr
+    val_beam: int = 1  # decoding used for model selection (1 = greedy)
+    seed: int = 0
+    amp: bool = True  # mixed precision on CUDA (bf16 where supported); CPU always runs fp32
+    checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: at epoch ends only)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    """Caption generation settings (see caption.decoding.DecodingOptions)."""
+
+    beam_size: int = 3
+    max_len: int = 20
+    min_len: int = 0
+    length_penalty: float = 0.0  # final score = log_prob / len**length_penalty
+
+
+@dataclass(frozen=True)
+class Config:
+    """The whole resolved configuration of a run."""
+
+    name: str = "default"
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+
+def to_dict(cfg: Any) -> dict:
+    """Plain nested dict of a config (safe for YAML/JSON and checkpoints)."""
+    return dataclasses.asdict(cfg)
+
+
+def _coerce(key: str, value: Any, typ: Any) -> Any:
+    """Check/convert one leaf value to the field's declared type."""
+    origin = typing.get_origin(typ)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(typ) if a is not type(None)]
+        if value is None:
+            return None
+        return _coerce(key, value, args[0])
+    if typ is bool:
+        if isinstance(value, bool):
+            return value
+        if isinstance(value, str) and value.lower() in ("true", "false", "1", "0", "yes", "no"):
+            return value.lower() in ("true", "1", "yes")
+    elif typ is int:
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+        if isinstance(value, str):
+            try:
+                return int(value)
+            except ValueError:
+                pass
+    elif typ is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+        if isinstance(value, str):
+            try:
+                return float(value)
+            except ValueError:
+                pass
+    elif typ is str:
+        if isinstance(value, str):
+            return value
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return str(value)
+    raise ConfigError(f"config key '{key}' expects {getattr(typ, '__name__', typ)}, got {value!r}")
+
+
+def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
+    """Build a (nested) frozen config from a dict, rejecting unknown keys and wrong types."""
+    data = data or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - names)
+    if unknown:
+        raise ConfigError(f"unknown config key '{prefix}{unknown[0]}' (known: {', '.join(sorted(names))})")
+    kwargs = {}
+    for name, value in data.items():
+        typ = hints[name]
+        if dataclasses.is_dataclass(typ):
+            kwargs[name] = from_dict(typ, value, f"{prefix}{name}.")
+        else:
+            kwargs[name] = _coerce(prefix + name, value, typ)
+    return cls(**kwargs)
+
+
+def parse_override(text: str) -> tuple[str, Any]:
+    """Split ``model.attention=dot`` into key and YAML-parsed value."""
+    if "=" not in text:
+        raise ConfigError(f"override '{text}' must look like section.key=value")
+    key, raw = text.split("=", 1)
+    try:
+        value = yaml.safe_load(raw) if raw != "" else ""
+    except yaml.YAMLError:
+        value = raw
+    return key.strip(), value
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """Return a new config with dotted ``key=value`` overrides applied (types checked)."""
+    data = to_dict(cfg)
+    for text in overrides:
+        key, value = parse_override(text)
+        node = data
+        parts = key.split(".")
+        for i, part in enumerate(parts[:-1]):
+            if not isinstance(node.get(part), dict):
+                raise ConfigError(f"unknown config key '{'.'.join(parts[: i + 1])}' in override '{text}'")
+            node = node[part]
+        if parts[-1] not in node or isinstance(node[parts[-1]], dict):
+            raise ConfigError(f"unknown config key '{key}' in override '{text}'")
+        node[parts[-1]] = value
+    return from_dict(Config, data)
+
+
+def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
+    """Defaults, then the YAML file (if any), then overrides. ``name`` defaults to the file stem."""
+    data: dict = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise ConfigError(f"config file not found: {path}")
+        data = yaml.safe_load(path.read_text()) or {}
+        if not isinstance(data, dict):
+            raise ConfigError(f"config file {path} must hold a mapping")
+        data.setdefault("name", path.stem)
+    return apply_overrides(from_dict(Config, data), overrides)
+
+
+def save_config(cfg: Config, path: str | Path) -> None:
+    """Write the resolved config as YAML (atomically); ``load_config`` reads it back equal."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+    tmp.replace(path)

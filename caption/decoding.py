@@ -1,0 +1,206 @@
+"""Caption generation: greedy and batched beam search behind one interface.
+
+Both strategies use only the decoder's ``prepare`` / ``init_state`` / ``step``. Beam search
+runs all images and all K beams as one (B*K)-row batch; the image keys are projected once per
+image and shared by its beams, never copied per beam. Scores are sums of log-probabilities;
+a hypothesis that emits ``<end>`` among the top K candidates is set aside as finished (and stays
+finished) while K live beams go on; an image is done once no live beam can still beat its best
+finished hypothesis (log-probabilities only fall as words are added); at ``max_len`` the live
+hypotheses compete too, so a result always exists. The final pick uses
+``log_prob / len**length_penalty``. With K=1 this is exactly greedy search.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from caption.vocab import END, END_ID, PAD_ID, SPECIALS, START_ID, Vocabulary
+
+
+@dataclass(frozen=True)
+class DecodingOptions:
+    beam_size: int = 1  # 1 = greedy
+    max_len: int = 20  # most words emitted per caption, <end> included
+    min_len: int = 0  # <end> is suppressed before this many words
+    length_penalty: float = 0.0  # final score = log_prob / len**length_penalty (0: raw log-prob)
+
+    def __post_init__(self) -> None:
+        if self.beam_size < 1 or self.max_len < 1 or self.min_len < 0:
+            raise ValueError(f"invalid decoding options: {self}")
+
+
+@dataclass(frozen=True)
+class DecodingResult:
+    """One image's caption. ``alphas[t]`` is the attention map used to emit ``words[t]``."""
+
+    tokens: list[int]  # emitted ids, <end> included when emitted, no <start>
+    words: list[str]  # one per token ("<end>" for the end token)
+    log_prob: float  # sum of the tokens' log-probabilities
+    score: float  # log_prob / len(tokens)**length_penalty
+    alphas: torch.Tensor  # (T, gh, gw), each map sums to 1
+    finished: bool  # False when cut at max_len
+
+    @property
+    def caption(self) -> str:
+        return " ".join(w for w in self.words if w not in SPECIALS)
+
+
+@dataclass(frozen=True)
+class _Hyp:
+    tokens: list[int]
+    log_prob: float
+    alphas: torch.Tensor  # (T, L)
+    finished: bool
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module) -> Iterator[None]:
+    """Decode without dropout, then restore the caller's mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def _log_probs(logits: torch.Tensor, t: int, options: DecodingOptions) -> torch.Tensor:
+    """(N, V) log-probabilities with <pad>/<start> (and <end> before min_len) ruled out."""
+    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
+    logp[:, PAD_ID] = float("-inf")
+    logp[:, START_ID] = float("-inf")
+    if t < options.min_len:
+        logp[:, END_ID] = float("-inf")
+    return logp
+
+
+def greedy_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOptions, mask=None) -> list[_Hyp]:
+    """The most likely word at every step, for a batch of images features (B, L, D)."""
+    memory = decoder.prepare(features, mask)
+    state = decoder.init_state(memory)
+    B = features.shape[0]
+    prev = torch.full((B,), START_ID, dtype=torch.long, device=features.device)
+    done = torch.zeros(B, dtype=torch.bool, device=features.device)
+    words, logps, alphas = [], [], []
+    for t in range(options.max_len):
+        out = decoder.step(prev, state, memory)
+        logp, prev = _log_probs(out.logits, t, options).max(dim=-1)  # (B,), (B,)
+        words.append(prev)
+        logps.append(logp.masked_fill(done, 0.0))
+        alphas.append(out.alpha)
+        done = done | (prev == END_ID)
+        state = out.state
+        if bool(done.all()):
+            break
+    tokens = torch.stack(words, 1).tolist()  # (B, T)
+    logp_sum = torch.stack(logps, 1).sum(1).tolist()  # (B,)
+    alpha = torch.stack(alphas, 1)  # (B, T, L)
+    hyps = []
+    for b in range(B):
+        n = tokens[b].index(END_ID) + 1 if END_ID in tokens[b] else len(tokens[b])
+        hyps.append(_Hyp(tokens[b][:n], logp_sum[b], alpha[b, :n], END_ID in tokens[b]))
+    return hyps
+
+
+def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOptions, mask=None) -> list[_Hyp]:
+    """Batched beam search: B images x K beams in one (B*K)-row batch; the best per image."""
+    B, K, device = features.shape[0], options.beam_size, features.device
+    memory = decoder.prepare(features, mask)  # keys once per image, shared by its K beams
+    state = decoder.init_state(memory, beams=K)  # (B*K, H)
+    scores = torch.full((B, K), float("-inf"), device=device)
+    scores[:, 0] = 0.0  # only the first beam is live before the first word
+    prev = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
+    tokens = torch.empty((B * K, 0), dtype=torch.long, device=device)
+    alphas = torch.empty((B * K, 0, memory.values.shape[1]), device=device)
+    finished: list[list[_Hyp]] = [[] for _ in range(B)]
+    best_finished = torch.full((B,), float("-inf"), device=device)
+    for t in range(options.max_len):
+        out = decoder.step(prev, state, memory)
+        logp = _log_probs(out.logits, t, options)  # (B*K, V)
+        V = logp.shape[1]
+        cand = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)  # (B, K*V)
+        top, idx = cand.topk(min(2 * K, K * V), dim=1)  # (B, C)
+        origin, word = idx // V, idx % V  # floor division: beam of origin, next word
+        rows = torch.arange(B, device=device).unsqueeze(1) * K + origin  # (B, C) rows of B*K
+        new_alpha = out.alpha.to(alphas.dtype)  # (B*K, L)
+        is_end = word == END_ID
+        rank = torch.arange(top.shape[1], device=device)
+        fin = is_end & (rank < K) & torch.isfinite(top)  # (B, C)
+        for b, j in fin.nonzero().tolist():
+            r = int(rows[b, j])
+            seq = tokens[r].tolist() + [END_ID]
+            maps = torch.cat([alphas[r], new_alpha[r : r + 1]], 0)  # (T, L)
+            finished[b].append(_Hyp(seq, float(top[b, j]), maps, True))
+            norm = _normalised(float(top[b, j]), len(seq), options.length_penalty)
+            best_finished[b] = max(float(best_finished[b]), norm)
+        keep = torch.argsort(is_end.long() * top.shape[1] + rank, dim=1)[:, :K]  # (B, K) best non-<end>
+        scores = top.gather(1, keep)  # (B, K)
+        sel = rows.gather(1, keep).view(-1)  # (B*K,)
+        prev = word.gather(1, keep).view(-1)  # (B*K,)
+        tokens = torch.cat([tokens[sel], prev.unsqueeze(1)], 1)  # (B*K, t+1)
+        alphas = torch.cat([alphas[sel], new_alpha[sel].unsqueeze(1)], 1)  # (B*K, t+1, L)
+        state = out.state.index(sel)
+        # best normalised score a live beam could still reach (it can only lose log-probability)
+        bound = scores.max(1).values / options.max_len**options.length_penalty  # (B,)
+        if bool((best_finished >= bound).all()):
+            break
+    return [_best(finished[b], scores[b], tokens[b * K : (b + 1) * K], alphas[b * K : (b + 1) * K], options)
+            for b in range(B)]
+
+
+def _best(finished: list[_Hyp], live_scores, live_tokens, live_alphas, options: DecodingOptions) -> _Hyp:
+    """Highest normalised score among the finished and, at the length cap, the live ones."""
+    pool = list(finished)
+    for k, s in enumerate(live_scores.tolist()):  # after an early stop these cannot win
+        if math.isfinite(s):
+            pool.append(_Hyp(live_tokens[k].tolist(), s, live_alphas[k], False))
+    return max(pool, key=lambda h: _normalised(h.log_prob, len(h.tokens), options.length_penalty))
+
+
+def _normalised(log_prob: float, length: int, length_penalty: float) -> float:
+    return log_prob / max(length, 1) ** length_penalty
+
+
+def decode(
+    decoder: nn.Module,
+    features: torch.Tensor,
+    options: DecodingOptions = DecodingOptions(),
+    *,
+    vocab: Vocabulary | None = None,
+    grid: tuple[int, int] | None = None,
+    mask: torch.Tensor | None = None,
+) -> list[DecodingResult]:
+    """Caption every image of features (B, L, D): greedy when beam_size == 1, else beam search.
+
+    ``grid`` (gh, gw) reshapes each attention map (default: square); ``vocab`` turns ids into
+    words (default: the ids as strings, ``<end>`` named).
+    """
+    L = features.shape[1]
+    if grid is None:
+        side = math.isqrt(L)
+        grid = (side, side) if side * side == L else (1, L)
+    with _eval_mode(decoder):
+        search = greedy_search if options.beam_size == 1 else beam_search
+        hyps = search(decoder, features, options, mask)
+    results = []
+    for h in hyps:
+        if vocab is not None:
+            words = [vocab.itos[i] for i in h.tokens]
+        else:
+            words = [END if i == END_ID else str(i) for i in h.tokens]
+        results.append(DecodingResult(
+            tokens=h.tokens,
+            words=words,
+            log_prob=h.log_prob,
+            score=_normalised(h.log_prob, len(h.tokens), options.length_penalty),
+            alphas=h.alphas.float().reshape(len(h.tokens), *grid).cpu(),  # (T, gh, gw)
+            finished=h.finished,
+        ))
+    return results

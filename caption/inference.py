@@ -1,0 +1,178 @@
+"""Caption your own images with a trained checkpoint: the library API behind ``predict``/``attend``.
+
+    >>> import caption
+    >>> model = caption.load("runs/shapes")          # a run directory or a .pt file
+    >>> result = model.caption("photo.jpg")          # DecodingResult
+    >>> result.caption, result.alphas.shape          # the words and their (T, gh, gw) maps
+
+Every image goes through exactly the training preprocessing, :func:`caption.images.load_image`
+(EXIF orientation, any mode -> RGB, huge files shrunk while decoding) then
+:func:`caption.pipeline.transform_for` (whole-image square resize, normalisation): a mismatch
+here is what makes a captioner say the same thing for every image.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Sequence, TypeAlias, Union
+
+import torch
+from PIL import Image
+
+from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
+from caption.config import Config
+from caption.decoding import DecodingOptions, DecodingResult, decode
+from caption.images import ImageError, load_image, to_rgb
+from caption.pipeline import transform_for
+from caption.vocab import Vocabulary
+
+DEFAULT_CHECKPOINT = Path("runs") / "shapes"  # where `caption demo` trains
+
+ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
+
+
+def default_checkpoint() -> Path:
+    """The checkpoint used when none is given (the one place that decides it)."""
+    return DEFAULT_CHECKPOINT
+
+
+def resolve_device(device: str | torch.device | None) -> torch.device:
+    """``None`` means CUDA when available, else the CPU."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _name(image: ImageInput) -> str:
+    """How an input is named in an ImageError."""
+    if isinstance(image, Image.Image):
+        return getattr(image, "filename", "") or "<PIL image>"
+    return os.fspath(image)
+
+
+class CaptionModel:
+    """A loaded captioner that takes image files or PIL images and returns DecodingResults.
+
+    ``config``/``vocab`` are the ones the checkpoint was trained with; ``grid`` (gh, gw) is the
+    encoder's attention grid, the shape of every ``result.alphas[t]``.
+    """
+
+    def __init__(self, loaded: Loaded, device: str | torch.device = "cpu"):
+        self.device = torch.device(device)
+        self.model = loaded.model.to(self.device).eval()
+        self.config: Config = loaded.config
+        self.vocab: Vocabulary = loaded.vocab
+        self.path: Path = loaded.path
+        self.transform = transform_for(self.config, self.model.encoder)
+
+    def __repr__(self) -> str:
+        m = self.config.model
+        return (f"CaptionModel({str(self.path)!r}, encoder={m.encoder}, attention={m.attention}, "
+                f"grid={self.grid}, vocab={len(self.vocab)}, device={self.device})")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return tuple(self.model.grid)
+
+    @property
+    def image_size(self) -> int:
+        return self.transform.image_size
+
+    def options(self, beam: int | None = None, max_len: int | None = None) -> DecodingOptions:
+        """The run's ``decode`` settings, with ``beam``/``max_len`` overridden when given."""
+        d = self.config.decode
+        return DecodingOptions(
+            beam_size=d.beam_size if beam is None else int(beam),
+            max_len=d.max_len if max_len is None else int(max_len),
+            min_len=d.min_len,
+            length_penalty=d.length_penalty,
+        )
+
+    def load_rgb(self, image: ImageInput) -> Image.Image:
+        """The image as RGB, upright; files are shrunk while decoding (never full-size in memory)."""
+        if isinstance(image, Image.Image):
+            try:
+                return to_rgb(image)
+            except Exception as err:  # an unusual mode Pillow cannot convert
+                raise ImageError(_name(image), str(err) or type(err).__name__) from err
+        if isinstance(image, (str, os.PathLike)):
+            return load_image(image, max_side=self.transform.max_side)
+        raise TypeError(f"expected an image path or a PIL image, got {type(image).__name__}")
+
+    def preprocessed(self, image: ImageInput) -> Image.Image:
+        """The RGB image exactly as the encoder sees it (resized to a square), e.g. for overlays."""
+        rgb = self.load_rgb(image)
+        size = (self.image_size, self.image_size)
+        # the same resize as ImageTransform, so transform(preprocessed(x)) == transform(load_rgb(x))
+        return rgb if rgb.size == size else rgb.resize(size, Image.Resampling.BILINEAR)
+
+    def tensor(self, image: ImageInput) -> torch.Tensor:
+        """The normalised (3, S, S) model input of one image."""
+        return self.transform(self.load_rgb(image))
+
+    def caption(self, image: ImageInput, beam: int | None = None, max_len: int | None = None) -> DecodingResult:
+        """Caption one image (beam default: the run's ``decode.beam_size``); raises ImageError."""
+        (result,) = self.caption_batch([image], beam=beam, max_len=max_len, batch_size=1)
+        if isinstance(result, ImageError):
+            raise result
+        return result
+
+    def caption_batch(
+        self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
+        batch_size: int = 16,
+    ) -> list[DecodingResult | ImageError]:
+        """Caption many images, ``batch_size`` at a time; an unreadable one yields its ImageError."""
+        return [result for _, result in self.iter_captions(images, beam, max_len, batch_size)]
+
+    def iter_captions(
+        self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
+        batch_size: int = 16,
+    ) -> Iterator[tuple[ImageInput, DecodingResult | ImageError]]:
+        """(input, result or ImageError) pairs in input order, produced one batch at a time."""
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+        options = self.options(beam, max_len)  # invalid options fail before any image is read
+        chunk: list[ImageInput] = []
+        for image in images:
+            chunk.append(image)
+            if len(chunk) == batch_size:
+                yield from zip(chunk, self._caption_chunk(chunk, options))
+                chunk = []
+        if chunk:
+            yield from zip(chunk, self._caption_chunk(chunk, options))
+
+    def _caption_chunk(self, chunk: Sequence[ImageInput], options: DecodingOptions) -> list[DecodingResult | ImageError]:
+        """Load what loads, run those through the encoder and batched search together."""
+        outcome: list[DecodingResult | ImageError | None] = [None] * len(chunk)
+        tensors, rows = [], []
+        for i, image in enumerate(chunk):
+            try:
+                tensors.append(self.tensor(image))  # (3, S, S)
+                rows.append(i)
+            except ImageError as err:
+                outcome[i] = err
+        if tensors:
+            for i, result in zip(rows, self._decode(torch.stack(tensors), options)):  # (B, 3, S, S)
+                outcome[i] = result
+        return outcome  # type: ignore[return-value]
+
+    @torch.no_grad()
+    def _decode(self, batch: torch.Tensor, options: DecodingOptions) -> list[DecodingResult]:
+        features = self.model.encode(batch.to(self.device))  # (B, L, D)
+        return decode(self.model.decoder, features, options, vocab=self.vocab, grid=self.grid)
+
+
+def load(checkpoint: str | os.PathLike[str] | None = None, device: str | torch.device | None = "cpu") -> CaptionModel:
+    """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`).
+
+    ``device=None`` picks CUDA when available. Raises :class:`caption.checkpoint.CheckpointError`
+    for a missing, unreadable or mismatched checkpoint.
+    """
+    if checkpoint is None:
+        checkpoint = default_checkpoint()
+        if not Path(checkpoint).exists():
+            raise CheckpointError(f"no trained model at {checkpoint} (the default): run `caption demo` first "
+                                  "to train one, or pass a checkpoint file or run directory")
+    dev = resolve_device(device)
+    return CaptionModel(load_checkpoint(checkpoint, dev), dev)

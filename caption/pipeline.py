@@ -1,0 +1,125 @@
+"""From a config to training-ready data: records, vocabulary, feature cache, datasets.
+
+Shared by ``caption prepare`` and ``fit``. The vocabulary is counted on the training split
+only. With an encoder that is never fine-tuned, every image's feature grid is computed once
+into the cache and training reads it without running the CNN.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+import torch
+
+from caption.cache import FeatureStore, open_or_build
+from caption.config import Config
+from caption.data import CaptionDataset, ImageRecord, load_split
+from caption.distributed import Dist
+from caption.images import image_transform
+from caption.vocab import Vocabulary
+
+log = logging.getLogger("caption.pipeline")
+
+
+@dataclass
+class SplitData:
+    records: list[ImageRecord]
+    dataset: CaptionDataset
+    features: FeatureStore | None  # cached grids, or None when images go through the encoder
+    transform: Callable | None  # image preprocessing (always set: inference needs it too)
+    shapes: dict | None  # shapes-world objects per image id, when the split has them
+    shapes_size: int | None  # pixel size the shapes boxes refer to
+
+
+@dataclass
+class TrainingData:
+    vocab: Vocabulary
+    train: SplitData
+    val: SplitData
+
+
+def uses_cache(cfg: Config) -> bool:
+    """Features can be cached when the encoder is never trained."""
+    return not cfg.model.fine_tune and cfg.train.fine_tune_from_epoch < 0
+
+
+def cache_dir(cfg: Config, run_dir: Path) -> Path:
+    return Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
+
+
+def transform_for(cfg: Config, encoder) -> Callable:
+    """The one preprocessing used for training, caching and inference."""
+    return image_transform(cfg.data.image_size, encoder.mean, encoder.std)
+
+
+def build_vocab(cfg: Config, run_dir: Path, train_records: list[ImageRecord], write: bool = True) -> Vocabulary:
+    """``run_dir/vocab.json`` if present, else counted on the training captions only (min_freq)."""
+    path = run_dir / "vocab.json"
+    if path.is_file():
+        return Vocabulary.load(path)
+    vocab = Vocabulary.build((c for r in train_records for c in r.captions), cfg.data.min_freq)
+    if write:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        vocab.save(path)
+    log.info("vocabulary: %d words (min_freq %d) from %d training images", len(vocab), cfg.data.min_freq,
+             len(train_records))
+    return vocab
+
+
+def shapes_annotations(cfg: Config, split: str) -> tuple[dict | None, int | None]:
+    """Objects per image (and the image size) when a COCO-format split file carries shapes."""
+    path = {"train": cfg.data.train_captions, "val": cfg.data.val_captions, "test": cfg.data.test_captions}[split]
+    if cfg.data.format != "coco" or not path or not Path(path).is_file():
+        return None, None
+    data = json.loads(Path(path).read_text())
+    if "shapes" not in data:
+        return None, None
+    objects = {int(e["image_id"]): e["objects"] for e in data["shapes"]}
+    return objects, int(data["images"][0]["width"]) if data["images"] else None
+
+
+def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Module, run_dir: Path, *,
+               records: list[ImageRecord] | None = None, device: torch.device | str = "cpu",
+               dist: Dist | None = None, progress: bool = True) -> SplitData:
+    """Records, dataset and (for a frozen encoder) the feature cache of one split."""
+    records = load_split(cfg.data, split) if records is None else records
+    if not records:
+        raise ValueError(f"the {split} split has no images")
+    transform = transform_for(cfg, encoder)
+    features = None
+    if uses_cache(cfg):
+        features = _cached(cfg, split, records, encoder, transform, run_dir, device, dist, progress)
+    dataset = CaptionDataset(records, vocab, transform=None if features is not None else transform,
+                             features=features, max_len=cfg.data.max_caption_len)
+    shapes, size = shapes_annotations(cfg, split)
+    return SplitData(records, dataset, features, transform, shapes, size)
+
+
+def _cached(cfg, split, records, encoder, transform, run_dir, device, dist, progress) -> FeatureStore:
+    """Rank 0 builds (or finishes) the cache first; the other ranks then open it."""
+    def build(show: bool) -> FeatureStore:
+        return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), cfg.model, cfg.data.image_size,
+                             split, batch_size=max(cfg.train.batch_size, 32), device=device,
+                             num_workers=cfg.data.num_workers, progress=show)
+
+    if dist is None or not dist.active:
+        return build(progress)
+    import torch.distributed as td
+
+    store = build(progress) if dist.is_main else None
+    td.barrier()
+    return store if store is not None else build(False)
+
+
+def load_training_data(cfg: Config, run_dir: Path, encoder: torch.nn.Module, vocab: Vocabulary, *,
+                       train_records: list[ImageRecord] | None = None, device: torch.device | str = "cpu",
+                       dist: Dist | None = None, progress: bool = True) -> TrainingData:
+    """Train and val data for ``vocab``, caching features with ``encoder`` when it stays frozen."""
+    train = split_data(cfg, "train", vocab, encoder, run_dir, records=train_records, device=device, dist=dist,
+                       progress=progress)
+    val = split_data(cfg, "val", vocab, encoder, run_dir, device=device, dist=dist, progress=progress)
+    return TrainingData(vocab, train, val)

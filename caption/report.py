@@ -1,0 +1,57 @@
+"""``caption evaluate``: caption a split (or any COCO captions file) with a checkpoint and score it."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from caption.checkpoint import load_checkpoint
+from caption.data import load_coco, load_split
+from caption.decoding import DecodingOptions
+from caption.evaluate import caption_records, score_results
+from caption.metrics import write_results
+from caption.pipeline import shapes_annotations, transform_for
+
+
+def _shapes_of_file(captions: str) -> tuple[dict | None, int | None]:
+    data = json.loads(Path(captions).read_text())
+    if "shapes" not in data:
+        return None, None
+    return {int(e["image_id"]): e["objects"] for e in data["shapes"]}, int(data["images"][0]["width"])
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions: str | None = None,
+                        images: str | None = None, beam: int | None = None, out_dir: str | None = None,
+                        device: str | None = None, java: bool | None = None, progress: bool = True) -> dict:
+    """Scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr, + shapes accuracies) and files in ``out_dir``.
+
+    Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json``.
+    """
+    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    loaded = load_checkpoint(checkpoint, dev)
+    cfg = loaded.config
+    if captions:
+        if not images:
+            raise ValueError("--captions needs --images (the folder its file_name entries are in)")
+        records, name = load_coco(captions, images), Path(captions).stem
+        shapes, size = _shapes_of_file(captions)
+    else:
+        records, name = load_split(cfg.data, split), split
+        shapes, size = shapes_annotations(cfg, split)
+    options = DecodingOptions(beam_size=beam or cfg.decode.beam_size, max_len=cfg.decode.max_len,
+                              length_penalty=cfg.decode.length_penalty)
+    results = caption_records(loaded.model, loaded.vocab, records, options, transform=transform_for(cfg, loaded.model.encoder),
+                              batch_size=32, device=dev, num_workers=cfg.data.num_workers, progress=progress)
+    if not results:
+        raise ValueError(f"none of the {len(records)} images could be read")
+    evaluation = score_results(results, records, java=java, shapes=shapes, image_size=size)
+    scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size}
+    out = Path(out_dir) if out_dir else loaded.path.parent / "eval"
+    out.mkdir(parents=True, exist_ok=True)
+    write_results(evaluation.captions, out / f"captions_{name}.json")
+    tmp = out / f".scores_{name}.json.tmp"
+    tmp.write_text(json.dumps(scores, indent=1))
+    tmp.replace(out / f"scores_{name}.json")
+    return scores

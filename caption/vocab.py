@@ -1,0 +1,96 @@
+"""Word vocabulary: tokenisation, special tokens, min-frequency cut-off, JSON save/load.
+
+Tokenisation uses nltk's Treebank tokenizer (pure regular expressions, so no ``nltk.download``
+is ever needed), lower-cases, and drops punctuation-only tokens, as the COCO anchors do.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from functools import lru_cache
+from pathlib import Path
+from typing import Iterable, Sequence
+
+from nltk.tokenize import TreebankWordTokenizer
+
+PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
+SPECIALS = (PAD, START, END, UNK)
+PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
+
+
+@lru_cache(maxsize=1)
+def _tokenizer() -> TreebankWordTokenizer:
+    return TreebankWordTokenizer()
+
+
+def tokenize(text: str) -> list[str]:
+    """Lower-cased word tokens of a caption, punctuation removed."""
+    tokens = _tokenizer().tokenize(text.lower())
+    return [t for t in tokens if any(ch.isalnum() for ch in t)]
+
+
+class Vocabulary:
+    """Bidirectional word <-> id map with fixed special ids (pad 0, start 1, end 2, unk 3)."""
+
+    def __init__(self, words: Sequence[str] = ()):
+        self.itos: list[str] = list(SPECIALS) + [w for w in words if w not in SPECIALS]
+        self.stoi: dict[str, int] = {w: i for i, w in enumerate(self.itos)}
+        if len(self.stoi) != len(self.itos):
+            raise ValueError("vocabulary words must be unique")
+
+    @classmethod
+    def build(cls, captions: Iterable[str], min_freq: int = 5) -> "Vocabulary":
+        """Words seen at least ``min_freq`` times, most frequent first (ties alphabetical)."""
+        counts = Counter(tok for text in captions for tok in tokenize(text))
+        kept = sorted((w for w, n in counts.items() if n >= min_freq), key=lambda w: (-counts[w], w))
+        return cls(kept)
+
+    def __len__(self) -> int:
+        return len(self.itos)
+
+    def __contains__(self, word: str) -> bool:
+        return word in self.stoi
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Vocabulary) and self.itos == other.itos
+
+    def encode(self, text: str, max_len: int | None = None) -> list[int]:
+        """``<start> w1 .. wn <end>`` ids; unknown words map to ``<unk>``; at most max_len words."""
+        words = tokenize(text)
+        if max_len is not None:
+            words = words[:max_len]
+        return [START_ID] + [self.stoi.get(w, UNK_ID) for w in words] + [END_ID]
+
+    def decode(self, ids: Iterable[int]) -> list[str]:
+        """Words of an id sequence, stopping at ``<end>`` and dropping ``<start>``/``<pad>``."""
+        words = []
+        for i in ids:
+            i = int(i)
+            if i == END_ID:
+                break
+            if i in (START_ID, PAD_ID):
+                continue
+            words.append(self.itos[i])
+        return words
+
+    def to_dict(self) -> dict:
+        return {"itos": self.itos}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Vocabulary":
+        itos = list(data["itos"])
+        if tuple(itos[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"vocabulary must start with {SPECIALS}")
+        return cls(itos[len(SPECIALS):])
+
+    def save(self, path: str | Path) -> None:
+        """Write as JSON, atomically."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
+        tmp.replace(path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Vocabulary":
+        return cls.from_dict(json.loads(Path(path).read_text()))

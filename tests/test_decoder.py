@@ -1,0 +1,98 @@
+"""Decoder: teacher forcing equals a loop over step(); padding is masked; the loss."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from caption.losses import caption_loss
+from caption.model import SCORERS, AttentionDecoder, build_model
+from caption.model.decoder import DecoderOutput
+from caption.vocab import END_ID, PAD_ID, START_ID
+from conftest import tiny_model_config
+
+
+def _captions():
+    return torch.tensor([
+        [START_ID, 5, 6, 7, 8, END_ID, PAD_ID, PAD_ID],
+        [START_ID, 9, 10, END_ID, PAD_ID, PAD_ID, PAD_ID, PAD_ID],
+        [START_ID, 4, 4, 4, 4, 4, 4, END_ID],
+    ])
+
+
+@pytest.mark.parametrize("name", sorted(SCORERS))
+@pytest.mark.parametrize("extra", [{}, {"gate": "vector", "deep_output": True}, {"gate": "none"}])
+def test_forward_equals_manual_step_loop(name, extra):
+    decoder = AttentionDecoder(20, 16, tiny_model_config(name, **extra)).eval()
+    feats, caps = torch.randn(3, 9, 16), _captions()
+    out = decoder(feats, caps)
+    memory = decoder.prepare(feats)
+    state = decoder.init_state(memory)
+    for t in range(caps.shape[1] - 1):
+        step = decoder.step(caps[:, t], state, memory)
+        state = step.state
+        torch.testing.assert_close(out.logits[:, t], step.logits)
+        torch.testing.assert_close(out.alphas[:, t], step.alpha)
+    assert out.logits.shape == (3, 7, 20) and out.alphas.shape == (3, 7, 9)
+    assert out.mask.tolist()[1] == [True, True, True, False, False, False, False]
+
+
+def test_gradients_equal_manual_step_loop():
+    """The deferred recurrent-weight gradient equals plain autograd through step()."""
+    decoder = AttentionDecoder(20, 16, tiny_model_config("additive")).double()
+    feats, caps = torch.randn(3, 9, 16, dtype=torch.double), _captions()
+    caption_loss(decoder(feats, caps)).total.backward()
+    fast = {n: p.grad.clone() for n, p in decoder.named_parameters()}
+    decoder.zero_grad()
+    memory, logits, alphas = decoder.prepare(feats), [], []
+    state = decoder.init_state(memory)
+    for t in range(caps.shape[1] - 1):
+        step = decoder.step(caps[:, t], state, memory)
+        state = step.state
+        logits.append(step.logits)
+        alphas.append(step.alpha)
+    targets = caps[:, 1:]
+    out = DecoderOutput(torch.stack(logits, 1), torch.stack(alphas, 1), targets, targets != PAD_ID)
+    caption_loss(out).total.backward()
+    for n, p in decoder.named_parameters():
+        torch.testing.assert_close(fast[n], p.grad, msg=n)
+
+
+def test_padding_does_not_change_the_loss():
+    decoder = AttentionDecoder(20, 16, tiny_model_config()).eval()
+    feats, caps = torch.randn(3, 9, 16), _captions()
+    padded = torch.cat([caps, torch.full((3, 5), PAD_ID)], 1)
+    a, b = caption_loss(decoder(feats, caps)), caption_loss(decoder(feats, padded))
+    torch.testing.assert_close(a.xent, b.xent)
+    torch.testing.assert_close(a.penalty, b.penalty)
+    # and the loss of caption 1 alone equals its loss inside the padded batch
+    solo = caption_loss(decoder(feats[1:2], caps[1:2, :4]))
+    out = decoder(feats, padded)
+    one = DecoderOutput(out.logits[1:2], out.alphas[1:2], out.targets[1:2], out.mask[1:2])
+    torch.testing.assert_close(caption_loss(one).xent, solo.xent)
+
+
+def test_doubly_stochastic_penalty_sums_cells_and_averages_batch():
+    B, T, L, V = 2, 3, 4, 5
+    alphas = torch.full((B, T, L), 1.0 / L)
+    targets = torch.tensor([[5, 6, 2], [5, 2, 0]]) % V
+    mask = torch.tensor([[True, True, True], [True, True, False]])
+    out = DecoderOutput(torch.zeros(B, T, V), alphas, targets, mask)
+    loss = caption_loss(out, alpha_c=2.0)
+    # image 0: each cell gets 3/4 -> 4 * (1/4)^2 = 0.25; image 1: 2/4 -> 4 * (1/2)^2 = 1.0
+    torch.testing.assert_close(loss.penalty, torch.tensor(2.0 * (0.25 + 1.0) / 2))
+    torch.testing.assert_close(loss.xent, torch.log(torch.tensor(float(V))))
+
+
+def test_beta_gate_is_a_scalar_per_step_in_paper_mode():
+    decoder = AttentionDecoder(20, 16, tiny_model_config(gate="scalar"))
+    assert decoder.gate.out_features == 1
+    assert AttentionDecoder(20, 16, tiny_model_config(gate="vector")).gate.out_features == 16
+
+
+def test_build_model_end_to_end_on_images():
+    model = build_model(tiny_model_config(), vocab_size=20)
+    out = model(torch.randn(3, 3, 32, 32), _captions())
+    assert out.alphas.shape == (3, 7, 9)
+    assert model.grid == (3, 3)
+    assert dataclasses.is_dataclass(tiny_model_config())

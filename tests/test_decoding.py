@@ -1,0 +1,108 @@
+"""Greedy and batched beam search: equivalences, edge cases, and an overfitting model."""
+
+import pytest
+import torch
+
+from caption.decoding import DecodingOptions, beam_search, decode, greedy_search
+from caption.losses import caption_loss
+from caption.model import SCORERS, AttentionDecoder
+from caption.vocab import END, END_ID, START_ID
+from conftest import tiny_model_config
+
+SCORER_NAMES = sorted(SCORERS)
+
+
+def _random_decoder(name="additive", vocab=20):
+    return AttentionDecoder(vocab, 16, tiny_model_config(name)).eval()
+
+
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_beam_of_one_equals_greedy(name):
+    decoder, feats = _random_decoder(name), torch.randn(6, 9, 16)
+    with torch.no_grad():
+        for opts in (DecodingOptions(1, 12), DecodingOptions(1, 12, min_len=3)):
+            greedy, beam = greedy_search(decoder, feats, opts), beam_search(decoder, feats, opts)
+            for g, b in zip(greedy, beam):
+                assert g.tokens == b.tokens
+                assert g.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+                torch.testing.assert_close(g.alphas, b.alphas)
+
+
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_batched_beam_equals_single_image_beams(name):
+    decoder, feats = _random_decoder(name), torch.randn(5, 9, 16)
+    opts = DecodingOptions(beam_size=4, max_len=10)
+    batched = decode(decoder, feats, opts)
+    for i in range(5):
+        single = decode(decoder, feats[i : i + 1], opts)[0]
+        assert single.tokens == batched[i].tokens
+        assert single.log_prob == pytest.approx(batched[i].log_prob, abs=1e-4)
+        torch.testing.assert_close(single.alphas, batched[i].alphas)
+
+
+def test_results_carry_tokens_words_scores_and_maps():
+    decoder, feats = _random_decoder(), torch.randn(3, 9, 16)
+    for beam in (1, 3):
+        for r in decode(decoder, feats, DecodingOptions(beam, max_len=8, length_penalty=0.7)):
+            T = len(r.tokens)
+            assert 1 <= T <= 8 and len(r.words) == T
+            assert r.alphas.shape == (T, 3, 3)
+            torch.testing.assert_close(r.alphas.sum((1, 2)), torch.ones(T))
+            assert r.score == pytest.approx(r.log_prob / T**0.7)
+            assert r.finished == (r.tokens[-1] == END_ID)
+            assert START_ID not in r.tokens and END not in r.caption
+
+
+def test_no_end_before_the_cap_returns_live_hypotheses():
+    decoder, feats = _random_decoder(), torch.randn(2, 9, 16)
+    for beam in (1, 4):
+        results = decode(decoder, feats, DecodingOptions(beam, max_len=6, min_len=6))
+        assert all(len(r.tokens) == 6 and not r.finished and END_ID not in r.tokens for r in results)
+
+
+def test_beam_larger_than_vocabulary():
+    decoder = _random_decoder(vocab=6)  # 4 specials + 2 words
+    results = decode(decoder, torch.randn(3, 9, 16), DecodingOptions(beam_size=12, max_len=5))
+    assert len(results) == 3 and all(len(r.tokens) >= 1 for r in results)
+
+
+def test_grid_reshape_and_mode_restored():
+    decoder = AttentionDecoder(20, 16, tiny_model_config()).train()
+    feats = torch.randn(2, 6, 16)
+    r = decode(decoder, feats, DecodingOptions(2, 5), grid=(2, 3))[0]
+    assert r.alphas.shape[1:] == (2, 3)
+    assert decoder.training  # decoding ran in eval mode and restored the caller's mode
+
+
+def _overfit(name, steps=300):
+    """4 images (random features) -> 4 distinct 5-word captions; train until memorised."""
+    torch.manual_seed(0)
+    decoder = AttentionDecoder(24, 16, tiny_model_config(name, dropout=0.1))
+    feats = torch.randn(4, 9, 16)
+    words = torch.tensor([[4, 5, 6, 7, 8], [9, 10, 11, 4, 5], [12, 13, 14, 15, 16], [17, 4, 18, 19, 20]])
+    caps = torch.cat([torch.full((4, 1), START_ID), words, torch.full((4, 1), END_ID)], 1)
+    optim = torch.optim.Adam(decoder.parameters(), lr=1e-2)
+    for _ in range(steps):
+        optim.zero_grad()
+        caption_loss(decoder(feats, caps), alpha_c=0.1).total.backward()
+        optim.step()
+    return decoder, feats, caps[:, 1:].tolist()
+
+
+@pytest.mark.parametrize("name", SCORER_NAMES)
+def test_tiny_model_overfits_and_decodes_exactly(name):
+    decoder, feats, expected = _overfit(name)
+    greedy = decode(decoder, feats, DecodingOptions(1, max_len=10))
+    beam = decode(decoder, feats, DecodingOptions(3, max_len=10))
+    assert [r.tokens for r in greedy] == expected
+    assert [r.tokens for r in beam] == expected
+    for g, b in zip(greedy, beam):
+        assert b.log_prob >= g.log_prob - 1e-5
+
+
+def test_beam_log_prob_at_least_greedy_on_a_partly_trained_model():
+    decoder, _, _ = _overfit("additive", steps=40)
+    feats = torch.randn(16, 9, 16)
+    greedy = decode(decoder, feats, DecodingOptions(1, max_len=10))
+    beam = decode(decoder, feats, DecodingOptions(5, max_len=10))
+    assert all(b.log_prob >= g.log_prob - 1e-5 for g, b in zip(greedy, beam))
