@@ -33,6 +33,8 @@ class Dist:
         if not self.active:
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
+        if self.device.type == "cuda":  # BatchNorm statistics over the global batch (needs CUDA)
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
 
     def broadcast_float(self, value: float) -> float:

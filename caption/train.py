@@ -131,7 +131,7 @@ def train_one_epoch(
         tokens = (captions[:, 1:] != 0).sum().float()
         counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)
         with autocast:
-            out = ddp_model(inputs, captions)
+            out = ddp_model(inputs, captions, features=data.features is not None)
             # normalised by the global batch, so averaging over ranks gives the single-process gradient
             loss = caption_loss(out, cfg.train.alpha_c, token_count=counts[0] / dist.world,
                                 image_count=counts[1] / dist.world)

@@ -23,3 +23,33 @@ def tiny_model_config(attention: str = "additive", **overrides) -> ModelConfig:
 def _seed_and_threads():
     torch.manual_seed(0)
     yield
+
+
+# ----------------------------------------------------------------------------- tiny checkpoints
+
+TINY_WORDS = ("a", "red", "blue", "green", "circle", "square", "triangle", "left", "of", "the")
+
+
+def make_tiny_checkpoint(path, attention: str = "additive", seed: int = 0):
+    """An untrained checkpoint (small CNN, 32-pixel images, 3x3 grid, 14 words) written to ``path``.
+
+    Its captions are arbitrary but valid, which is all the inference plumbing tests need.
+    """
+    from caption.checkpoint import save_checkpoint
+    from caption.config import Config, DataConfig, DecodeConfig
+    from caption.model import build_model
+    from caption.vocab import Vocabulary
+
+    cfg = Config(name=f"tiny-{attention}", data=DataConfig(image_size=32),
+                 model=tiny_model_config(attention), decode=DecodeConfig(beam_size=2, max_len=6))
+    vocab = Vocabulary(TINY_WORDS)
+    with torch.random.fork_rng():
+        torch.manual_seed(seed)
+        model = build_model(cfg.model, len(vocab))
+    return save_checkpoint(path, model, cfg, vocab)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory):
+    """Path of a tiny untrained checkpoint file, shared by the whole test session."""
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run") / "best.pt")

@@ -112,7 +112,7 @@ class AdditiveScorer(Scorer):
         super().__init__(query_dim, key_dim, attention_dim)
         self.w_k = nn.Linear(key_dim, attention_dim)
         self.w_q = nn.Linear(query_dim, attention_dim)
-        self.v = nn.Linear(attention_dim, 1)
+        self.v = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def project_keys(self, features: torch.Tensor) -> torch.Tensor:
         return self.w_k(features)  # (B, L, A)

@@ -25,8 +25,9 @@ class Captioner(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)  # (B, L, D)
 
-    def forward(self, images: torch.Tensor, captions: torch.Tensor) -> DecoderOutput:
-        return self.decoder(self.encode(images), captions)
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, *, features: bool = False) -> DecoderOutput:
+        """Teacher forcing on images (B, 3, S, S), or on cached features (B, L, D) with ``features=True``."""
+        return self.decoder(inputs if features else self.encode(inputs), captions)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> Captioner:

@@ -1,0 +1,124 @@
+"""Training end to end on a tiny shapes world: files, resume equivalence, caching, checkpoints."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import pickle
+
+import pytest
+import torch
+
+from caption.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
+from caption.config import Config, load_config
+from caption.prepare import prepare
+from caption.shapes import generate_shapes
+from caption.train import fit
+from caption.vocab import Vocabulary, tokenize
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(out, n=40, seed=1, image_size=48)
+    return out
+
+
+def tiny_config(shapes_dir, *overrides: str) -> Config:
+    data = [f"data.{s}_captions={shapes_dir}/captions_{s}.json" for s in ("train", "val", "test")]
+    return load_config(None, [
+        "name=tiny", "data.format=coco", f"data.images={shapes_dir}/images", "data.image_size=48", "data.min_freq=1",
+        "model.encoder=small", "model.small_channels=8", "model.grid=3", "model.embed_dim=8", "model.hidden_dim=16",
+        "model.attention_dim=8", "model.dropout=0.3", "model.fine_tune=true", "model.fine_tune_blocks=4",
+        "train.epochs=2", "train.batch_size=16", "train.lr=0.003", "train.encoder_lr=0.003", "train.amp=false",
+        "decode.max_len=12", *data, *overrides,
+    ])
+
+
+def _weights(run_dir):
+    return read_checkpoint(run_dir / "last.pt")["model"]
+
+
+def test_fit_writes_the_run_directory(shapes_dir, tmp_path):
+    result = fit(tiny_config(shapes_dir), tmp_path / "run", device="cpu", progress_bars=False)
+    run = tmp_path / "run"
+    for name in ("config.yaml", "vocab.json", "last.pt", "best.pt", "metrics.csv"):
+        assert (run / name).is_file(), name
+    assert any((run / "tb").iterdir())
+    assert load_config(run / "config.yaml") == tiny_config(shapes_dir)
+    assert result.epochs == 2 and len(result.history) == 2
+    header = (run / "metrics.csv").read_text().splitlines()[0]
+    assert "val_CIDEr" in header and "val_content_accuracy" in header
+    assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
+
+
+class _Killed(Exception):
+    pass
+
+
+def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2")
+    fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
+
+    def kill(progress):
+        if progress.step == 7:  # epoch 1 has 13 steps: this is mid-epoch, last checkpoint at step 6
+            raise _Killed
+
+    with pytest.raises(_Killed):
+        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=kill)
+    state = read_checkpoint(tmp_path / "resumed" / "last.pt")
+    assert state["progress"]["step"] == 6 and state["progress"]["epoch"] == 0 and state["progress"]["batch"] == 6
+    fit(cfg, tmp_path / "resumed", resume=True, device="cpu", progress_bars=False)
+    a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
+    assert a.keys() == b.keys()
+    for key in a:
+        assert torch.equal(a[key], b[key]), key
+
+
+def test_resume_needs_a_checkpoint_and_the_same_model(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, "train.epochs=1")
+    with pytest.raises(FileNotFoundError, match="nothing to resume"):
+        fit(cfg, tmp_path / "none", resume=True, device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden_dim=32))
+    with pytest.raises(ValueError, match="differs"):
+        fit(other, tmp_path / "run", resume=True, device="cpu", progress_bars=False)
+
+
+def test_frozen_encoder_trains_from_the_cache_without_running_the_cnn(shapes_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(shapes_dir, "model.fine_tune=false", "train.epochs=1")
+    summary = prepare(cfg, tmp_path / "run")
+    assert summary["train_cache"]["images"] == 32 and summary["val_cache"]["images"] == 4
+    vocab = Vocabulary.load(tmp_path / "run" / "vocab.json")
+    train = json.loads((shapes_dir / "captions_train.json").read_text())["annotations"]
+    assert set(vocab.itos[4:]) == {w for a in train for w in tokenize(a["caption"])}  # training split only
+
+    from caption.model.encoder import Encoder
+
+    def no_cnn(self, images):
+        raise AssertionError("the CNN ran although features are cached")
+
+    monkeypatch.setattr(Encoder, "forward", no_cnn)
+    result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    assert result.epochs == 1
+
+
+def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
+    fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", device="cpu", progress_bars=False)
+    loaded = load_checkpoint(tmp_path / "run")  # a run directory means its best checkpoint
+    assert loaded.path.name == "best.pt" and len(loaded.vocab) > 4
+    # a checkpoint that would unpickle an arbitrary object is refused
+    evil = tmp_path / "evil.pt"
+    torch.save({"model": {}, "config": {}, "vocab": {}, "payload": pickle.loads(pickle.dumps(_Killed()))}, evil)
+    with pytest.raises(CheckpointError, match="cannot read"):
+        load_checkpoint(evil)
+    # weights saved for another vocabulary size
+    bigger = Vocabulary(loaded.vocab.itos[4:] + ["zebra"])
+    save_checkpoint(tmp_path / "mismatch.pt", loaded.model, loaded.config, bigger)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_checkpoint(tmp_path / "mismatch.pt")
+    (tmp_path / "corrupt.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="corrupt.pt"):
+        load_checkpoint(tmp_path / "corrupt.pt")
+    with pytest.raises(CheckpointError, match="not found"):
+        load_checkpoint(tmp_path / "missing.pt")
