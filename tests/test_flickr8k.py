@@ -1,0 +1,75 @@
+"""Real photos: the shipped model, and the real pipeline on a slice of Flickr8k (../shared/data)."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
+FLICKR = SHARED / "flickr8k"
+PHOTOS = SHARED / "photos"
+pytest.importorskip("efficientnet_lite_pytorch", reason="the 'lite' extra (EfficientNet-Lite0) is not installed")
+
+
+def test_shipped_model_is_small_and_loads_without_unpickling():
+    from caption.checkpoint import read_checkpoint
+    from caption.inference import SHIPPED_MODEL
+
+    assert SHIPPED_MODEL.is_file() and SHIPPED_MODEL.stat().st_size <= 25 * 2**20
+    data = read_checkpoint(SHIPPED_MODEL)  # torch.load(weights_only=True) inside
+    assert data["encoder"] == "from_config" and data["config"]["model"]["encoder"] == "efficientnet_lite0"
+    assert all(v.dtype == torch.float16 for v in data["model"].values())
+
+
+@pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is not beside the checkout")
+def test_shipped_model_captions_every_real_photo():
+    import caption
+
+    model = caption.load()  # the shipped model is the default
+    photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in {".jpg", ".bmp", ".png"})
+    assert len(photos) >= 10
+    results = model.caption_batch(photos, beam=3)
+    for path, result in zip(photos, results):
+        assert not isinstance(result, Exception), (path, result)
+        assert result.words and result.caption, path
+        assert all(w in model.vocab for w in result.words), path
+        torch.testing.assert_close(result.alphas.sum((1, 2)), torch.ones(len(result.words)), atol=1e-4, rtol=0)
+        assert result.alphas.shape[1:] == (7, 7)
+
+
+def _slice(src: Path, dst: Path, n: int) -> None:
+    data = json.loads(src.read_text())
+    images = data["images"][:n]
+    keep = {im["id"] for im in images}
+    data.update(images=images, annotations=[a for a in data["annotations"] if a["image_id"] in keep])
+    dst.write_text(json.dumps(data))
+
+
+@pytest.mark.skipif(not FLICKR.is_dir(), reason="../shared/data/flickr8k is not beside the checkout")
+def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
+    from caption.config import load_config
+    from caption.prepare import prepare
+    from caption.report import evaluate_checkpoint
+    from caption.train import fit
+
+    _slice(FLICKR / "captions_flickr8k_train.json", tmp_path / "train.json", 200)
+    _slice(FLICKR / "captions_flickr8k_dev.json", tmp_path / "dev.json", 40)
+    cfg = load_config(Path(__file__).parents[1] / "configs" / "flickr8k.yaml", [
+        f"data.train_captions={tmp_path / 'train.json'}", f"data.val_captions={tmp_path / 'dev.json'}",
+        f"data.test_captions={tmp_path / 'dev.json'}", f"data.images={FLICKR / 'images'}",
+        f"data.cache_dir={tmp_path / 'cache'}", "data.min_freq=2", "model.hidden_dim=128", "model.embed_dim=128",
+        "model.attention_dim=128", "train.epochs=3", "train.batch_size=50", "train.lr=2e-3",
+    ])
+    summary = prepare(cfg, tmp_path / "run")
+    assert summary["train_cache"]["images"] == 200 and summary["val_cache"]["images"] == 40
+    assert len(list((tmp_path / "cache").glob("*.f16"))) == 2
+    fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
+    assert len(rows) == 3 and float(rows[-1]["train_xent"]) < float(rows[0]["train_xent"])
+    scores = evaluate_checkpoint(tmp_path / "run", split="val", beam=2, java=False, progress=False)
+    assert scores["images"] == 40 and {"BLEU-4", "CIDEr", "ROUGE-L"} <= set(scores)
+    assert (tmp_path / "run" / "eval" / "captions_val.json").is_file()
