@@ -50,6 +50,7 @@ class ModelConfig:
     fine_tune: bool = False  # unfreeze the top encoder blocks
     fine_tune_blocks: int = 2  # how many top blocks fine_tune unfreezes
     small_channels: int = 64  # width of the last layer of the "small" CNN
+    coord_features: bool = False  # append each cell's (x, y) in [-1, 1] to its feature (CoordConv-style)
     attention: str = "additive"  # additive|dot|general|concat
     embed_dim: int = 512
     hidden_dim: int = 512
@@ -57,6 +58,7 @@ class ModelConfig:
     dropout: float = 0.5
     gate: str = "scalar"  # β gate on the context: "scalar" (paper), "vector" (tutorial), "none"
     deep_output: bool = False  # the paper's deep output layer L_o(E y + L_h h + L_z z)
+    init_state: str = "mean"  # h0/c0 from the mean feature (paper) or "zeros" (all image content via attention)
 
 
 @dataclass(frozen=True)

@@ -20,7 +20,7 @@ from typing import Iterator
 import torch
 from torch import nn
 
-from caption.vocab import END, END_ID, PAD_ID, SPECIALS, START_ID, Vocabulary
+from caption.vocab import END, END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID, Vocabulary
 
 
 @dataclass(frozen=True)
@@ -29,6 +29,7 @@ class DecodingOptions:
     max_len: int = 20  # most words emitted per caption, <end> included
     min_len: int = 0  # <end> is suppressed before this many words
     length_penalty: float = 0.0  # final score = log_prob / len**length_penalty (0: raw log-prob)
+    suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
 
     def __post_init__(self) -> None:
         if self.beam_size < 1 or self.max_len < 1 or self.min_len < 0:
@@ -72,10 +73,12 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
 
 
 def _log_probs(logits: torch.Tensor, t: int, options: DecodingOptions) -> torch.Tensor:
-    """(N, V) log-probabilities with <pad>/<start> (and <end> before min_len) ruled out."""
+    """(N, V) log-probabilities with <pad>/<start>, <unk> (optionally) and <end> before min_len ruled out."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     logp[:, PAD_ID] = float("-inf")
     logp[:, START_ID] = float("-inf")
+    if options.suppress_unk:
+        logp[:, UNK_ID] = float("-inf")
     if t < options.min_len:
         logp[:, END_ID] = float("-inf")
     return logp

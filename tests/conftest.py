@@ -22,6 +22,7 @@ def tiny_model_config(attention: str = "additive", **overrides) -> ModelConfig:
 @pytest.fixture(autouse=True)
 def _seed_and_threads():
     torch.manual_seed(0)
+    torch.set_num_threads(1)  # tiny models: thread hand-offs cost more than they save
     yield
 
 

@@ -96,3 +96,21 @@ def test_build_model_end_to_end_on_images():
     assert out.alphas.shape == (3, 7, 9)
     assert model.grid == (3, 3)
     assert dataclasses.is_dataclass(tiny_model_config())
+
+
+def test_zero_initial_state_option():
+    decoder = AttentionDecoder(20, 16, tiny_model_config(init_state="zeros"))
+    memory = decoder.prepare(torch.randn(2, 9, 16))
+    state = decoder.init_state(memory, beams=3)
+    assert state.h.shape == (6, 24) and not state.h.any() and decoder.init_h is None
+
+
+def test_bf16_autocast_training_step_gives_fp32_gradients():
+    """Mixed precision (as on CUDA) through the chunked tanh scores and the deferred weight gradient."""
+    for name in sorted(SCORERS):
+        decoder = AttentionDecoder(20, 16, tiny_model_config(name))
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = caption_loss(decoder(torch.randn(3, 9, 16), _captions()))
+        loss.total.backward()
+        assert torch.isfinite(loss.total)
+        assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in decoder.parameters()), name

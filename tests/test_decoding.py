@@ -106,3 +106,15 @@ def test_beam_log_prob_at_least_greedy_on_a_partly_trained_model():
     greedy = decode(decoder, feats, DecodingOptions(1, max_len=10))
     beam = decode(decoder, feats, DecodingOptions(5, max_len=10))
     assert all(b.log_prob >= g.log_prob - 1e-5 for g, b in zip(greedy, beam))
+
+
+def test_unk_is_never_emitted_unless_asked():
+    from caption.vocab import UNK_ID
+
+    decoder, feats = _random_decoder(), torch.randn(4, 9, 16)
+    with torch.no_grad():
+        decoder.out.bias[UNK_ID] = 50.0  # the model now prefers <unk> everywhere
+    for beam in (1, 3):
+        assert all(UNK_ID not in r.tokens for r in decode(decoder, feats, DecodingOptions(beam, max_len=6)))
+        allowed = decode(decoder, feats, DecodingOptions(beam, max_len=6, suppress_unk=False))
+        assert all(UNK_ID in r.tokens for r in allowed)

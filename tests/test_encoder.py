@@ -75,3 +75,11 @@ def test_efficientnet_lite0_stages(stage, dim, grid, no_downloads):
     enc = build_encoder(cfg).eval()
     with torch.no_grad():
         assert enc(torch.randn(1, 3, 224, 224)).shape == (1, grid * grid, dim)
+
+
+def test_coordinate_features_tell_where_each_cell_is():
+    enc = build_encoder(ModelConfig(encoder="small", grid=3, small_channels=8, coord_features=True))
+    feats = enc(torch.randn(2, 3, 48, 48))
+    assert feats.shape == (2, 9, 10) and enc.out_dim == 10
+    xy = feats[1, :, -2:]  # (L, 2): row-major cells, x then y in [-1, 1]
+    assert xy[0].tolist() == [-1.0, -1.0] and xy[2].tolist() == [1.0, -1.0] and xy[6].tolist() == [-1.0, 1.0]

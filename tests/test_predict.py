@@ -147,11 +147,18 @@ def test_caption_raises_image_error_for_a_bad_file(tiny_checkpoint, tmp_path) ->
         caption.load(tiny_checkpoint).caption(bad)
 
 
+def test_default_checkpoint_is_the_shipped_model() -> None:
+    from caption import inference
+
+    assert inference.default_checkpoint() == inference.SHIPPED_MODEL and inference.SHIPPED_MODEL.is_file()
+
+
 def test_default_checkpoint_missing_says_run_demo(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
-    from caption.inference import default_checkpoint
+    from caption import inference
 
-    assert not default_checkpoint().exists()
+    monkeypatch.setattr(inference, "SHIPPED_MODEL", tmp_path / "absent.pt")  # a build without the asset
+    assert not inference.default_checkpoint().exists()
     with pytest.raises(CheckpointError, match="caption demo"):
         caption.load()
 
@@ -238,7 +245,10 @@ def test_predict_corrupt_checkpoint_exit_2(tmp_path, good, capsys) -> None:
 
 
 def test_predict_default_checkpoint_missing_says_run_demo(tmp_path, good, capsys, monkeypatch) -> None:
+    from caption import inference
+
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(inference, "SHIPPED_MODEL", tmp_path / "absent.pt")  # a build without the asset
     code, out, err = run(capsys, "predict", str(good))
     assert code == 2 and out == []
     assert len(err) == 1 and "caption demo" in err[0] and "--checkpoint" in err[0]

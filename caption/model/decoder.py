@@ -61,8 +61,11 @@ class AttentionDecoder(nn.Module):
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, E)
         self.attention = SoftAttention(cfg.attention, H, D, cfg.attention_dim)
-        self.init_h = nn.Linear(D, H)
-        self.init_c = nn.Linear(D, H)
+        if cfg.init_state not in ("mean", "zeros"):
+            raise ConfigError(f"model.init_state must be 'mean' or 'zeros', got '{cfg.init_state}'")
+        self.hidden_dim = H
+        self.init_h = nn.Linear(D, H) if cfg.init_state == "mean" else None
+        self.init_c = nn.Linear(D, H) if cfg.init_state == "mean" else None
         gates = {"scalar": lambda: nn.Linear(H, 1), "vector": lambda: nn.Linear(H, D), "none": lambda: None}
         if cfg.gate not in gates:
             raise ConfigError(f"model.gate must be one of {', '.join(gates)}, got '{cfg.gate}'")
@@ -83,7 +86,10 @@ class AttentionDecoder(nn.Module):
         return self.attention.prepare(features, mask)
 
     def init_state(self, memory: Memory, beams: int = 1) -> DecoderState:
-        """h0, c0 from the mean feature; ``beams`` consecutive copies per image -> (B*K, H)."""
+        """h0, c0 from the mean feature (or zeros); ``beams`` consecutive copies per image -> (B*K, H)."""
+        if self.init_h is None:
+            zeros = memory.mean.new_zeros(memory.mean.shape[0] * beams, self.hidden_dim)  # (B*K, H)
+            return DecoderState(zeros, zeros)
         h, c = self.init_h(memory.mean), self.init_c(memory.mean)  # (B, H)
         if beams > 1:
             h, c = h.repeat_interleave(beams, 0), c.repeat_interleave(beams, 0)  # (B*K, H)

@@ -94,12 +94,17 @@ def _efficientnet_lite0(weights: str, stage: int) -> Backbone:
 
 
 def _small(channels: int) -> Backbone:
-    """Four conv blocks (stride 8), random init: CPU demos and tests."""
+    """Four conv blocks (stride 8), random init: CPU demos and tests.
+
+    GroupNorm rather than BatchNorm: it computes the same in training and evaluation, so a CNN
+    trained from scratch at a high learning rate is never decoded with lagging running statistics.
+    """
     widths = [3, channels // 4, channels // 2, channels, channels]
     blocks = []
     for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
         stride = 1 if i == 3 else 2
-        blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU()))
+        norm = nn.GroupNorm(min(8, cout), cout)
+        blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm, nn.ReLU()))
     return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
@@ -123,7 +128,8 @@ class Encoder(nn.Module):
         super().__init__()
         backbone = _backbone(cfg)
         self.blocks = backbone.blocks
-        self.out_dim = backbone.out_dim
+        self.coords = cfg.coord_features
+        self.out_dim = backbone.out_dim + (2 if self.coords else 0)
         self.mean, self.std = backbone.mean, backbone.std
         self.grid = (cfg.grid, cfg.grid)
         self.pool = nn.AdaptiveAvgPool2d(self.grid)
@@ -151,6 +157,11 @@ class Encoder(nn.Module):
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         x = self.blocks(images)  # (B, D, h, w)
         x = self.pool(x)  # (B, D, gh, gw)
+        if self.coords:  # where each cell is: soft attention's context otherwise loses position
+            gh, gw = self.grid
+            ys = torch.linspace(-1, 1, gh, device=x.device, dtype=x.dtype).view(1, 1, gh, 1).expand(len(x), 1, gh, gw)
+            xs = torch.linspace(-1, 1, gw, device=x.device, dtype=x.dtype).view(1, 1, 1, gw).expand(len(x), 1, gh, gw)
+            x = torch.cat([x, xs, ys], dim=1)  # (B, D + 2, gh, gw)
         return x.flatten(2).transpose(1, 2)  # (B, L, D)
 
 
