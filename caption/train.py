@@ -220,13 +220,7 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
     optim = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.train.lr_decay_factor,
                                                        patience=cfg.train.lr_patience)
-    progress = Progress()
-    if state is not None:
-        load_state(model, state["model"], run_dir / LAST)
-        optim.load_state_dict(state["optimizer"])
-        sched.load_state_dict(state["scheduler"])
-        progress = Progress(**state["progress"])
-        _set_rng_state(state["rng"])
+    progress = _restore(state, model, optim, sched, run_dir / LAST) if state is not None else Progress()
     ddp_model = dist.wrap(model)
     history: list[dict] = []
     writer = _tensorboard(run_dir) if dist.is_main else None
@@ -257,6 +251,15 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
         writer.close()
     dist.close()
     return FitResult(run_dir, progress.best_score, progress.epoch, history)
+
+
+def _restore(state: dict, model: Captioner, optim, sched, path: Path) -> Progress:
+    """Model, optimizer, scheduler and RNG states from a checkpoint; where training stood."""
+    load_state(model, state["model"], path)
+    optim.load_state_dict(state["optimizer"])
+    sched.load_state_dict(state["scheduler"])
+    _set_rng_state(state["rng"])
+    return Progress(**state["progress"])
 
 
 def _log_epoch(run_dir: Path, writer, row: dict, improved: bool) -> None:
