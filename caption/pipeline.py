@@ -7,7 +7,6 @@ into the cache and training reads it without running the CNN.
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from caption.config import Config
 from caption.data import CaptionDataset, ImageRecord, load_split
 from caption.distributed import Dist
 from caption.images import image_transform
+from caption.shapes import load_shapes
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.pipeline")
@@ -75,11 +75,7 @@ def shapes_annotations(cfg: Config, split: str) -> tuple[dict | None, int | None
     path = {"train": cfg.data.train_captions, "val": cfg.data.val_captions, "test": cfg.data.test_captions}[split]
     if cfg.data.format != "coco" or not path or not Path(path).is_file():
         return None, None
-    data = json.loads(Path(path).read_text())
-    if "shapes" not in data:
-        return None, None
-    objects = {int(e["image_id"]): e["objects"] for e in data["shapes"]}
-    return objects, int(data["images"][0]["width"]) if data["images"] else None
+    return load_shapes(path) or (None, None)
 
 
 def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Module, run_dir: Path, *,

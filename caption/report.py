@@ -13,13 +13,7 @@ from caption.decoding import DecodingOptions
 from caption.evaluate import caption_records, score_results
 from caption.metrics import write_results
 from caption.pipeline import shapes_annotations, transform_for
-
-
-def _shapes_of_file(captions: str) -> tuple[dict | None, int | None]:
-    data = json.loads(Path(captions).read_text())
-    if "shapes" not in data:
-        return None, None
-    return {int(e["image_id"]): e["objects"] for e in data["shapes"]}, int(data["images"][0]["width"])
+from caption.shapes import load_shapes
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions: str | None = None,
@@ -36,7 +30,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions
         if not images:
             raise ValueError("--captions needs --images (the folder its file_name entries are in)")
         records, name = load_coco(captions, images), Path(captions).stem
-        shapes, size = _shapes_of_file(captions)
+        shapes, size = load_shapes(captions) or (None, None)
     else:
         records, name = load_split(cfg.data, split), split
         shapes, size = shapes_annotations(cfg, split)

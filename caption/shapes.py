@@ -236,12 +236,19 @@ def _split_data(image_dir: Path, ids: range, seed: int, image_size: int) -> dict
     return {"info": info, "images": images, "annotations": annotations, "shapes": shapes}
 
 
-def load_shapes_annotations(captions_json: str | Path) -> dict[int, list[dict]] | None:
-    """Objects per image id from a captions file, or None when it has no ``shapes`` key."""
+def load_shapes(captions_json: str | Path) -> tuple[dict[int, list[dict]], int] | None:
+    """(objects per image id, image size in pixels) from a captions file; None without ``shapes``."""
     data = json.loads(Path(captions_json).read_text())
     if "shapes" not in data:
         return None
-    return {int(entry["image_id"]): entry["objects"] for entry in data["shapes"]}
+    size = int(data["images"][0]["width"]) if data.get("images") else 0
+    return {int(entry["image_id"]): entry["objects"] for entry in data["shapes"]}, size
+
+
+def load_shapes_annotations(captions_json: str | Path) -> dict[int, list[dict]] | None:
+    """Objects per image id from a captions file, or None when it has no ``shapes`` key."""
+    loaded = load_shapes(captions_json)
+    return None if loaded is None else loaded[0]
 
 
 # ---------------------------------------------------------------- scoring

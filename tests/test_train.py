@@ -122,3 +122,19 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
         load_checkpoint(tmp_path / "corrupt.pt")
     with pytest.raises(CheckpointError, match="not found"):
         load_checkpoint(tmp_path / "missing.pt")
+
+
+def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
+    from caption.cli import main
+    from caption.report import evaluate_checkpoint
+
+    fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", device="cpu", progress_bars=False)
+    scores = evaluate_checkpoint(tmp_path / "run", captions=str(shapes_dir / "captions_test.json"),
+                                 images=str(shapes_dir / "images"), beam=2, java=False, progress=False)
+    assert scores["images"] == 4 and {"content_accuracy", "pointing_accuracy", "CIDEr", "BLEU-4"} <= set(scores)
+    results = json.loads((tmp_path / "run" / "eval" / "captions_captions_test.json").read_text())
+    assert len(results) == 4 and set(results[0]) == {"image_id", "caption"}
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "test", "--json", "--no-java"])
+    out = capsys.readouterr().out.strip().splitlines()
+    assert code == 0 and json.loads(out[-1])["images"] == 4
+    assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
