@@ -1,7 +1,5 @@
 """Decoder: teacher forcing equals a loop over step(); padding is masked; the loss."""
 
-import dataclasses
-
 import pytest
 import torch
 
@@ -95,7 +93,6 @@ def test_build_model_end_to_end_on_images():
     out = model(torch.randn(3, 3, 32, 32), _captions())
     assert out.alphas.shape == (3, 7, 9)
     assert model.grid == (3, 3)
-    assert dataclasses.is_dataclass(tiny_model_config())
 
 
 def test_zero_initial_state_option():
