@@ -13,7 +13,6 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import os
 import re
 from pathlib import Path
 from typing import Sequence
@@ -26,6 +25,7 @@ from tqdm import tqdm
 
 from caption.config import ModelConfig
 from caption.data import ImageDataset, ImageRecord, collate_images
+from caption.fileio import atomic_write_json
 
 log = logging.getLogger("caption.cache")
 
@@ -60,16 +60,6 @@ def encoder_digest(encoder: nn.Module) -> str:
 def _paths(prefix: Path) -> tuple[Path, Path]:
     prefix = Path(prefix)
     return prefix.with_name(prefix.name + ".f16"), prefix.with_name(prefix.name + ".json")
-
-
-def _write_json(path: Path, data: dict) -> None:
-    """Atomic: temp file, fsync, rename."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as f:
-        json.dump(data, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_index(path: Path) -> dict | None:
@@ -158,7 +148,7 @@ class _Progress:
         else:
             length, dim = None, None
         index = dict(self.header, L=length, D=dim, done=self.done, bad=self.bad, complete=complete)
-        _write_json(self.index_path, index)
+        atomic_write_json(self.index_path, index)
 
 
 def _matches(index: dict | None, header: dict) -> bool:

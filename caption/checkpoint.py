@@ -8,7 +8,6 @@ model the saved config and vocabulary describe, and says what differs when they 
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import torch
 
 from caption.config import Config, ConfigError, from_dict, to_dict
+from caption.fileio import atomic_write
 from caption.model import Captioner, build_model
 from caption.vocab import Vocabulary
 
@@ -28,15 +28,7 @@ class CheckpointError(RuntimeError):
 
 def atomic_torch_save(obj: Any, path: str | Path) -> Path:
     """torch.save to ``path`` via a temp file in the same folder + rename: never half-written."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic_write(path, lambda f: torch.save(obj, f))
 
 
 def save_checkpoint(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabulary, **state: Any) -> Path:

@@ -11,7 +11,7 @@ import logging
 import sys
 from pathlib import Path
 
-DEFAULT_RUN = Path("runs") / "shapes"  # where `caption demo` trains
+from caption.demo import RUN_DIR as DEMO_RUN_DIR
 
 
 class CliError(Exception):
@@ -101,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate the shapes world, train, evaluate and caption a few images")
-    p.add_argument("--run-dir", default=str(DEFAULT_RUN))
+    p.add_argument("--run-dir", default=str(DEMO_RUN_DIR))
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
 

@@ -17,6 +17,8 @@ from typing import Any, Iterable
 
 import yaml
 
+from caption.fileio import atomic_write_text
+
 
 class ConfigError(ValueError):
     """A bad config key or value; the message names the dotted key."""
@@ -210,7 +212,4 @@ def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -
 
 def save_config(cfg: Config, path: str | Path) -> None:
     """Write the resolved config as YAML (atomically); ``load_config`` reads it back equal."""
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
-    tmp.replace(path)
+    atomic_write_text(path, yaml.safe_dump(to_dict(cfg), sort_keys=False))

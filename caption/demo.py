@@ -12,6 +12,7 @@ from pathlib import Path
 from caption.config import Config, load_config
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
+RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
 DONE = "done.json"
 
 

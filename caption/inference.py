@@ -23,13 +23,14 @@ from PIL import Image
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
 from caption.config import Config
 from caption.decoding import DecodingOptions, DecodingResult, decode
+from caption.demo import RUN_DIR as DEMO_RUN_DIR
 from caption.images import ImageError, load_image, to_rgb
 from caption.pipeline import transform_for
 from caption.vocab import Vocabulary
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see README
 SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"  # from google-coral/test_data, Apache-2.0
-DEFAULT_CHECKPOINT = Path("runs") / "shapes"  # where `caption demo` trains
+DEFAULT_CHECKPOINT = DEMO_RUN_DIR  # where `caption demo` trains
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
 

@@ -16,10 +16,8 @@ from __future__ import annotations
 
 import contextlib
 import io
-import json
 import os
 import shutil
-import tempfile
 import warnings
 from collections.abc import Hashable, Mapping, Sequence
 from pathlib import Path
@@ -31,6 +29,7 @@ from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
 from caption.vocab import tokenize
+from caption.fileio import atomic_write_json
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -73,18 +72,8 @@ def coco_scores(
 
 def write_results(captions: Mapping[int, str], path: str | os.PathLike) -> Path:
     """Write COCO results JSON ``[{"image_id": int, "caption": str}, ...]`` atomically."""
-    path = Path(path)
     rows = [{"image_id": int(i), "caption": str(c)} for i, c in captions.items()]
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(rows, f, ensure_ascii=False)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            os.unlink(tmp)
-        raise
-    return path
+    return atomic_write_json(path, rows, ensure_ascii=False)
 
 
 def _java_available() -> bool:

@@ -40,6 +40,8 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from caption.fileio import atomic_write_json
+
 COLORS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 160, 50),
@@ -156,13 +158,6 @@ def make_example(seed: int, index: int, image_size: int = 96) -> tuple[Image.Ima
     return _draw(objects, image_size), objects, captions
 
 
-def _write_json(path: Path, data: dict) -> None:
-    """Write JSON atomically (temp file + rename)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(data, separators=(",", ":")))
-    tmp.replace(path)
-
-
 def _split_ranges(n: int, splits: Sequence[tuple[str, float]]) -> dict[str, range]:
     """Consecutive id ranges (1-based) per split, sized by cumulative rounding."""
     fractions = [f for _, f in splits]
@@ -216,8 +211,8 @@ def generate_shapes(out_dir: str | Path, n: int = 5000, seed: int = 0, image_siz
     for stale in paths["images"].glob("shapes_*.png"):
         stale.unlink()
     for name, ids in ranges.items():
-        _write_json(paths[name], _split_data(paths["images"], ids, seed, image_size))
-    _write_json(out_dir / "manifest.json", manifest)
+        atomic_write_json(paths[name], _split_data(paths["images"], ids, seed, image_size), separators=(",", ":"))
+    atomic_write_json(out_dir / "manifest.json", manifest, separators=(",", ":"))
     return paths
 
 

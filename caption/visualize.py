@@ -15,23 +15,23 @@ switching), so this module works headless, in scripts and in notebooks alike.
 from __future__ import annotations
 
 import base64
-import contextlib
 import html
 import io
 import math
 import os
 import re
-import tempfile
 import textwrap
 import unicodedata
 from pathlib import Path
 from string import Template
-from typing import Any, BinaryIO, Callable, Protocol, Sequence, TypeAlias
+from typing import Any, Protocol, Sequence, TypeAlias
 
 import numpy as np
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
+
+from caption.fileio import atomic_write
 
 MAX_COLS = 5  # figure columns; rows grow with the caption length
 PANEL_INCHES = 2.6  # width of one figure panel
@@ -127,23 +127,6 @@ def _png_bytes(rgb: np.ndarray) -> bytes:
 
 def _data_uri(rgb: np.ndarray) -> str:
     return "data:image/png;base64," + base64.b64encode(_png_bytes(rgb)).decode("ascii")
-
-
-def _atomic_write(path: PathLike, write: Callable[[BinaryIO], None]) -> Path:
-    """Write via a temp file in the target folder, then rename: never a half-written file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    return path
 
 
 def safe_filename(word: str, max_len: int = 40) -> str:
@@ -244,7 +227,7 @@ def save_overlay(
     if Path(path).suffix.lower() != ".png":
         raise ValueError(f"save_overlay writes PNG; use a .png path, got {str(path)!r}")
     fig = overlay(result, image, **kw)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def save_per_word(
@@ -263,7 +246,7 @@ def save_per_word(
     for i, (word, rgb) in enumerate(zip(words, blended)):
         png = _png_bytes(rgb)
         target = Path(out_dir) / f"{i:0{digits}d}_{safe_filename(word)}.png"
-        paths.append(_atomic_write(target, lambda f, data=png: f.write(data)))
+        paths.append(atomic_write(target, lambda f, data=png: f.write(data)))
     return paths
 
 
@@ -364,4 +347,4 @@ def write_html(
         logp=html.escape(f"{float(result.log_prob):.3f}"),
         alpha=f"{min(max(float(alpha), 0.0), 1.0):g}",
     )
-    return _atomic_write(path, lambda f: f.write(page.encode("utf-8")))
+    return atomic_write(path, lambda f: f.write(page.encode("utf-8")))

@@ -14,6 +14,8 @@ from typing import Iterable, Sequence
 
 from nltk.tokenize import TreebankWordTokenizer
 
+from caption.fileio import atomic_write_json
+
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
 SPECIALS = (PAD, START, END, UNK)
 PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
@@ -86,10 +88,7 @@ class Vocabulary:
 
     def save(self, path: str | Path) -> None:
         """Write as JSON, atomically."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        tmp.write_text(json.dumps(self.to_dict(), ensure_ascii=False))
-        tmp.replace(path)
+        atomic_write_json(path, self.to_dict(), ensure_ascii=False)
 
     @classmethod
     def load(cls, path: str | Path) -> "Vocabulary":

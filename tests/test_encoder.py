@@ -83,3 +83,15 @@ def test_coordinate_features_tell_where_each_cell_is():
     assert feats.shape == (2, 9, 10) and enc.out_dim == 10
     xy = feats[1, :, -2:]  # (L, 2): row-major cells, x then y in [-1, 1]
     assert xy[0].tolist() == [-1.0, -1.0] and xy[2].tolist() == [1.0, -1.0] and xy[6].tolist() == [-1.0, 1.0]
+
+
+def test_small_cnn_cells_see_only_their_neighbourhood():
+    """A change in one corner leaves far cells' features unchanged (no per-image normalisation leak)."""
+    enc = build_encoder(ModelConfig(encoder="small", grid=6, small_channels=16)).eval()
+    image = torch.randn(1, 3, 96, 96)
+    changed = image.clone()
+    changed[..., :16, :16] += 3.0  # the top-left cell
+    with torch.no_grad():
+        a, b = enc(image).view(6, 6, -1), enc(changed).view(6, 6, -1)  # (gh, gw, D)
+    assert not torch.allclose(a[0, 0], b[0, 0])
+    torch.testing.assert_close(a[3:, 3:], b[3:, 3:])  # 48+ px away: outside the 39 px receptive field

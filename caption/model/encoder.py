@@ -26,6 +26,7 @@ class Backbone(NamedTuple):
     out_dim: int  # D, channels of the last block
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
+    channels_last: bool = False  # run in NHWC memory order (measured faster where set)
 
 
 def _torchvision(name: str, weights: str) -> Backbone:
@@ -93,19 +94,35 @@ def _efficientnet_lite0(weights: str, stage: int) -> Backbone:
     return Backbone(nn.Sequential(*blocks), out_dim, (0.5, 0.5, 0.5), (0.5, 0.5, 0.5))
 
 
-def _small(channels: int) -> Backbone:
-    """Four conv blocks (stride 8), random init: CPU demos and tests.
+class ChannelNorm(nn.Module):
+    """LayerNorm over the channels of each position: (B, C, h, w) -> same shape.
 
-    GroupNorm rather than BatchNorm: it computes the same in training and evaluation, so a CNN
-    trained from scratch at a high learning rate is never decoded with lagging running statistics.
+    Strictly local, unlike GroupNorm, whose per-image statistics over the whole map let every
+    cell's features describe the entire image, so attention had no reason to look anywhere.
+    Unlike BatchNorm it computes the same in training and evaluation.
+    """
+
+    def __init__(self, channels: int, eps: float = 1e-5):
+        super().__init__()
+        self.norm = nn.LayerNorm(channels, eps=eps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.norm(x.permute(0, 2, 3, 1)).permute(0, 3, 1, 2)  # (B, C, h, w)
+
+
+def _small(channels: int) -> Backbone:
+    """Four conv blocks (stride 8, receptive field 31 px), random init: CPU demos and tests.
+
+    Each position is normalised on its own (``ChannelNorm``), so a cell's features describe only
+    its neighbourhood and the decoder must attend to an object to name it.
     """
     widths = [3, channels // 4, channels // 2, channels, channels]
     blocks = []
     for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
         stride = 1 if i == 3 else 2
-        norm = nn.GroupNorm(min(8, cout), cout)
-        blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), norm, nn.ReLU()))
-    return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
+        blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), ChannelNorm(cout), nn.ReLU()))
+    # NHWC: ChannelNorm's permute is then free (a training step on 2 cores: 0.128 s -> 0.095 s)
+    return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), channels_last=True)
 
 
 BACKBONES = ("resnet50", "resnet101", "resnet152", "vgg16", "mobilenet_v3_large", "efficientnet_lite0", "small")
@@ -128,6 +145,7 @@ class Encoder(nn.Module):
         super().__init__()
         backbone = _backbone(cfg)
         self.blocks = backbone.blocks
+        self.channels_last = backbone.channels_last
         self.coords = cfg.coord_features
         self.out_dim = backbone.out_dim + (2 if self.coords else 0)
         self.mean, self.std = backbone.mean, backbone.std
@@ -155,6 +173,8 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
+        if self.channels_last:
+            images = images.contiguous(memory_format=torch.channels_last)  # same shape, NHWC in memory
         x = self.blocks(images)  # (B, D, h, w)
         x = self.pool(x)  # (B, D, gh, gw)
         if self.coords:  # where each cell is: soft attention's context otherwise loses position
