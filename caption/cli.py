@@ -61,7 +61,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         cfg = _config(args)
         run_dir = _run_dir(args, cfg)
     result = fit(cfg, run_dir, resume=bool(args.resume), device=args.device)
-    print(f"run directory: {result.run_dir}  (best val CIDEr {result.best_score:.4f} after {result.epochs} epochs)")
+    best = f"best val {cfg.train.select_metric} {result.best_score:.4f}"
+    print(f"run directory: {result.run_dir}  ({best} after {result.epochs} epochs)")
     return 0
 
 

@@ -75,9 +75,10 @@ class TrainConfig:
     fine_tune_from_epoch: int = -1  # -1: never; else start fine-tuning the encoder at this epoch
     grad_clip: float = 5.0
     alpha_c: float = 1.0  # λ of the doubly-stochastic attention penalty
-    lr_decay_factor: float = 0.8  # multiply the LR by this when val CIDEr plateaus
+    lr_decay_factor: float = 0.8  # multiply the LR by this when the val score (select_metric) plateaus
     lr_patience: int = 2
-    early_stop_patience: int = 6  # stop after this many epochs without a better val CIDEr
+    early_stop_patience: int = 6  # stop after this many epochs without a better val score
+    select_metric: str = "CIDEr"  # val score (greedy) that picks best.pt, e.g. content_accuracy on shapes
     val_beam: int = 1  # decoding used for model selection (1 = greedy)
     seed: int = 0
     amp: bool = True  # mixed precision on CUDA (bf16 where supported); CPU always runs fp32

@@ -37,7 +37,7 @@ def train_once(cfg: Config, run_dir: Path, device: str | None) -> None:
     resume = (run_dir / "last.pt").is_file()
     print(("resuming" if resume else "training") + f" {cfg.name} into {run_dir} (a few minutes on 2 CPU cores)")
     result = fit(cfg, run_dir, resume=resume, device=device)
-    (run_dir / DONE).write_text(json.dumps({"epochs": result.epochs, "best_val_CIDEr": result.best_score}))
+    (run_dir / DONE).write_text(json.dumps({"epochs": result.epochs, f"best_val_{cfg.train.select_metric}": result.best_score}))
 
 
 def run_demo(run_dir: Path, *, device: str | None = None, n: int = 5000, seed: int = 0, examples: int = 4) -> dict:

@@ -1,4 +1,5 @@
-"""Training: ``fit(cfg, run_dir)`` with resumable checkpoints, model selection on decoded val CIDEr.
+"""Training: ``fit(cfg, run_dir)`` with resumable checkpoints, model selection on decoded val captions
+(CIDEr unless ``train.select_metric`` names another validation score).
 
 A run directory holds ``config.yaml`` (resolved), ``vocab.json``, ``last.pt`` and ``best.pt``
 (atomic writes), ``metrics.csv`` (one row per epoch) and TensorBoard logs under ``tb/``.
@@ -25,12 +26,13 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.checkpoint import BEST, LAST, load_state, read_checkpoint, save_checkpoint
-from caption.config import Config, save_config
+from caption.config import Config, ConfigError, save_config
 from caption.data import collate_captions
 from caption.decoding import DecodingOptions
 from caption.distributed import Dist, all_sum, setup_distributed
 from caption.evaluate import caption_records, score_results
 from caption.losses import caption_loss
+from caption.metrics import METRIC_KEYS
 from caption.model import Captioner, build_model
 from caption.data import load_split
 from caption.pipeline import SplitData, build_vocab, load_training_data
@@ -188,7 +190,7 @@ def validate(model: Captioner, vocab: Vocabulary, data: SplitData, cfg: Config, 
 @dataclass
 class FitResult:
     run_dir: Path
-    best_score: float  # best val CIDEr
+    best_score: float  # best val score (train.select_metric)
     epochs: int  # epochs completed
     history: list  # per-epoch metric rows
 
@@ -217,6 +219,7 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
     model = build_model(cfg.model, len(vocab)).to(dev)  # seeded: a frozen encoder is the same every run
     data = load_training_data(cfg, run_dir, model.encoder, vocab, train_records=train_records, device=dev, dist=dist,
                               progress=progress_bars)
+    _check_select_metric(cfg, data.val)
     optim = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.train.lr_decay_factor,
                                                        patience=cfg.train.lr_patience)
@@ -234,7 +237,7 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
         model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
         loss = train_one_epoch(model, ddp_model, data.train, optim, cfg, progress, dist, dev, on_step, save)
         scores = validate(model, vocab, data.val, cfg, dev) if dist.is_main else {}
-        score = dist.broadcast_float(scores.get("CIDEr", 0.0))
+        score = dist.broadcast_float(_selection_score(scores, cfg) if dist.is_main else 0.0)
         sched.step(score)
         improved = score > progress.best_score
         progress.best_score, progress.bad_epochs = (score, 0) if improved else (progress.best_score, progress.bad_epochs + 1)
@@ -251,6 +254,20 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
         writer.close()
     dist.close()
     return FitResult(run_dir, progress.best_score, progress.epoch, history)
+
+
+def _check_select_metric(cfg: Config, val: SplitData) -> None:
+    """Fail before training when ``train.select_metric`` is not a score that validation reports."""
+    known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
+    known += ["content_accuracy", "pointing_accuracy"] if val.shapes else []
+    if cfg.train.select_metric not in known:
+        raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not a validation score "
+                          f"for this data (choose from {', '.join(known)})")
+
+
+def _selection_score(scores: dict, cfg: Config) -> float:
+    """The validation score that picks ``best.pt``, drives the LR plateau and early stopping."""
+    return float(scores[cfg.train.select_metric])
 
 
 def _restore(state: dict, model: Captioner, optim, sched, path: Path) -> Progress:

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from caption.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from caption.config import Config, load_config
+from caption.config import Config, ConfigError, load_config
 from caption.prepare import prepare
 from caption.shapes import generate_shapes
 from caption.train import fit
@@ -138,3 +138,12 @@ def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and json.loads(out[-1])["images"] == 4
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
+
+
+def test_select_metric_picks_the_best_checkpoint_and_is_checked_first(shapes_dir, tmp_path):
+    with pytest.raises(ConfigError, match="train.select_metric: 'BLEU-9'.*content_accuracy"):
+        fit(tiny_config(shapes_dir, "train.select_metric=BLEU-9"), tmp_path / "bad", device="cpu", progress_bars=False)
+    assert not (tmp_path / "bad" / "last.pt").exists()  # refused before any training
+    cfg = tiny_config(shapes_dir, "train.select_metric=content_accuracy", "train.epochs=1")
+    result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    assert result.best_score == result.history[0]["val_content_accuracy"]
