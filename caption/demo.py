@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from caption.config import Config, load_config
+from caption.fileio import atomic_write_json
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
 RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
@@ -37,7 +38,8 @@ def train_once(cfg: Config, run_dir: Path, device: str | None) -> None:
     resume = (run_dir / "last.pt").is_file()
     print(("resuming" if resume else "training") + f" {cfg.name} into {run_dir} (a few minutes on 2 CPU cores)")
     result = fit(cfg, run_dir, resume=resume, device=device)
-    (run_dir / DONE).write_text(json.dumps({"epochs": result.epochs, f"best_val_{cfg.train.select_metric}": result.best_score}))
+    best = {f"best_val_{cfg.train.select_metric}": result.best_score}
+    atomic_write_json(run_dir / DONE, {"epochs": result.epochs, **best})
 
 
 def run_demo(run_dir: Path, *, device: str | None = None, n: int = 5000, seed: int = 0, examples: int = 4) -> dict:

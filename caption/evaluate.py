@@ -88,9 +88,9 @@ def score_results(
             warnings.simplefilter("ignore", UserWarning)
         scores = coco_scores(captions, references, java=java)
     if shapes:
-        from caption.shapes import shapes_accuracy
+        from caption.shapes import ACCURACY_KEYS, shapes_accuracy
 
         triples = {i: (r.caption, r.words, r.alphas.numpy()) for i, r in results.items() if i in shapes}
         acc = shapes_accuracy(triples, shapes, image_size)
-        scores.update(content_accuracy=acc["content_accuracy"], pointing_accuracy=acc["pointing_accuracy"])
+        scores.update({key: acc[key] for key in ACCURACY_KEYS})
     return Evaluation(scores, captions, results)

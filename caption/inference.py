@@ -30,7 +30,6 @@ from caption.vocab import Vocabulary
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see README
 SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"  # from google-coral/test_data, Apache-2.0
-DEFAULT_CHECKPOINT = DEMO_RUN_DIR  # where `caption demo` trains
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
 
@@ -38,7 +37,7 @@ ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file pa
 def default_checkpoint() -> Path:
     """The checkpoint used when none is given (the one place that decides it): the model shipped in
     the package (Flickr8k, EfficientNet-Lite0 features), else the demo run."""
-    return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else DEFAULT_CHECKPOINT
+    return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else DEMO_RUN_DIR
 
 
 def resolve_device(device: str | torch.device | None) -> torch.device:

@@ -68,6 +68,7 @@ _PHRASES = (  # token sequences naming a relation, longest first
     (("left", "of"), "left of"), (("right", "of"), "right of"),
     (("above",), "above"), (("below",), "below"), (("under",), "below"),
 )
+ACCURACY_KEYS = ("content_accuracy", "pointing_accuracy")  # the scores evaluation adds on this world
 _DOMINANCE = 1.5  # generated layouts: along-axis centre offset >= 1.5x the across-axis offset
 _FORMAT_VERSION = 1
 

@@ -36,6 +36,7 @@ from caption.metrics import METRIC_KEYS
 from caption.model import Captioner, build_model
 from caption.data import load_split
 from caption.pipeline import SplitData, build_vocab, load_training_data
+from caption.shapes import ACCURACY_KEYS
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.train")
@@ -237,7 +238,8 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
         model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
         loss = train_one_epoch(model, ddp_model, data.train, optim, cfg, progress, dist, dev, on_step, save)
         scores = validate(model, vocab, data.val, cfg, dev) if dist.is_main else {}
-        score = dist.broadcast_float(_selection_score(scores, cfg) if dist.is_main else 0.0)
+        # the val score that picks best.pt, drives the LR plateau and early stopping
+        score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
         sched.step(score)
         improved = score > progress.best_score
         progress.best_score, progress.bad_epochs = (score, 0) if improved else (progress.best_score, progress.bad_epochs + 1)
@@ -259,15 +261,10 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
 def _check_select_metric(cfg: Config, val: SplitData) -> None:
     """Fail before training when ``train.select_metric`` is not a score that validation reports."""
     known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
-    known += ["content_accuracy", "pointing_accuracy"] if val.shapes else []
+    known += list(ACCURACY_KEYS) if val.shapes else []
     if cfg.train.select_metric not in known:
         raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not a validation score "
                           f"for this data (choose from {', '.join(known)})")
-
-
-def _selection_score(scores: dict, cfg: Config) -> float:
-    """The validation score that picks ``best.pt``, drives the LR plateau and early stopping."""
-    return float(scores[cfg.train.select_metric])
 
 
 def _restore(state: dict, model: Captioner, optim, sched, path: Path) -> Progress:
