@@ -39,6 +39,7 @@ class DataConfig:
     max_caption_len: int = 50  # longer training captions are truncated (in words)
     cache_dir: str = ""  # feature cache folder; "" means <run dir>/cache
     num_workers: int = 0
+    keep_images: bool = False  # decode each training image once and keep it (uint8) in RAM (each DataLoader worker keeps its own, for one epoch)
 
 
 @dataclass(frozen=True)

@@ -155,11 +155,11 @@ class _SkipsBadImages:
             self._bad_paths.add(key)
             log.warning("skipping unreadable image %s", reason)
 
-    def _load(self, path: Path, transform) -> torch.Tensor | None:
+    def _load(self, path: Path, transform, pixels: bool = False) -> torch.Tensor | None:
         if str(path) in self._bad_paths:
             return None
         try:
-            return preprocess(path, transform)
+            return preprocess(path, transform, pixels=pixels)
         except ImageError as err:
             self._mark_bad(path, str(err))
             return None
@@ -170,10 +170,12 @@ class CaptionDataset(_SkipsBadImages, Dataset):
 
     Give exactly one of ``transform`` (items hold the transformed image, (3, S, S)) or ``features``
     (a FeatureStore built from the same records, items hold its (L, D) float32 grid).
+    ``keep_images`` decodes each image once and keeps its uint8 pixels (``transform.pixels``), so
+    later epochs only normalise them. Captions are tokenised once, on first use.
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary, *, transform=None, features=None,
-                 max_len: int = 50):
+                 max_len: int = 50, keep_images: bool = False):
         if (transform is None) == (features is None):
             raise ValueError("CaptionDataset needs exactly one of transform= or features=")
         if features is not None:
@@ -186,6 +188,8 @@ class CaptionDataset(_SkipsBadImages, Dataset):
         self.features = features
         self.max_len = max_len
         self.pairs = [(i, j) for i, r in enumerate(self.records) for j in range(len(r.captions))]
+        self._ids: list[torch.Tensor | None] = [None] * len(self.pairs)  # encoded captions, filled on first use
+        self._pixels: dict[int, torch.Tensor] | None = {} if keep_images and transform is not None else None
         self._init_skips()
 
     def __len__(self) -> int:
@@ -193,8 +197,15 @@ class CaptionDataset(_SkipsBadImages, Dataset):
 
     def _inputs(self, index: int) -> torch.Tensor | None:
         record = self.records[index]
-        if self.features is None:
+        if self.features is None and self._pixels is None:
             return self._load(record.path, self.transform)
+        if self.features is None:
+            if index not in self._pixels:
+                pixels = self._load(record.path, self.transform, pixels=True)  # (3, S, S) uint8
+                if pixels is None:
+                    return None
+                self._pixels[index] = pixels
+            return self.transform.normalize(self._pixels[index])
         if record.image_id in getattr(self.features, "bad", ()):
             self._mark_bad(record.path, f"{record.path}: unreadable when the feature cache was built")
             return None
@@ -205,8 +216,10 @@ class CaptionDataset(_SkipsBadImages, Dataset):
         inputs = self._inputs(index)
         if inputs is None:
             return None
-        ids = self.vocab.encode(self.records[index].captions[j], max_len=self.max_len)
-        return CaptionItem(inputs, torch.tensor(ids, dtype=torch.long), index)
+        if self._ids[i] is None:  # nltk tokenisation costs ~0.1 ms a caption: once, not once per epoch
+            ids = self.vocab.encode(self.records[index].captions[j], max_len=self.max_len)
+            self._ids[i] = torch.tensor(ids, dtype=torch.long)
+        return CaptionItem(inputs, self._ids[i], index)
 
 
 class ImageDataset(_SkipsBadImages, Dataset):

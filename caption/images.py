@@ -137,12 +137,19 @@ class ImageTransform:
         self.max_side = 4 * self.image_size
 
     def __call__(self, image: Image.Image) -> torch.Tensor:
+        return self.normalize(self.pixels(image))
+
+    def pixels(self, image: Image.Image) -> torch.Tensor:
+        """The resized image as uint8 (3, S, S): 4x smaller than the model input, for keeping in RAM."""
         size = (self.image_size, self.image_size)
         image = to_rgb(image)
         if image.size != size:
             image = image.resize(size, Image.Resampling.BILINEAR)  # Pillow always antialiases
-        tensor = TF.to_tensor(image)  # (3, S, S) in [0, 1]
-        return TF.normalize(tensor, self.mean, self.std)
+        return TF.pil_to_tensor(image)  # (3, S, S) uint8
+
+    def normalize(self, pixels: torch.Tensor) -> torch.Tensor:
+        """uint8 (3, S, S) from ``pixels`` -> the model input, float32 (3, S, S)."""
+        return TF.normalize(pixels.float().div_(255), self.mean, self.std)
 
     def __repr__(self) -> str:
         return f"ImageTransform(image_size={self.image_size}, mean={self.mean}, std={self.std})"
@@ -153,9 +160,13 @@ def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float]
     return ImageTransform(image_size, mean, std)
 
 
-def preprocess(path: str | Path, transform) -> torch.Tensor:
-    """Load a file and apply the model transform: the one path used by training and inference."""
-    return transform(load_image(path, max_side=getattr(transform, "max_side", None)))
+def preprocess(path: str | Path, transform, *, pixels: bool = False) -> torch.Tensor:
+    """Load a file and apply the model transform: the one path used by training and inference.
+
+    ``pixels=True`` stops before normalisation (``ImageTransform.pixels``: uint8 (3, S, S)).
+    """
+    image = load_image(path, max_side=getattr(transform, "max_side", None))
+    return transform.pixels(image) if pixels else transform(image)
 
 
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:

@@ -90,7 +90,8 @@ def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Mod
     if uses_cache(cfg):
         features = _cached(cfg, split, records, encoder, transform, run_dir, device, dist, progress)
     dataset = CaptionDataset(records, vocab, transform=None if features is not None else transform,
-                             features=features, max_len=cfg.data.max_caption_len)
+                             features=features, max_len=cfg.data.max_caption_len,
+                             keep_images=cfg.data.keep_images)
     shapes, size = shapes_annotations(cfg, split)
     return SplitData(records, dataset, features, transform, shapes, size)
 

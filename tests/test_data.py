@@ -16,6 +16,7 @@ from caption.data import (
     CaptionDataset, ImageDataset, ImageRecord, collate_captions, collate_images, load_coco, load_karpathy,
     load_split,
 )
+from caption import data as data_module
 from caption.images import image_transform
 from caption.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 
@@ -142,6 +143,24 @@ def test_caption_dataset_with_transform(coco_files):
     assert item.caption[0] == START_ID and item.caption[-1] == END_ID and len(item.caption) == 5  # truncated
     with pytest.raises(ValueError, match="exactly one"):
         CaptionDataset(records, vocab)
+
+
+def test_keep_images_decodes_each_image_once_and_gives_the_same_items(coco_files, monkeypatch):
+    """data.keep_images: same tensors as decoding every time; each file read once, each caption tokenised once."""
+    records = load_coco(*coco_files)
+    transform = image_transform(16, (0.5, 0.4, 0.3), (0.2, 0.25, 0.3))
+    plain = CaptionDataset(records, _vocab(), transform=transform)
+    kept = CaptionDataset(records, _vocab(), transform=transform, keep_images=True)
+    reads, encodes = [], []
+    real_preprocess, real_encode = data_module.preprocess, Vocabulary.encode
+    monkeypatch.setattr(data_module, "preprocess", lambda path, *a, **k: reads.append(path) or real_preprocess(path, *a, **k))
+    monkeypatch.setattr(Vocabulary, "encode", lambda self, *a, **k: encodes.append(a) or real_encode(self, *a, **k))
+    for _ in range(2):  # two epochs
+        for i in range(len(kept)):
+            a, b = plain[i], kept[i]
+            assert torch.equal(a.inputs, b.inputs) and torch.equal(a.caption, b.caption)
+    assert len(reads) == 2 * len(plain) + len(records)  # plain: every item, both epochs; kept: once per image
+    assert len(encodes) == len(plain) * 2  # once per caption in each dataset, not once per epoch
 
 
 def test_caption_dataset_with_features(coco_files):

@@ -29,10 +29,15 @@ def test_forward_equals_manual_step_loop(name, extra):
     for t in range(caps.shape[1] - 1):
         step = decoder.step(caps[:, t], state, memory)
         state = step.state
-        torch.testing.assert_close(out.logits[:, t], step.logits)
-        torch.testing.assert_close(out.alphas[:, t], step.alpha)
+        real = out.mask[:, t]  # captions that still have word t (rows 0 and 1 end early)
+        torch.testing.assert_close(out.logits[real, t], step.logits[real])
+        torch.testing.assert_close(out.alphas[real, t], step.alpha[real])
     assert out.logits.shape == (3, 7, 20) and out.alphas.shape == (3, 7, 9)
     assert out.mask.tolist()[1] == [True, True, True, False, False, False, False]
+    # finished captions run no further words: nothing at their padded positions
+    assert not out.logits[~out.mask].any() and not out.alphas[~out.mask].any()
+    with pytest.raises(ValueError, match="at least one word"):
+        decoder(feats, torch.full((3, 4), PAD_ID).index_fill_(1, torch.tensor([0]), START_ID))
 
 
 def test_gradients_equal_manual_step_loop():

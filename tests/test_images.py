@@ -8,6 +8,7 @@ import zlib
 import numpy as np
 import pytest
 import torch
+import torchvision.transforms.functional as TF
 from PIL import Image, JpegImagePlugin
 
 from caption.images import (
@@ -170,6 +171,12 @@ def test_transform_resizes_whole_image_and_normalises(tmp_path):
     image.save(tmp_path / "wide.png")  # smaller than transform.max_side: loaded as is
     assert torch.equal(preprocess(tmp_path / "wide.png", transform), x)
     assert transform(Image.new("L", (5, 5), 255)).shape == (3, 12, 12)  # any mode accepted
+    pixels = preprocess(tmp_path / "wide.png", transform, pixels=True)  # what data.keep_images keeps
+    assert pixels.dtype == torch.uint8 and pixels.shape == (3, 12, 12)
+    assert torch.equal(transform.normalize(pixels), x)
+    # the same numbers as torchvision's ToTensor + Normalize
+    expected = TF.normalize(TF.to_tensor(image.resize((12, 12), Image.Resampling.BILINEAR)), (0.5,) * 3, (0.25,) * 3)
+    assert torch.equal(x, expected)
 
 
 def test_preprocess_matches_manual_pipeline(huge_jpeg):

@@ -196,8 +196,8 @@ class Memory:
     mask: torch.Tensor | None
     mean: torch.Tensor
 
-    def index(self, idx: torch.Tensor) -> "Memory":
-        """Memory of the images ``idx`` (B',) picks, e.g. to drop finished images."""
+    def index(self, idx: torch.Tensor | slice) -> "Memory":
+        """Memory of the images ``idx`` (B',) picks, e.g. to drop finished images (a slice gives views)."""
         mask = None if self.mask is None else self.mask[idx]
         return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx])
 

@@ -23,8 +23,8 @@ class DecoderState(NamedTuple):
     h: torch.Tensor  # (N, H)
     c: torch.Tensor  # (N, H)
 
-    def index(self, idx: torch.Tensor) -> "DecoderState":
-        """Rows ``idx`` of the state (beam reordering)."""
+    def index(self, idx: torch.Tensor | slice) -> "DecoderState":
+        """Rows ``idx`` of the state (beam reordering; a slice gives views)."""
         return DecoderState(self.h[idx], self.c[idx])
 
 
@@ -131,21 +131,37 @@ class AttentionDecoder(nn.Module):
     def forward(
         self, features: torch.Tensor, captions: torch.Tensor, feature_mask: torch.Tensor | None = None
     ) -> DecoderOutput:
-        """Teacher forcing: captions (B, T+1) = <start> w1 .. <end> <pad>..; padding is masked.
+        """Teacher forcing: captions (B, T+1) = <start> w1 .. <end> <pad>..; padding trails.
 
-        Rows are never sorted; every word runs on the whole batch and padded positions are
-        excluded from the loss by ``mask``. Same result as calling ``step`` T times.
+        Same result as calling ``step`` T times on the real (unpadded) words. A word runs only
+        for the captions that still have it: internally the rows are ordered longest first, so
+        those are a prefix of the batch, and the outputs come back in the caller's order, with
+        zero logits and zero attention at padded positions (which ``mask`` excludes anyway).
         """
-        memory = self.prepare(features, feature_mask)
-        state = self.init_state(memory)
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T)
-        words = self.word_input(inputs)  # (B, T, E), (B, T, 4H): all words at once
+        mask = targets != PAD_ID  # (B, T)
+        (B, T), V = targets.shape, self.vocab_size
+        order = mask.sum(1).argsort(descending=True, stable=True)  # (B,), longest caption first
+        memory = self.prepare(features[order], None if feature_mask is None else feature_mask[order])
+        state = self.init_state(memory)
+        words = self.word_input(inputs[order])  # (B, T, E), (B, T, 4H): all words at once
+        running = [n for n in mask[order].sum(0).tolist() if n > 0]  # rows that still have word t, for each t
+        if not running:
+            raise ValueError("teacher forcing needs at least one word to predict (captions hold only <start>/<pad>)")
         rec = DeferredLinear(self.lstm_rec.weight)  # one weight-gradient GEMM for all T words
         hs, contexts, alphas = [], [], []
-        for emb, gates in zip(words.emb.unbind(1), words.gates.unbind(1)):
-            state, context, alpha = self._advance(WordInput(emb, gates), state, memory, rec)
+        # unbind, then slice each word: indexing [:n, t] would zero-fill a (B, T, 4H) gradient per word
+        for n, emb, gates in zip(running, words.emb.unbind(1), words.gates.unbind(1)):
+            if n < len(state.h):  # captions that ended drop out of the batch
+                state, memory = state.index(slice(0, n)), memory.index(slice(0, n))
+            state, context, alpha = self._advance(WordInput(emb[:n], gates[:n]), state, memory, rec)
             hs.append(state.h)
             contexts.append(context)
             alphas.append(alpha)
-        logits = self.readout(words.emb, torch.stack(hs, 1), torch.stack(contexts, 1))  # (B, T, V)
-        return DecoderOutput(logits, torch.stack(alphas, 1), targets, targets != PAD_ID)  # alphas (B, T, L)
+        rows = torch.cat([torch.arange(n) for n in running]).to(captions.device)  # (N,) real words, time-major
+        cols = torch.cat([torch.full((n,), t) for t, n in enumerate(running)]).to(captions.device)  # (N,)
+        packed = self.readout(words.emb[rows, cols], torch.cat(hs), torch.cat(contexts))  # (N, V)
+        logits = packed.new_zeros(B, T, V).index_put((order[rows], cols), packed)  # (B, T, V)
+        alpha = torch.cat(alphas)  # (N, L)
+        alphas_out = alpha.new_zeros(B, T, alpha.shape[1]).index_put((order[rows], cols), alpha)  # (B, T, L)
+        return DecoderOutput(logits, alphas_out, targets, mask)
