@@ -197,19 +197,23 @@ class CaptionDataset(_SkipsBadImages, Dataset):
 
     def _inputs(self, index: int) -> torch.Tensor | None:
         record = self.records[index]
-        if self.features is None and self._pixels is None:
-            return self._load(record.path, self.transform)
         if self.features is None:
-            if index not in self._pixels:
-                pixels = self._load(record.path, self.transform, pixels=True)  # (3, S, S) uint8
-                if pixels is None:
-                    return None
-                self._pixels[index] = pixels
-            return self.transform.normalize(self._pixels[index])
+            return self._image(index, record.path)
         if record.image_id in getattr(self.features, "bad", ()):
             self._mark_bad(record.path, f"{record.path}: unreadable when the feature cache was built")
             return None
         return self.features[index]
+
+    def _image(self, index: int, path: Path) -> torch.Tensor | None:
+        """The transformed image; with ``keep_images`` decoded once and normalised from uint8."""
+        if self._pixels is None:
+            return self._load(path, self.transform)
+        if index not in self._pixels:
+            pixels = self._load(path, self.transform, pixels=True)  # (3, S, S) uint8
+            if pixels is None:
+                return None
+            self._pixels[index] = pixels
+        return self.transform.normalize(self._pixels[index])
 
     def __getitem__(self, i: int) -> CaptionItem | None:
         index, j = self.pairs[i]

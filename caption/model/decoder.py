@@ -158,8 +158,7 @@ class AttentionDecoder(nn.Module):
             hs.append(state.h)
             contexts.append(context)
             alphas.append(alpha)
-        rows = torch.cat([torch.arange(n) for n in running]).to(captions.device)  # (N,) real words, time-major
-        cols = torch.cat([torch.full((n,), t) for t, n in enumerate(running)]).to(captions.device)  # (N,)
+        cols, rows = mask[order].t().nonzero(as_tuple=True)  # (N,) each: real words, time-major like hs
         packed = self.readout(words.emb[rows, cols], torch.cat(hs), torch.cat(contexts))  # (N, V)
         logits = packed.new_zeros(B, T, V).index_put((order[rows], cols), packed)  # (B, T, V)
         alpha = torch.cat(alphas)  # (N, L)
