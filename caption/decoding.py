@@ -113,26 +113,29 @@ def greedy_search(decoder: nn.Module, features: torch.Tensor, options: DecodingO
 
 
 def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOptions, mask=None) -> list[_Hyp]:
-    """Batched beam search: B images x K beams in one (B*K)-row batch; the best per image."""
+    """Batched beam search: B images x K beams in one (B*K)-row batch; the best per image.
+
+    Before the first word all K beams of an image would be the same, so the first step runs one
+    row per image (R = 1) and its top K words start the K beams (R = K from then on).
+    """
     B, K, device = features.shape[0], options.beam_size, features.device
-    memory = decoder.prepare(features, mask)  # keys once per image, shared by its K beams
-    state = decoder.init_state(memory, beams=K)  # (B*K, H)
-    scores = torch.full((B, K), float("-inf"), device=device)
-    scores[:, 0] = 0.0  # only the first beam is live before the first word
-    prev = torch.full((B * K,), START_ID, dtype=torch.long, device=device)
-    tokens = torch.empty((B * K, 0), dtype=torch.long, device=device)
-    alphas = torch.empty((B * K, 0, memory.values.shape[1]), device=device)
+    memory = decoder.prepare(features, mask)  # keys once per image, shared by its beams
+    state = decoder.init_state(memory)  # (B*R, H) with R = 1 row per image
+    scores = torch.zeros((B, 1), device=device)  # (B, R)
+    prev = torch.full((B,), START_ID, dtype=torch.long, device=device)
+    tokens = torch.empty((B, 0), dtype=torch.long, device=device)  # (B*R, t)
+    alphas = torch.empty((B, 0, memory.values.shape[1]), device=device)  # (B*R, t, L)
     finished: list[list[_Hyp]] = [[] for _ in range(B)]
     best_finished = torch.full((B,), float("-inf"), device=device)
     for t in range(options.max_len):
         out = decoder.step(prev, state, memory)
-        logp = _log_probs(out.logits, t, options)  # (B*K, V)
-        V = logp.shape[1]
-        cand = (scores.unsqueeze(-1) + logp.view(B, K, V)).view(B, K * V)  # (B, K*V)
-        top, idx = cand.topk(min(2 * K, K * V), dim=1)  # (B, C)
-        origin, word = idx // V, idx % V  # floor division: beam of origin, next word
-        rows = torch.arange(B, device=device).unsqueeze(1) * K + origin  # (B, C) rows of B*K
-        new_alpha = out.alpha.to(alphas.dtype)  # (B*K, L)
+        logp = _log_probs(out.logits, t, options)  # (B*R, V)
+        (R, V) = scores.shape[1], logp.shape[1]
+        cand = (scores.unsqueeze(-1) + logp.view(B, R, V)).view(B, R * V)  # (B, R*V)
+        top, idx = cand.topk(min(2 * K, R * V), dim=1)  # (B, C)
+        origin, word = idx // V, idx % V  # floor division: row of origin, next word
+        rows = torch.arange(B, device=device).unsqueeze(1) * R + origin  # (B, C) rows of B*R
+        new_alpha = out.alpha.to(alphas.dtype)  # (B*R, L)
         is_end = word == END_ID
         rank = torch.arange(top.shape[1], device=device)
         fin = is_end & (rank < K) & torch.isfinite(top)  # (B, C)
@@ -144,7 +147,7 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOpt
             norm = _normalised(float(top[b, j]), len(seq), options.length_penalty)
             best_finished[b] = max(float(best_finished[b]), norm)
         keep = torch.argsort(is_end.long() * top.shape[1] + rank, dim=1)[:, :K]  # (B, K) best non-<end>
-        scores = top.gather(1, keep)  # (B, K)
+        scores = top.gather(1, keep)  # (B, K): R = K rows per image from now on
         sel = rows.gather(1, keep).view(-1)  # (B*K,)
         prev = word.gather(1, keep).view(-1)  # (B*K,)
         tokens = torch.cat([tokens[sel], prev.unsqueeze(1)], 1)  # (B*K, t+1)
@@ -154,7 +157,8 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOpt
         bound = scores.max(1).values / options.max_len**options.length_penalty  # (B,)
         if bool((best_finished >= bound).all()):
             break
-    return [_best(finished[b], scores[b], tokens[b * K : (b + 1) * K], alphas[b * K : (b + 1) * K], options)
+    R = scores.shape[1]  # K, or fewer when the vocabulary has fewer than K words
+    return [_best(finished[b], scores[b], tokens[b * R : (b + 1) * R], alphas[b * R : (b + 1) * R], options)
             for b in range(B)]
 
 

@@ -28,8 +28,7 @@ def caption_loss(
     parallel training divides by the global batch so that gradients match one process).
     """
     mask = out.mask  # (B, T)
-    targets = out.targets.masked_fill(~mask, -100)  # (B, T), padding ignored
-    xent_sum = F.cross_entropy(out.logits.flatten(0, 1).float(), targets.flatten(), ignore_index=-100, reduction="sum")
+    xent_sum = F.cross_entropy(out.word_logits.float(), out.targets[mask], reduction="sum")  # real words only
     coverage = (out.alphas.float() * mask.unsqueeze(-1)).sum(dim=1)  # (B, L)
     penalty_sum = alpha_c * ((1.0 - coverage) ** 2).sum()
     xent = xent_sum / (mask.sum() if token_count is None else token_count)

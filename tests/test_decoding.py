@@ -66,6 +66,36 @@ def test_beam_larger_than_vocabulary():
     assert len(results) == 3 and all(len(r.tokens) >= 1 for r in results)
 
 
+def _exhaustive_best(decoder, feats, words, max_len):
+    """Best log-probability over every caption of at most max_len tokens, by brute force."""
+    import itertools
+
+    best = (float("-inf"), None)
+    with torch.no_grad():
+        memory = decoder.prepare(feats)
+        for n in range(1, max_len + 1):
+            for body in itertools.product(words, repeat=n - 1):
+                for last in ([END_ID] + list(words)) if n == max_len else [END_ID]:
+                    seq, state, prev, total = list(body) + [last], decoder.init_state(memory), START_ID, 0.0
+                    for w in seq:
+                        out = decoder.step(torch.tensor([prev]), state, memory)
+                        total += float(torch.log_softmax(out.logits, -1)[0, w])
+                        state, prev = out.state, w
+                    best = max(best, (total, seq))
+    return best
+
+
+def test_wide_beam_finds_the_exact_best_caption():
+    """With K >= every live prefix, beam search is exhaustive: same caption as brute force."""
+    decoder = _random_decoder(vocab=7)  # 4 specials + words 4, 5, 6
+    feats = torch.randn(3, 9, 16)
+    results = decode(decoder, feats, DecodingOptions(beam_size=9, max_len=3))
+    for i, r in enumerate(results):
+        log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5, 6), max_len=3)
+        assert r.tokens == seq
+        assert r.log_prob == pytest.approx(log_prob, abs=1e-4)
+
+
 def test_grid_reshape_and_mode_restored():
     decoder = AttentionDecoder(20, 16, tiny_model_config()).train()
     feats = torch.randn(2, 6, 16)

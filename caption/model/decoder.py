@@ -35,10 +35,16 @@ class StepOutput(NamedTuple):
 
 
 class DecoderOutput(NamedTuple):
-    logits: torch.Tensor  # (B, T, V)
-    alphas: torch.Tensor  # (B, T, L)
+    word_logits: torch.Tensor  # (N, V), the real (non-padding) targets only, in ``targets[mask]`` order
+    alphas: torch.Tensor  # (B, T, L), zero at padding
     targets: torch.Tensor  # (B, T), the words to predict
     mask: torch.Tensor  # (B, T) bool, True on real (non-padding) targets
+
+    @property
+    def logits(self) -> torch.Tensor:
+        """(B, T, V) with zero logits at padding: for inspection; the loss reads ``word_logits``."""
+        (B, T), V = self.mask.shape, self.word_logits.shape[-1]
+        return self.word_logits.new_zeros(B, T, V).masked_scatter_(self.mask.unsqueeze(-1), self.word_logits)
 
 
 class WordInput(NamedTuple):
@@ -135,14 +141,18 @@ class AttentionDecoder(nn.Module):
 
         Same result as calling ``step`` T times on the real (unpadded) words. A word runs only
         for the captions that still have it: internally the rows are ordered longest first, so
-        those are a prefix of the batch, and the outputs come back in the caller's order, with
-        zero logits and zero attention at padded positions (which ``mask`` excludes anyway).
+        those are a prefix of the batch. Only the real words reach the output layer, and they
+        come back in the caller's order (``targets[mask]``); the attention maps come back as
+        (B, T, L) with zeros at padding.
         """
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T)
         mask = targets != PAD_ID  # (B, T)
-        (B, T), V = targets.shape, self.vocab_size
-        order = mask.sum(1).argsort(descending=True, stable=True)  # (B,), longest caption first
-        memory = self.prepare(features[order], None if feature_mask is None else feature_mask[order])
+        lengths = mask.sum(1)  # (B,)
+        order = lengths.argsort(descending=True, stable=True)  # (B,), longest caption first
+        if bool((lengths[1:] > lengths[:-1]).any()):  # already longest first: no copy of the features
+            features = features[order]
+            feature_mask = None if feature_mask is None else feature_mask[order]
+        memory = self.prepare(features, feature_mask)
         state = self.init_state(memory)
         words = self.word_input(inputs[order])  # (B, T, E), (B, T, 4H): all words at once
         running = [n for n in mask[order].sum(0).tolist() if n > 0]  # rows that still have word t, for each t
@@ -158,9 +168,12 @@ class AttentionDecoder(nn.Module):
             hs.append(state.h)
             contexts.append(context)
             alphas.append(alpha)
-        cols, rows = mask[order].t().nonzero(as_tuple=True)  # (N,) each: real words, time-major like hs
-        packed = self.readout(words.emb[rows, cols], torch.cat(hs), torch.cat(contexts))  # (N, V)
-        logits = packed.new_zeros(B, T, V).index_put((order[rows], cols), packed)  # (B, T, V)
-        alpha = torch.cat(alphas)  # (N, L)
-        alphas_out = alpha.new_zeros(B, T, alpha.shape[1]).index_put((order[rows], cols), alpha)  # (B, T, L)
-        return DecoderOutput(logits, alphas_out, targets, mask)
+        # word (b, t) sits at row offsets[t] + rank[b] of the time-major stacks, rank = sorted position
+        b, t = mask.nonzero(as_tuple=True)  # (N,) each, in targets[mask] order
+        rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))  # (B,)
+        offsets = torch.tensor([0] + running[:-1], device=order.device).cumsum(0)  # (T',)
+        src = offsets[t] + rank[b]  # (N,)
+        word_logits = self.readout(words.emb[rank[b], t], torch.cat(hs)[src], torch.cat(contexts)[src])  # (N, V)
+        alpha = torch.cat(alphas)[src]  # (N, L)
+        alphas_out = alpha.new_zeros(*mask.shape, alpha.shape[1]).index_put((b, t), alpha)  # (B, T, L)
+        return DecoderOutput(word_logits, alphas_out, targets, mask)
