@@ -73,7 +73,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     scores = evaluate_checkpoint(
         args.checkpoint or default_checkpoint(), split=args.split, captions=args.captions, images=args.images, beam=args.beam,
-        out_dir=args.out, device=args.device, java=None if not args.no_java else False,
+        length_penalty=args.length_penalty, out_dir=args.out, device=args.device, java=None if not args.no_java else False,
     )
     if args.json:
         print(json.dumps(scores))
@@ -131,6 +131,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--captions", help="any COCO-format captions file (instead of --split)")
     p.add_argument("--images", help="image folder for --captions")
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam_size)")
+    p.add_argument("--length-penalty", type=float, default=None, metavar="P",
+                   help="rank finished captions by log_prob / len**P (default: the run's decode.length_penalty)")
     p.add_argument("--out", help="where to write captions and scores (default: <run dir>/eval)")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     p.add_argument("--no-java", action="store_true", help="Python tokenizer, no METEOR")

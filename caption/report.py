@@ -17,11 +17,14 @@ from caption.shapes import load_shapes
 
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions: str | None = None,
-                        images: str | None = None, beam: int | None = None, out_dir: str | None = None,
+                        images: str | None = None, beam: int | None = None, length_penalty: float | None = None,
+                        out_dir: str | None = None,
                         device: str | None = None, java: bool | None = None, progress: bool = True) -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr, + shapes accuracies) and files in ``out_dir``.
 
-    Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json``.
+    ``beam`` and ``length_penalty`` default to the run's ``decode`` config. Writes
+    ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json``; the scores also
+    carry ``mean_words``, the mean caption length, since beam search favours short captions.
     """
     dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     loaded = load_checkpoint(checkpoint, dev)
@@ -35,13 +38,15 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions
         records, name = load_split(cfg.data, split), split
         shapes, size = shapes_annotations(cfg, split)
     options = DecodingOptions(beam_size=beam or cfg.decode.beam_size, max_len=cfg.decode.max_len,
-                              length_penalty=cfg.decode.length_penalty)
+                              length_penalty=cfg.decode.length_penalty if length_penalty is None else length_penalty)
     results = caption_records(loaded.model, loaded.vocab, records, options, transform=transform_for(cfg, loaded.model.encoder),
                               batch_size=32, device=dev, num_workers=cfg.data.num_workers, progress=progress)
     if not results:
         raise ValueError(f"none of the {len(records)} images could be read")
     evaluation = score_results(results, records, java=java, shapes=shapes, image_size=size)
-    scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size}
+    words = sum(len(caption.split()) for caption in evaluation.captions.values()) / len(results)
+    scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size,
+              "length_penalty": options.length_penalty, "mean_words": round(words, 2)}
     out = Path(out_dir) if out_dir else loaded.path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     write_results(evaluation.captions, out / f"captions_{name}.json")

@@ -137,6 +137,12 @@ def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
     code = main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "test", "--json", "--no-java"])
     out = capsys.readouterr().out.strip().splitlines()
     assert code == 0 and json.loads(out[-1])["images"] == 4
+    code = main(["evaluate", "--checkpoint", str(tmp_path / "run"), "--split", "test", "--json", "--no-java",
+                 "--beam", "2", "--length-penalty", "1.0", "--out", str(tmp_path / "lp")])
+    scores = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    written = json.loads((tmp_path / "lp" / "captions_test.json").read_text())
+    assert code == 0 and scores["length_penalty"] == 1.0 and scores["beam"] == 2
+    assert scores["mean_words"] == pytest.approx(sum(len(r["caption"].split()) for r in written) / len(written), abs=0.01)
     assert main(["evaluate", "--checkpoint", str(tmp_path / "nope")]) == 2
 
 
