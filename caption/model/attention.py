@@ -95,14 +95,12 @@ class _TanhScores(torch.autograd.Function):
         v4 = 4 * v
         step = _TanhScores._chunk(B, K, L, A)
         buf = keys.new_empty(min(step, B), K, L, A)
-        pre_buf = buf if K > 1 else None
         for i in range(0, B, step):
-            b = min(step, B - i)
-            s = _TanhScores._sigmoid(keys[i : i + step], query2[i : i + step], buf[:b])
+            s = _TanhScores._sigmoid(keys[i : i + step], query2[i : i + step], buf[: min(step, B - i)])
             g = grad[i : i + step]  # (b, K, L)
             g_v += 2 * (g.reshape(1, -1) @ s.view(-1, A)).view(-1) - g.sum()  # d/dv of v . (2s - 1)
             # dL/d(k + q) = g v (1 - tanh^2) = g 4v s (1 - s); with K == 1 it lands in g_keys directly
-            pre = s if pre_buf is not None else g_keys[i : i + step].unsqueeze(1)  # (b, K, L, A)
+            pre = s if K > 1 else g_keys[i : i + step].unsqueeze(1)  # (b, K, L, A)
             torch.addcmul(s, s, s, value=-1, out=pre).mul_(g.unsqueeze(-1)).mul_(v4)
             if K > 1:
                 torch.sum(pre, 1, out=g_keys[i : i + step])  # (b, L, A)

@@ -149,7 +149,7 @@ class AttentionDecoder(nn.Module):
         mask = targets != PAD_ID  # (B, T)
         lengths = mask.sum(1)  # (B,)
         order = lengths.argsort(descending=True, stable=True)  # (B,), longest caption first
-        if bool((lengths[1:] > lengths[:-1]).any()):  # already longest first: no copy of the features
+        if bool((lengths[1:] > lengths[:-1]).any()):  # reorder; a batch already longest first is not copied
             features = features[order]
             feature_mask = None if feature_mask is None else feature_mask[order]
         memory = self.prepare(features, feature_mask)
