@@ -147,7 +147,9 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOpt
             norm = _normalised(float(top[b, j]), len(seq), options.length_penalty)
             best_finished[b] = max(float(best_finished[b]), norm)
         keep = torch.argsort(is_end.long() * top.shape[1] + rank, dim=1)[:, :K]  # (B, K) best non-<end>
-        scores = top.gather(1, keep)  # (B, K): R = K rows per image from now on
+        # R = K rows per image from now on; an <end> kept for lack of other candidates (K above the
+        # vocabulary) has finished above, so its row goes on dead (-inf), never as a live beam
+        scores = top.gather(1, keep).masked_fill(is_end.gather(1, keep), float("-inf"))  # (B, K)
         sel = rows.gather(1, keep).view(-1)  # (B*K,)
         prev = word.gather(1, keep).view(-1)  # (B*K,)
         tokens = torch.cat([tokens[sel], prev.unsqueeze(1)], 1)  # (B*K, t+1)

@@ -66,11 +66,11 @@ def test_beam_larger_than_vocabulary():
     assert len(results) == 3 and all(len(r.tokens) >= 1 for r in results)
 
 
-def _exhaustive_best(decoder, feats, words, max_len):
-    """Best log-probability over every caption of at most max_len tokens, by brute force."""
+def _exhaustive_best(decoder, feats, words, max_len, length_penalty=0.0):
+    """Best caption of at most max_len tokens by log_prob / len**length_penalty, by brute force."""
     import itertools
 
-    best = (float("-inf"), None)
+    best = (float("-inf"), float("-inf"), None)  # (normalised score, log-probability, tokens)
     with torch.no_grad():
         memory = decoder.prepare(feats)
         for n in range(1, max_len + 1):
@@ -81,19 +81,31 @@ def _exhaustive_best(decoder, feats, words, max_len):
                         out = decoder.step(torch.tensor([prev]), state, memory)
                         total += float(torch.log_softmax(out.logits, -1)[0, w])
                         state, prev = out.state, w
-                    best = max(best, (total, seq))
+                    best = max(best, (total / n**length_penalty, total, seq))
     return best
 
 
-def test_wide_beam_finds_the_exact_best_caption():
-    """With K >= every live prefix, beam search is exhaustive: same caption as brute force."""
-    decoder = _random_decoder(vocab=7)  # 4 specials + words 4, 5, 6
-    feats = torch.randn(3, 9, 16)
-    results = decode(decoder, feats, DecodingOptions(beam_size=9, max_len=3))
-    for i, r in enumerate(results):
-        log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5, 6), max_len=3)
-        assert r.tokens == seq
-        assert r.log_prob == pytest.approx(log_prob, abs=1e-4)
+@pytest.mark.parametrize("length_penalty", [0.0, 1.0])
+def test_wide_beam_finds_the_exact_best_caption(length_penalty):
+    """With K >= every live prefix, beam search is exhaustive: same caption as brute force.
+
+    K exceeds the 3 real words, so some kept candidates are <end>: they must finish, never go on
+    as live beams (with a length penalty, "<end> <end>" would then beat "<end>"). A few
+    <end>-prone random decoders make that case common.
+    """
+    for seed in range(4):
+        torch.manual_seed(seed)
+        decoder = _random_decoder(vocab=7)  # 4 specials + words 4, 5, 6
+        with torch.no_grad():
+            decoder.out.bias[END_ID] += 1.0
+        feats = torch.randn(6, 9, 16)
+        results = decode(decoder, feats, DecodingOptions(beam_size=9, max_len=3, length_penalty=length_penalty))
+        for i, r in enumerate(results):
+            score, log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5, 6), 3, length_penalty)
+            assert END_ID not in r.tokens[:-1]
+            assert r.tokens == seq
+            assert r.log_prob == pytest.approx(log_prob, abs=1e-4)
+            assert r.score == pytest.approx(score, abs=1e-4)
 
 
 def test_grid_reshape_and_mode_restored():
