@@ -1,6 +1,6 @@
 """Decoder throughput at COCO shapes, encoder excluded; prints one JSON line.
 
-train: teacher-forced forward + backward + Adam step, B=32 captions of T=22 words (captions/s).
+train: teacher-forced forward + backward + AdamW step (as ``caption train``), B=32 captions of T=22 words (captions/s).
 beam:  batched beam search, 32 images per call, K=5, 20 steps forced (<end> suppressed)
        (images/s).
 Shapes: grid 14x14 (L=196), D=2048, V=9490, embed/hidden/attention 512.
@@ -21,6 +21,7 @@ from caption.config import ModelConfig
 from caption.decoding import DecodingOptions, beam_search
 from caption.losses import caption_loss
 from caption.model import AttentionDecoder
+from caption.train import adamw
 from caption.vocab import END_ID, START_ID
 
 
@@ -49,7 +50,7 @@ def main() -> None:
     hidden = D if args.attention == "dot" else 512
     cfg = ModelConfig(attention=args.attention, embed_dim=512, hidden_dim=hidden, attention_dim=512)
     decoder = AttentionDecoder(V, D, cfg)
-    optim = torch.optim.Adam(decoder.parameters(), lr=1e-4)
+    optim = adamw(decoder.parameters(), lr=1e-4)  # as training builds it
     features = torch.randn(B, L, D).relu()
     captions = torch.randint(4, V, (B, T + 1))
     captions[:, 0], captions[:, -1] = START_ID, END_ID

@@ -131,7 +131,7 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOpt
         out = decoder.step(prev, state, memory)
         logp = _log_probs(out.logits, t, options)  # (B*R, V)
         (R, V) = scores.shape[1], logp.shape[1]
-        cand = (scores.unsqueeze(-1) + logp.view(B, R, V)).view(B, R * V)  # (B, R*V)
+        cand = logp.view(B, R, V).add_(scores.unsqueeze(-1)).view(B, R * V)  # (B, R*V), in place
         top, idx = cand.topk(min(2 * K, R * V), dim=1)  # (B, C)
         origin, word = idx // V, idx % V  # floor division: row of origin, next word
         rows = torch.arange(B, device=device).unsqueeze(1) * R + origin  # (B, C) rows of B*R

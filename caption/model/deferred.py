@@ -10,7 +10,8 @@ GEMM with inner dimension B*T when the gradient reaches W. Same numbers, far les
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
+
+from caption.model.linear import linear, mm_t
 
 
 class _Gather(torch.autograd.Function):
@@ -30,7 +31,7 @@ class _Gather(torch.autograd.Function):
         inputs = torch.cat([x for _, x in records])  # (T*B, in)
         records.clear()
         # in fp32 even under autocast: one GEMM with inner dimension T*B
-        return (grads.float().t() @ inputs.float()).to(ctx.dtype), None  # (out, in)
+        return mm_t(grads.float().t(), inputs.float().t()).to(ctx.dtype), None  # (out, in)
 
 
 class _Apply(torch.autograd.Function):
@@ -40,13 +41,13 @@ class _Apply(torch.autograd.Function):
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, records: list) -> torch.Tensor:
         ctx.save_for_backward(x, weight)
         ctx.records = records
-        return x @ weight.t()
+        return mm_t(x, weight)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):
         x, weight = ctx.saved_tensors
         ctx.records.append((grad, x))
-        return (grad @ weight.to(grad.dtype)).to(x.dtype), None, None  # autocast-safe
+        return mm_t(grad, weight.to(grad.dtype).t()).to(x.dtype), None, None  # g W; autocast-safe
 
 
 class DeferredLinear:
@@ -60,5 +61,5 @@ class DeferredLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if not self.deferred:
-            return F.linear(x, self.weight)
+            return linear(x, self.weight)
         return _Apply.apply(x, self._alias, self._records)

@@ -1,0 +1,88 @@
+"""fp32 linear maps on CPU through oneDNN, with the same numbers as ``F.linear``.
+
+PyTorch sends a CPU fp32 ``F.linear`` to MKL's sgemm. At the decoder's shapes (a few dozen
+rows per word against a 2560 x 2048 LSTM weight, or 160 beam rows against the 512 x 9490 output
+layer) MKL reaches about half of the machine's peak on the AMD EPYC we measure on, while oneDNN,
+which PyTorch also ships, runs the same product near peak (``benchmarks/decoder.py``). ``linear``
+sends CPU fp32 products to oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``, the
+one TorchInductor uses) and everything else (CUDA, bf16/fp16, autocast, a build without
+oneDNN) to ``F.linear``. The op has no autograd formula, so ``_OneDNNLinear`` gives it one,
+again through oneDNN: dx = g W and dW = g^T x.
+
+``mm_t(x, w)`` is the bare ``x @ w.T`` for the custom autograd code in ``deferred``.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@functools.lru_cache(maxsize=1)
+def onednn_available() -> bool:
+    """True when this PyTorch build runs oneDNN's fp32 linear op and it agrees with ``F.linear``."""
+    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
+    if op is None or not torch.backends.mkldnn.is_available():
+        return False
+    try:
+        gen = torch.Generator().manual_seed(0)
+        x, w, b = (torch.randn(*shape, generator=gen) for shape in ((5, 7), (3, 7), (3,)))
+        return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5))
+    except (RuntimeError, TypeError):  # the op's schema changed: use F.linear
+        return False
+
+
+def _use_onednn(*tensors: torch.Tensor | None) -> bool:
+    real = [t for t in tensors if t is not None]
+    return (
+        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in real)
+        and not torch.is_autocast_enabled("cpu")
+        and onednn_available()
+    )
+
+
+def _mm_t(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
+    """x (M, in) @ w (out, in)^T + b through oneDNN; strided views of x and w are read in place."""
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
+def mm_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """x (M, in) @ w (out, in)^T -> (M, out), no autograd; oneDNN where it applies."""
+    return _mm_t(x, w) if x.numel() and _use_onednn(x, w) else x @ w.t()
+
+
+class _OneDNNLinear(torch.autograd.Function):
+    """F.linear on 2-D input whose forward and backward products run in oneDNN."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.has_bias = bias is not None
+        return _mm_t(x, weight, bias)  # (M, out)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad
+        grad_x = _mm_t(grad, weight.t()) if need_x else None  # (M, in) = g W
+        grad_w = _mm_t(grad.t(), x.t()) if need_w else None  # (out, in) = g^T x
+        grad_b = grad.sum(0) if need_b and ctx.has_bias else None  # (out,)
+        return grad_x, grad_w, grad_b
+
+
+def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear(x, weight, bias)``: x (..., in) -> (..., out), through oneDNN for CPU fp32."""
+    if x.numel() == 0 or not _use_onednn(x, weight, bias):
+        return F.linear(x, weight, bias)
+    out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, out)
+    return out.view(*x.shape[:-1], weight.shape[0])  # (..., out)
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters and state dict) whose forward is ``linear``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return linear(x, self.weight, self.bias)

@@ -1,0 +1,107 @@
+"""oneDNN-backed linear maps: same numbers and gradients as F.linear, F.linear wherever they do not apply."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import caption.model.linear as lin
+from caption.model.deferred import DeferredLinear
+from caption.train import adamw
+
+
+def _grads(fn, *tensors):
+    for t in tensors:
+        t.grad = None
+    out = fn()
+    out.backward(torch.randn_like(out, generator=torch.Generator().manual_seed(1)))
+    return out.detach(), [t.grad.clone() for t in tensors]
+
+
+@pytest.mark.parametrize("shape", [(6, 10), (2, 3, 10), (0, 10)])
+@pytest.mark.parametrize("bias", [True, False])
+def test_linear_matches_f_linear_values_and_gradients(shape, bias):
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(*shape, generator=gen, requires_grad=True)
+    w = torch.randn(7, 10, generator=gen, requires_grad=True)
+    b = torch.randn(7, generator=gen, requires_grad=True) if bias else None
+    leaves = [x, w] + ([b] if bias else [])
+    out, grads = _grads(lambda: lin.linear(x, w, b), *leaves)
+    ref, ref_grads = _grads(lambda: F.linear(x, w, b), *leaves)
+    assert out.shape == (*shape[:-1], 7)
+    torch.testing.assert_close(out, ref)
+    for g, r in zip(grads, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_strided_weight_slices_and_frozen_inputs():
+    """The concat scorer multiplies by column slices of one weight; frozen inputs get no gradient."""
+    w = torch.randn(5, 12, requires_grad=True)
+    x = torch.randn(4, 8)  # no gradient wanted
+    out, (gw,) = _grads(lambda: lin.linear(x, w[:, :8]) + lin.linear(torch.ones(4, 4), w[:, 8:]), w)
+    ref, (rw,) = _grads(lambda: x @ w[:, :8].t() + torch.ones(4, 4) @ w[:, 8:].t(), w)
+    torch.testing.assert_close(out, ref)
+    torch.testing.assert_close(gw, rw)
+    assert x.grad is None
+
+
+def test_onednn_runs_cpu_fp32_and_nothing_else(monkeypatch):
+    calls = []
+    original = lin._mm_t
+    monkeypatch.setattr(lin, "_mm_t", lambda *a: calls.append(a[0].dtype) or original(*a))
+    layer = lin.Linear(10, 3)
+    layer(torch.randn(2, 10))
+    assert calls == ([torch.float32] if lin.onednn_available() else [])
+    calls.clear()
+    layer.double()(torch.randn(2, 10, dtype=torch.float64))  # not fp32: F.linear
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert lin.Linear(10, 3)(torch.randn(2, 10)).dtype == torch.bfloat16  # autocast: F.linear, in bf16
+    assert calls == []
+
+
+def test_fallback_without_onednn_gives_the_same_numbers(monkeypatch):
+    x, w = torch.randn(3, 6), torch.randn(4, 6)
+    fast = lin.linear(x, w)
+    monkeypatch.setattr(lin, "onednn_available", lambda: False)
+    torch.testing.assert_close(lin.linear(x, w), fast)
+    torch.testing.assert_close(lin.mm_t(x, w), x @ w.t())
+
+
+def test_linear_module_is_a_drop_in_for_nn_linear():
+    """Same parameters and state dict: checkpoints saved with nn.Linear load unchanged."""
+    ref = nn.Linear(6, 4)
+    layer = lin.Linear(6, 4)
+    layer.load_state_dict(ref.state_dict())
+    x = torch.randn(5, 6)
+    torch.testing.assert_close(layer(x), ref(x))
+
+
+def test_deferred_linear_gradients_match_autograd():
+    w = torch.randn(6, 5, requires_grad=True)
+    xs = [torch.randn(3, 5, requires_grad=True) for _ in range(4)]
+
+    def run(apply):
+        return torch.stack([apply(x) for x in xs]).tanh().sum()
+
+    rec = DeferredLinear(w)
+    _, grads = _grads(lambda: run(rec), w, *xs)
+    _, ref = _grads(lambda: run(lambda x: x @ w.t()), w, *xs)
+    for g, r in zip(grads, ref):
+        torch.testing.assert_close(g, r)
+
+
+def test_adamw_is_fused_on_cpu_and_steps_like_the_default():
+    torch.manual_seed(0)
+    a, b = nn.Linear(8, 3), nn.Linear(8, 3)
+    b.load_state_dict(a.state_dict())
+    fused = adamw(a.parameters(), lr=0.1, weight_decay=0.01)
+    plain = torch.optim.AdamW(b.parameters(), lr=0.1, weight_decay=0.01)
+    assert fused.defaults["fused"] is True
+    for _ in range(3):
+        x = torch.randn(4, 8)
+        for model, optim in ((a, fused), (b, plain)):
+            optim.zero_grad()
+            model(x).square().sum().backward()
+            optim.step()
+    torch.testing.assert_close(a.weight, b.weight)
+    torch.testing.assert_close(a.bias, b.bias)
