@@ -56,6 +56,8 @@ def test_onednn_runs_cpu_fp32_and_nothing_else(monkeypatch):
     layer.double()(torch.randn(2, 10, dtype=torch.float64))  # not fp32: F.linear
     with torch.autocast("cpu", dtype=torch.bfloat16):
         assert lin.Linear(10, 3)(torch.randn(2, 10)).dtype == torch.bfloat16  # autocast: F.linear, in bf16
+    monkeypatch.setattr(torch.backends.mkldnn, "enabled", False)  # oneDNN switched off by the caller
+    lin.Linear(10, 3)(torch.randn(2, 10))
     assert calls == []
 
 

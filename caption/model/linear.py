@@ -6,8 +6,8 @@ layer) MKL reaches about half of the machine's peak on the AMD EPYC we measure o
 which PyTorch also ships, runs the same product near peak (``benchmarks/decoder.py``). ``linear``
 sends CPU fp32 products to oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``, the
 one TorchInductor uses) and everything else (CUDA, bf16/fp16, autocast, a build without
-oneDNN) to ``F.linear``. The op has no autograd formula, so ``_OneDNNLinear`` gives it one,
-again through oneDNN: dx = g W and dW = g^T x.
+oneDNN, oneDNN switched off through ``torch.backends.mkldnn``) to ``F.linear``. The op has no
+autograd formula, so ``_OneDNNLinear`` gives it one, again through oneDNN: dx = g W, dW = g^T x.
 
 ``mm_t(x, w)`` is the bare ``x @ w.T`` for the custom autograd code in ``deferred``.
 """
@@ -40,6 +40,7 @@ def _use_onednn(*tensors: torch.Tensor | None) -> bool:
     return (
         all(t.device.type == "cpu" and t.dtype == torch.float32 for t in real)
         and not torch.is_autocast_enabled("cpu")
+        and torch.backends.mkldnn.enabled  # a caller can switch oneDNN off: torch.backends.mkldnn.flags(enabled=False)
         and onednn_available()
     )
 
