@@ -35,10 +35,12 @@ def onednn_available() -> bool:
         return False
 
 
-def _use_onednn(*tensors: torch.Tensor | None) -> bool:
-    real = [t for t in tensors if t is not None]
+def _use_onednn(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
+    """oneDNN for a non-empty CPU fp32 product outside autocast; ``F.linear`` / ``@`` otherwise."""
+    real = [x] + [t for t in tensors if t is not None]
     return (
-        all(t.device.type == "cpu" and t.dtype == torch.float32 for t in real)
+        x.numel() > 0
+        and all(t.device.type == "cpu" and t.dtype == torch.float32 for t in real)
         and not torch.is_autocast_enabled("cpu")
         and torch.backends.mkldnn.enabled  # a caller can switch oneDNN off: torch.backends.mkldnn.flags(enabled=False)
         and onednn_available()
@@ -52,7 +54,7 @@ def _mm_t(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> to
 
 def mm_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
     """x (M, in) @ w (out, in)^T -> (M, out), no autograd; oneDNN where it applies."""
-    return _mm_t(x, w) if x.numel() and _use_onednn(x, w) else x @ w.t()
+    return _mm_t(x, w) if _use_onednn(x, w) else x @ w.t()
 
 
 class _OneDNNLinear(torch.autograd.Function):
@@ -76,7 +78,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
 def linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear(x, weight, bias)``: x (..., in) -> (..., out), through oneDNN for CPU fp32."""
-    if x.numel() == 0 or not _use_onednn(x, weight, bias):
+    if not _use_onednn(x, weight, bias):
         return F.linear(x, weight, bias)
     out = _OneDNNLinear.apply(x.reshape(-1, x.shape[-1]), weight, bias)  # (M, out)
     return out.view(*x.shape[:-1], weight.shape[0])  # (..., out)
