@@ -2,6 +2,6 @@
 
 import sys
 
-from caption.cli import main
+from caption.commands.main import main
 
 sys.exit(main())

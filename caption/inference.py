@@ -7,7 +7,7 @@
 
 Every image goes through exactly the training preprocessing, :func:`caption.images.load_image`
 (EXIF orientation, any mode -> RGB, huge files shrunk while decoding) then
-:func:`caption.pipeline.transform_for` (whole-image square resize, normalisation): a mismatch
+:func:`caption.splits.transform_for` (whole-image square resize, normalisation): a mismatch
 here is what makes a captioner say the same thing for every image.
 """
 
@@ -23,13 +23,13 @@ from PIL import Image
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
 from caption.config import Config
 from caption.decoding import DecodingOptions, DecodingResult, decode
-from caption.demo import RUN_DIR as DEMO_RUN_DIR
 from caption.images import ImageError, load_image, to_rgb
-from caption.pipeline import transform_for
+from caption.splits import transform_for
 from caption.vocab import Vocabulary
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see README
 SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"  # from google-coral/test_data, Apache-2.0
+DEMO_RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
 

@@ -30,12 +30,12 @@ from caption.config import Config, ConfigError, save_config
 from caption.data import collate_captions
 from caption.decoding import DecodingOptions
 from caption.distributed import Dist, all_sum, setup_distributed
-from caption.evaluate import caption_records, score_results
+from caption.scoring import caption_records, score_results
 from caption.losses import caption_loss
 from caption.metrics import METRIC_KEYS
 from caption.model import Captioner, build_model
 from caption.data import load_split
-from caption.pipeline import SplitData, build_vocab, load_training_data
+from caption.splits import SplitData, build_vocab, load_training_data
 from caption.shapes import ACCURACY_KEYS
 from caption.vocab import Vocabulary
 

@@ -18,7 +18,7 @@ from PIL import Image
 
 import caption
 from caption.checkpoint import CheckpointError
-from caption.cli import main
+from caption.commands.main import main
 from caption.images import ImageError
 
 JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid"}

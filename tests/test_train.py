@@ -11,7 +11,7 @@ import torch
 
 from caption.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
 from caption.config import Config, ConfigError, load_config
-from caption.prepare import prepare
+from caption.commands.prepare import prepare
 from caption.shapes import generate_shapes
 from caption.train import fit
 from caption.vocab import Vocabulary, tokenize
@@ -125,8 +125,8 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
 
 
 def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
-    from caption.cli import main
-    from caption.report import evaluate_checkpoint
+    from caption.commands.main import main
+    from caption.commands.evaluate import evaluate_checkpoint
 
     fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", device="cpu", progress_bars=False)
     scores = evaluate_checkpoint(tmp_path / "run", captions=str(shapes_dir / "captions_test.json"),

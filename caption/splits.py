@@ -22,7 +22,7 @@ from caption.images import image_transform
 from caption.shapes import load_shapes
 from caption.vocab import Vocabulary
 
-log = logging.getLogger("caption.pipeline")
+log = logging.getLogger("caption.splits")
 
 
 @dataclass

@@ -11,9 +11,10 @@ from pathlib import Path
 
 from caption.config import Config, load_config
 from caption.fileio import atomic_write_json
+from caption.inference import DEMO_RUN_DIR
 
-CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"
-RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
+CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
+RUN_DIR = DEMO_RUN_DIR  # where `caption demo` trains unless told otherwise
 DONE = "done.json"
 
 
@@ -46,10 +47,10 @@ def run_demo(run_dir: Path, *, device: str | None = None, n: int = 5000, seed: i
     """Generate the shapes data, train configs/shapes.yaml, evaluate the test split with beam 3."""
     from caption.data import load_split
     from caption.decoding import DecodingOptions
-    from caption.evaluate import caption_records
+    from caption.scoring import caption_records
     from caption.checkpoint import load_checkpoint
-    from caption.pipeline import transform_for
-    from caption.report import evaluate_checkpoint
+    from caption.splits import transform_for
+    from caption.commands.evaluate import evaluate_checkpoint
     from caption.shapes import generate_shapes
 
     run_dir = Path(run_dir)

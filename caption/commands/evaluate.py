@@ -10,9 +10,9 @@ import torch
 from caption.checkpoint import load_checkpoint
 from caption.data import load_coco, load_split
 from caption.decoding import DecodingOptions
-from caption.evaluate import caption_records, score_results
+from caption.scoring import caption_records, score_results
 from caption.metrics import write_results
-from caption.pipeline import shapes_annotations, transform_for
+from caption.splits import shapes_annotations, transform_for
 from caption.shapes import load_shapes
 
 

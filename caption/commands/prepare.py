@@ -9,7 +9,7 @@ import torch
 from caption.config import Config, save_config
 from caption.data import load_split
 from caption.model import build_model
-from caption.pipeline import build_vocab, split_data, uses_cache
+from caption.splits import build_vocab, split_data, uses_cache
 
 
 def prepare(cfg: Config, run_dir: Path, *, splits: tuple[str, ...] | list[str] = ("train", "val"),

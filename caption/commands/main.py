@@ -11,7 +11,6 @@ import logging
 import sys
 from pathlib import Path
 
-from caption.demo import RUN_DIR as DEMO_RUN_DIR
 
 
 class CliError(Exception):
@@ -38,7 +37,7 @@ def cmd_shapes(args: argparse.Namespace) -> int:
 
 
 def cmd_prepare(args: argparse.Namespace) -> int:
-    from caption.prepare import prepare
+    from caption.commands.prepare import prepare
 
     cfg = _config(args)
     summary = prepare(cfg, _run_dir(args, cfg), splits=args.splits, device=args.device)
@@ -67,7 +66,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
-    from caption.report import evaluate_checkpoint
+    from caption.commands.evaluate import evaluate_checkpoint
 
     from caption.inference import default_checkpoint
 
@@ -84,9 +83,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from caption.demo import run_demo
+    from caption.commands.demo import RUN_DIR, run_demo
 
-    run_demo(Path(args.run_dir), device=args.device)
+    run_demo(Path(args.run_dir) if args.run_dir else RUN_DIR, device=args.device)
     return 0
 
 
@@ -102,7 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate the shapes world, train, evaluate and caption a few images")
-    p.add_argument("--run-dir", default=str(DEMO_RUN_DIR))
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/shapes)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
 
@@ -139,7 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_evaluate)
 
-    from caption.cli_predict import add_predict_commands
+    from caption.commands.predict import add_predict_commands
 
     add_predict_commands(sub)
     return parser

@@ -1,0 +1,20 @@
+"""The one error type a user sees: a message in one line, and the exit status it ends with.
+
+Library code raises a :class:`CaptionError` (or a subclass) for anything the user can fix:
+a bad config value, a missing file, a run directory in use. ``caption`` prints it as
+``caption <command>: error: <message>`` and exits with ``exit_code``. Every other exception is
+a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class CaptionError(Exception):
+    """A user-facing error: one line on stderr, then exit status ``exit_code``."""
+
+    exit_code = 2
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        if exit_code is not None:
+            self.exit_code = exit_code
