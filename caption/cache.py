@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from caption.config import ModelConfig
 from caption.data import ImageDataset, ImageRecord, collate_images
+from caption.errors import DataError
 from caption.fileio import atomic_write_json
 
 log = logging.getLogger("caption.cache")
@@ -184,7 +185,7 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
             stale.unlink(missing_ok=True)
     _encode_remaining(encoder, records, transform, state, batch_size, device, num_workers, progress, flush_every)
     if state.array is None:
-        raise ValueError(f"none of the {len(records)} images could be read; no features were cached")
+        raise DataError(f"none of the {len(records)} images could be read; no features were cached")
     state.save(complete=True)
     if state.bad:
         first = set(state.bad[:5])

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from caption.config import Config, ConfigError, from_dict, to_dict
+from caption.errors import CaptionError
 from caption.fileio import atomic_write
 from caption.model import Captioner, build_model
 from caption.vocab import Vocabulary
@@ -22,7 +23,7 @@ from caption.vocab import Vocabulary
 BEST, LAST = "best.pt", "last.pt"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(CaptionError, RuntimeError):
     """A missing, unreadable or mismatched checkpoint; the message names the file."""
 
 

@@ -17,10 +17,11 @@ from typing import Any, Iterable
 
 import yaml
 
+from caption.errors import CaptionError
 from caption.fileio import atomic_write_text
 
 
-class ConfigError(ValueError):
+class ConfigError(CaptionError, ValueError):
     """A bad config key or value; the message names the dotted key."""
 
 

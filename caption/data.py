@@ -22,6 +22,7 @@ from torch.nn.utils.rnn import pad_sequence
 from torch.utils.data import Dataset
 
 from caption.config import ConfigError, DataConfig
+from caption.errors import DataError, MissingFileError
 from caption.images import ImageError, preprocess
 from caption.vocab import PAD_ID, Vocabulary
 
@@ -48,12 +49,12 @@ def load_coco(captions_json: str | Path, images_dir: str | Path) -> list[ImageRe
 
     captions_json, images_dir = Path(captions_json), Path(images_dir)
     if not captions_json.is_file():
-        raise FileNotFoundError(f"captions file not found: {captions_json}")
+        raise MissingFileError(f"captions file not found: {captions_json}")
     try:
         with contextlib.redirect_stdout(io.StringIO()):  # COCO() prints progress lines
             coco = COCO(str(captions_json))
     except (ValueError, KeyError, TypeError, AssertionError) as err:
-        raise ValueError(f"{captions_json}: not a COCO captions file ({type(err).__name__}: {err})") from err
+        raise DataError(f"{captions_json}: not a COCO captions file ({type(err).__name__}: {err})") from err
     records = []
     for image_id in sorted(coco.imgs):
         info = coco.imgs[image_id]
@@ -73,11 +74,11 @@ def load_karpathy(json_path: str | Path, images_root: str | Path, split: str) ->
         raise ValueError(f"split must be one of {', '.join(SPLITS)}, got '{split}'")
     json_path, images_root = Path(json_path), Path(images_root)
     if not json_path.is_file():
-        raise FileNotFoundError(f"Karpathy split file not found: {json_path}")
+        raise MissingFileError(f"Karpathy split file not found: {json_path}")
     try:
         images = json.loads(json_path.read_text())["images"]
     except (ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{json_path}: not a Karpathy split file ({type(err).__name__}: {err})") from err
+        raise DataError(f"{json_path}: not a Karpathy split file ({type(err).__name__}: {err})") from err
     wanted = {"train", "restval"} if split == "train" else {split}
     records = []
     for img in images:

@@ -18,3 +18,11 @@ class CaptionError(Exception):
         super().__init__(message)
         if exit_code is not None:
             self.exit_code = exit_code
+
+
+class DataError(CaptionError, ValueError):
+    """Captions, images or a feature cache that cannot be used as given; the message names the file."""
+
+
+class MissingFileError(CaptionError, FileNotFoundError):
+    """A file or folder the user named (or a command needs) does not exist."""

@@ -24,6 +24,7 @@ from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
 from caption.config import Config
 from caption.decoding import DecodingOptions, DecodingResult, decode
 from caption.images import ImageError, load_image, to_rgb
+from caption.runtime import resolve_device
 from caption.splits import transform_for
 from caption.vocab import Vocabulary
 
@@ -38,13 +39,6 @@ def default_checkpoint() -> Path:
     """The checkpoint used when none is given (the one place that decides it): the model shipped in
     the package (Flickr8k, EfficientNet-Lite0 features), else the demo run."""
     return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else DEMO_RUN_DIR
-
-
-def resolve_device(device: str | torch.device | None) -> torch.device:
-    """``None`` means CUDA when available, else the CPU."""
-    if device is None:
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
 
 
 def _name(image: ImageInput) -> str:

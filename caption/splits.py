@@ -16,6 +16,7 @@ import torch
 
 from caption.cache import FeatureStore, open_or_build
 from caption.config import Config
+from caption.errors import DataError
 from caption.data import CaptionDataset, ImageRecord, load_split
 from caption.distributed import Dist
 from caption.images import image_transform
@@ -84,7 +85,7 @@ def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Mod
     """Records, dataset and (for a frozen encoder) the feature cache of one split."""
     records = load_split(cfg.data, split) if records is None else records
     if not records:
-        raise ValueError(f"the {split} split has no images")
+        raise DataError(f"the {split} split has no images")
     transform = transform_for(cfg, encoder)
     features = None
     if uses_cache(cfg):

@@ -10,6 +10,7 @@ import json
 from pathlib import Path
 
 from caption.config import Config, load_config
+from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
 from caption.inference import DEMO_RUN_DIR
 
@@ -21,7 +22,7 @@ DONE = "done.json"
 def demo_config(run_dir: Path, config: Path = CONFIG) -> Config:
     """configs/shapes.yaml with its data read from ``<run_dir>/data``."""
     if not config.is_file():
-        raise FileNotFoundError(f"demo config not found: {config} (run from a checkout of the project)")
+        raise MissingFileError(f"demo config not found: {config} (run from a checkout of the project)")
     data = run_dir / "data"
     return load_config(config, [
         f"data.train_captions={data / 'captions_train.json'}", f"data.val_captions={data / 'captions_val.json'}",

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import torch
 
+from caption.errors import CaptionError, DataError
+from caption.runtime import resolve_device
 from caption.checkpoint import load_checkpoint
 from caption.data import load_coco, load_split
 from caption.decoding import DecodingOptions
@@ -26,12 +28,12 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions
     ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json``; the scores also
     carry ``mean_words``, the mean caption length, since beam search favours short captions.
     """
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     loaded = load_checkpoint(checkpoint, dev)
     cfg = loaded.config
     if captions:
         if not images:
-            raise ValueError("--captions needs --images (the folder its file_name entries are in)")
+            raise CaptionError("--captions needs --images (the folder its file_name entries are in)")
         records, name = load_coco(captions, images), Path(captions).stem
         shapes, size = load_shapes(captions) or (None, None)
     else:
@@ -42,7 +44,7 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions
     results = caption_records(loaded.model, loaded.vocab, records, options, transform=transform_for(cfg, loaded.model.encoder),
                               batch_size=32, device=dev, num_workers=cfg.data.num_workers, progress=progress)
     if not results:
-        raise ValueError(f"none of the {len(records)} images could be read")
+        raise DataError(f"none of the {len(records)} images could be read")
     evaluation = score_results(results, records, java=java, shapes=shapes, image_size=size)
     words = sum(len(caption.split()) for caption in evaluation.captions.values()) / len(results)
     scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size,

@@ -11,10 +11,8 @@ import logging
 import sys
 from pathlib import Path
 
+from caption.errors import CaptionError
 
-
-class CliError(Exception):
-    """A user-facing error: printed as one line, exit status 2."""
 
 
 def _config(args: argparse.Namespace):
@@ -52,11 +50,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.resume:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
-            raise CliError(f"--resume {run_dir}: not a run directory (no config.yaml)")
+            raise CaptionError(f"--resume {run_dir}: not a run directory (no config.yaml)")
         cfg = apply_overrides(load_config(run_dir / "config.yaml"), args.overrides)
     else:
         if not args.config:
-            raise CliError("caption train needs --config FILE (or --resume RUN_DIR)")
+            raise CaptionError("caption train needs --config FILE (or --resume RUN_DIR)")
         cfg = _config(args)
         run_dir = _run_dir(args, cfg)
     result = fit(cfg, run_dir, resume=bool(args.resume), device=args.device)
@@ -148,14 +146,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    from caption.checkpoint import CheckpointError
-    from caption.config import ConfigError
-
     try:
         return args.func(args)
-    except (CliError, ConfigError, CheckpointError, FileNotFoundError, ValueError) as err:
-        print(f"caption {args.command}: error: {err}", file=sys.stderr)
-        return 2
+    except CaptionError as err:  # anything else is a bug and keeps its traceback
+        print(f"caption {args.command}: error: {' '.join(str(err).split())}", file=sys.stderr)
+        return err.exit_code
     except KeyboardInterrupt:
         print(f"caption {args.command}: interrupted", file=sys.stderr)
         return 130

@@ -38,6 +38,7 @@ def _error(args: argparse.Namespace, message: str) -> None:
 def _load_model(args: argparse.Namespace):
     """The CaptionModel of ``--checkpoint`` (default: inference.default_checkpoint()), or None after an error line."""
     from caption.checkpoint import CheckpointError, resolve_checkpoint
+    from caption.errors import CaptionError
     from caption.inference import default_checkpoint, load
 
     path = Path(args.checkpoint) if args.checkpoint is not None else default_checkpoint()
@@ -52,10 +53,8 @@ def _load_model(args: argparse.Namespace):
         return None
     try:
         return load(path, device=args.device)
-    except CheckpointError as err:
+    except CaptionError as err:  # a mismatched checkpoint, an unknown or absent --device
         _error(args, str(err))
-    except (RuntimeError, AssertionError) as err:  # an unknown --device, or CUDA on a CPU-only build
-        _error(args, f"--device {args.device}: {err}")
     return None
 
 

@@ -6,6 +6,7 @@ from pathlib import Path
 
 import torch
 
+from caption.runtime import resolve_device
 from caption.config import Config, save_config
 from caption.data import load_split
 from caption.model import build_model
@@ -25,7 +26,7 @@ def prepare(cfg: Config, run_dir: Path, *, splits: tuple[str, ...] | list[str] =
         summary["cache"] = "none (the encoder is fine-tuned, so features cannot be cached)"
         return summary
     torch.manual_seed(cfg.train.seed)  # the same encoder weights as training builds
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    dev = resolve_device(device)
     model = build_model(cfg.model, len(vocab)).to(dev)
     for split in splits:
         records = train_records if split == "train" else None
