@@ -10,6 +10,7 @@ the array lazily in each process, so it pickles cheaply into DataLoader workers.
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -23,7 +24,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from caption.config import ModelConfig
+from caption.config import EncoderConfig
 from caption.data import ImageDataset, ImageRecord, collate_images
 from caption.errors import DataError
 from caption.fileio import atomic_write_json
@@ -34,16 +35,13 @@ FORMAT_VERSION = 1
 _FP16_MAX = 65504.0
 
 
-def cache_key(model_cfg: ModelConfig, image_size: int) -> str:
-    """Short stable name of the encoder settings that determine the features, e.g.
-    ``resnet101-DEFAULT-224-g14-1a2b3c4d``."""
-    info = {
-        "encoder": model_cfg.encoder, "weights": model_cfg.weights, "grid": model_cfg.grid,
-        "stage": model_cfg.stage, "small_channels": model_cfg.small_channels, "image_size": int(image_size),
-    }
+def cache_key(encoder: EncoderConfig, image_size: int) -> str:
+    """Short stable name of everything that determines the features (the encoder's whole config and
+    the image size), e.g. ``resnet101-DEFAULT-224-g14-1a2b3c4d``."""
+    info = {**dataclasses.asdict(encoder), "image_size": int(image_size)}
     digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:8]
-    weights = re.sub(r"[^A-Za-z0-9_.]+", "_", model_cfg.weights)
-    return f"{model_cfg.encoder}-{weights}-{int(image_size)}-g{model_cfg.grid}-{digest}"
+    weights = re.sub(r"[^A-Za-z0-9_.]+", "_", encoder.weights)
+    return f"{encoder.encoder}-{weights}-{int(image_size)}-g{encoder.grid}-{digest}"
 
 
 def encoder_digest(encoder: nn.Module) -> str:
@@ -228,7 +226,7 @@ def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transf
 
 
 def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform, cache_dir: str | Path,
-                  model_cfg: ModelConfig, image_size: int, split: str, **kwargs) -> FeatureStore:
+                  encoder_cfg: EncoderConfig, image_size: int, split: str, **kwargs) -> FeatureStore:
     """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``), built or finished if needed."""
-    key = cache_key(model_cfg, image_size)
+    key = cache_key(encoder_cfg, image_size)
     return build_features(encoder, records, transform, Path(cache_dir) / f"{split}-{key}", key=key, **kwargs)

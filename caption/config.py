@@ -40,6 +40,7 @@ class DataConfig:
     max_caption_len: int = 50  # longer training captions are truncated (in words)
     cache_dir: str = ""  # feature cache folder; "" means <run dir>/cache
     num_workers: int = 0
+    metric: str = ""  # the data set's own scores beside the COCO metrics, read from its captions files: "" or "shapes"
     keep_images: bool = False  # decode each training image once and keep it (uint8) in RAM (each DataLoader worker keeps its own, for one epoch)
 
 
@@ -63,6 +64,26 @@ class ModelConfig:
     gate: str = "scalar"  # β gate on the context: "scalar" (paper), "vector" (tutorial), "none"
     deep_output: bool = False  # the paper's deep output layer L_o(E y + L_h h + L_z z)
     init_state: str = "mean"  # h0/c0 from the mean feature (paper) or "zeros" (all image content via attention)
+
+
+@dataclass(frozen=True)
+class EncoderConfig:
+    """The part of ``ModelConfig`` that determines the encoder's features.
+
+    The encoder is built from this object alone (``EncoderConfig.of(model_cfg)``), so a setting
+    that is not here cannot change the features, and the feature cache is keyed by its hash.
+    """
+
+    encoder: str
+    weights: str
+    grid: int
+    stage: int
+    small_channels: int
+    coord_features: bool
+
+    @classmethod
+    def of(cls, model: ModelConfig) -> "EncoderConfig":
+        return cls(**{f.name: getattr(model, f.name) for f in dataclasses.fields(cls)})
 
 
 @dataclass(frozen=True)
@@ -95,6 +116,7 @@ class DecodeConfig:
     max_len: int = 20
     min_len: int = 0
     length_penalty: float = 0.0  # final score = log_prob / len**length_penalty
+    suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,7 @@ class CaptionDataset(_SkipsBadImages, Dataset):
         inputs = self._inputs(index)
         if inputs is None:
             return None
-        if self._ids[i] is None:  # nltk tokenisation costs ~0.1 ms a caption: once, not once per epoch
+        if self._ids[i] is None:  # tokenised once per caption, not once per epoch
             ids = self.vocab.encode(self.records[index].captions[j], max_len=self.max_len)
             self._ids[i] = torch.tensor(ids, dtype=torch.long)
         return CaptionItem(inputs, self._ids[i], index)

@@ -13,6 +13,7 @@ hypotheses compete too, so a result always exists. The final pick uses
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Iterator
@@ -20,11 +21,14 @@ from typing import Iterator
 import torch
 from torch import nn
 
+from caption.config import DecodeConfig
 from caption.vocab import END, END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID, Vocabulary
 
 
 @dataclass(frozen=True)
 class DecodingOptions:
+    """How to decode; :meth:`from_config` builds it from a run's ``decode`` section."""
+
     beam_size: int = 1  # 1 = greedy
     max_len: int = 20  # most words emitted per caption, <end> included
     min_len: int = 0  # <end> is suppressed before this many words
@@ -34,6 +38,16 @@ class DecodingOptions:
     def __post_init__(self) -> None:
         if self.beam_size < 1 or self.max_len < 1 or self.min_len < 0:
             raise ValueError(f"invalid decoding options: {self}")
+
+    @classmethod
+    def from_config(cls, decode: DecodeConfig, **overrides) -> "DecodingOptions":
+        """The run's ``decode`` settings with the given overrides (None keeps the config's value)."""
+        values = {f.name: getattr(decode, f.name) for f in dataclasses.fields(cls)}
+        unknown = sorted(set(overrides) - set(values))
+        if unknown:
+            raise TypeError(f"unknown decoding option(s): {', '.join(unknown)}")
+        values.update({key: value for key, value in overrides.items() if value is not None})
+        return cls(**values)
 
 
 @dataclass(frozen=True)

@@ -30,14 +30,25 @@ class Dist:
     def active(self) -> bool:
         return self.world > 1
 
-    def wrap(self, model: nn.Module) -> nn.Module:
-        """DistributedDataParallel around the model when running under torchrun."""
+    def wrap(self, model: nn.Module, wrapped: nn.Module | None = None) -> nn.Module:
+        """DistributedDataParallel around ``model`` under torchrun (``model`` itself otherwise).
+
+        DDP averages the gradients of the parameters that required them when it was built, and
+        no others: wrap again whenever that changes (unfreezing encoder blocks). ``wrapped``, the
+        wrapper built before, comes back as it is while the same parameters train; otherwise the
+        caller replaces it with the new one, and dropping it removes its gradient hooks.
+        """
         if not self.active:
             return model
+        trainable = [name for name, p in model.named_parameters() if p.requires_grad]
+        if wrapped is not None and getattr(wrapped, "trainable", None) == trainable:
+            return wrapped
         ids = [self.device.index] if self.device.type == "cuda" else None
-        if self.device.type == "cuda":  # BatchNorm statistics over the global batch (needs CUDA)
-            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
-        return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        if self.device.type == "cuda" and not any(isinstance(m, nn.SyncBatchNorm) for m in model.modules()):
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)  # BatchNorm statistics over the global batch
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=True)
+        ddp.trainable = trainable
+        return ddp
 
     def broadcast_float(self, value: float) -> float:
         """Rank 0's value on every rank (e.g. the validation score that drives early stopping)."""
@@ -51,6 +62,11 @@ class Dist:
         if self.active and td.is_initialized():
             td.barrier()
             td.destroy_process_group()
+
+
+def is_main_process() -> bool:
+    """Rank 0 of a torchrun, or a process on its own: the one that writes and reports."""
+    return int(os.environ.get("RANK", "0")) == 0
 
 
 def setup_distributed(device: str | None = None) -> Dist:

@@ -78,13 +78,7 @@ class CaptionModel:
 
     def options(self, beam: int | None = None, max_len: int | None = None) -> DecodingOptions:
         """The run's ``decode`` settings, with ``beam``/``max_len`` overridden when given."""
-        d = self.config.decode
-        return DecodingOptions(
-            beam_size=d.beam_size if beam is None else int(beam),
-            max_len=d.max_len if max_len is None else int(max_len),
-            min_len=d.min_len,
-            length_penalty=d.length_penalty,
-        )
+        return DecodingOptions.from_config(self.config.decode, beam_size=beam, max_len=max_len)
 
     def load_rgb(self, image: ImageInput) -> Image.Image:
         """The image as RGB, upright; files are shrunk while decoding (never full-size in memory)."""

@@ -28,8 +28,13 @@ from pycocoevalcap.meteor.meteor import Meteor
 from pycocoevalcap.rouge.rouge import Rouge
 from pycocoevalcap.tokenizer.ptbtokenizer import PTBTokenizer
 
+from caption.errors import CaptionError
 from caption.fileio import atomic_write_json
 from caption.vocab import tokenize
+
+class MetricsError(CaptionError, RuntimeError):
+    """Java (PTB tokenizer, METEOR) missing or failing; the message says how to score without it."""
+
 
 METRIC_KEYS = ("BLEU-1", "BLEU-2", "BLEU-3", "BLEU-4", "METEOR", "ROUGE-L", "CIDEr")
 
@@ -51,7 +56,7 @@ def coco_scores(
     _check_inputs(candidates, references)
     use_java = _java_available() if java is None else java
     if use_java and not _java_available():
-        raise RuntimeError("java=True, but no `java` executable is on the PATH")
+        raise MetricsError("java=True, but no `java` executable is on the PATH")
     if use_java:
         res, gts = _ptb_tokenize(candidates, references)
     else:
@@ -106,12 +111,12 @@ def _ptb_tokenize(
     try:
         out = PTBTokenizer().tokenize(batch)
     except OSError as err:  # e.g. its temp file goes next to the jar, in site-packages
-        raise RuntimeError(f"the Java PTB tokenizer failed to run: {err}; "
-                           "pass java=False to use the pure-Python tokenizer") from err
+        raise MetricsError(f"the Java PTB tokenizer failed to run: {err}; "
+                           "pass java=False (caption evaluate --no-java) to use the pure-Python tokenizer") from err
     # pycocoevalcap ignores the tokenizer's exit status: a dead JVM shows up as missing lines.
     if any(len(out.get(key, ())) != len(caps) for key, caps in batch.items()):
-        raise RuntimeError("the Java PTB tokenizer returned fewer lines than captions given; "
-                           "pass java=False to use the pure-Python tokenizer")
+        raise MetricsError("the Java PTB tokenizer returned fewer lines than captions given; "
+                           "pass java=False (caption evaluate --no-java) to use the pure-Python tokenizer")
     res = {i: out[("cand", i)] for i in candidates}
     gts = {i: out[("ref", i)] for i in candidates}
     return res, gts
@@ -134,11 +139,11 @@ def _meteor(gts: Tokenised, res: Tokenised) -> float:
     try:
         meteor = Meteor()
     except OSError as err:
-        raise RuntimeError(f"could not start METEOR's Java process: {err}") from err
+        raise MetricsError(f"could not start METEOR's Java process: {err}") from err
     try:
         score, _ = meteor.compute_score(gts, res)
     except (OSError, ValueError) as err:  # broken pipe, or an empty line from a dead JVM
-        raise RuntimeError(f"METEOR's Java process failed ({err!r}); "
+        raise MetricsError(f"METEOR's Java process failed ({err!r}); "
                            f"its stderr: {_stderr_tail(meteor)!r}") from err
     finally:
         _close_meteor(meteor)

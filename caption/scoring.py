@@ -1,19 +1,26 @@
-"""Caption a split and score it: COCO metrics, plus content/pointing accuracy on shapes data.
+"""Caption a split and score it: the COCO metrics, plus a data set's own metric when it has one.
 
 Each image is decoded once (batched beam search) and scored against all of its references.
 Inputs are either cached feature grids (a frozen encoder) or images run through the encoder.
+
+A data set with scores of its own (the shapes world's content and pointing accuracy) names a
+*task metric* in its config (``data.metric``); the metric is registered here by name and built
+from the split's captions file, so nothing else in training or evaluation knows about it.
 """
 
 from __future__ import annotations
 
+import importlib
 import warnings
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from pathlib import Path
+from typing import Callable, Iterator, Mapping, Protocol, Sequence
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
+from caption.config import ConfigError
 from caption.data import ImageDataset, ImageRecord, collate_images
 from caption.decoding import DecodingOptions, DecodingResult, decode
 from caption.metrics import coco_scores
@@ -69,28 +76,63 @@ def caption_records(
     return results
 
 
+class TaskMetric(Protocol):
+    """A data set's own scores of decoded captions, beside the COCO metrics."""
+
+    keys: tuple[str, ...]  # the scores it adds, e.g. ("content_accuracy", "pointing_accuracy")
+
+    def score(self, results: Mapping[int, DecodingResult]) -> dict[str, float]:
+        """Scores over the images of ``results`` (image id -> caption with its attention maps)."""
+        ...
+
+
+# name -> factory(captions file) of a task metric; built-in ones as "module:attribute", imported on first use
+_TASK_METRICS: dict[str, Callable[[Path], TaskMetric] | str] = {"shapes": "caption.shapes:ShapesMetric"}
+
+
+def register_task_metric(name: str, factory: Callable[[Path], TaskMetric]) -> None:
+    """Make ``data.metric=<name>`` build ``factory(captions_file)`` for every scored split."""
+    _TASK_METRICS[name] = factory
+
+
+def _factory(name: str) -> Callable[[Path], TaskMetric]:
+    if name not in _TASK_METRICS:
+        raise ConfigError(f"data.metric: unknown metric '{name}' (choose from '', {', '.join(sorted(_TASK_METRICS))})")
+    factory = _TASK_METRICS[name]
+    if isinstance(factory, str):
+        module, attribute = factory.split(":")
+        factory = _TASK_METRICS[name] = getattr(importlib.import_module(module), attribute)
+    return factory
+
+
+def task_metric_keys(name: str) -> tuple[str, ...]:
+    """The scores the task metric ``name`` adds ('' adds none), known before any data is read."""
+    return tuple(getattr(_factory(name), "keys", ())) if name else ()
+
+
+def task_metric(name: str, captions_file: str | Path) -> TaskMetric | None:
+    """The task metric ``name`` ('' = none) for the images of ``captions_file``."""
+    return _factory(name)(Path(captions_file)) if name else None
+
+
 @dataclass
 class Evaluation:
-    scores: dict[str, float]  # BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ shapes accuracies)
+    scores: dict[str, float]  # BLEU-1..4, METEOR, ROUGE-L, CIDEr (+ the task metric's keys)
     captions: dict[int, str]  # image_id -> generated caption
     results: dict[int, DecodingResult]
 
 
 def score_results(
     results: dict[int, DecodingResult], records: Sequence[ImageRecord], *, java: bool | None = None,
-    shapes: dict | None = None, image_size: int | None = None,
+    metric: TaskMetric | None = None,
 ) -> Evaluation:
-    """COCO metrics over the captioned images (each once, against all its references)."""
+    """COCO metrics over the captioned images (each once, against all its references), plus ``metric``'s."""
     captions = {image_id: r.caption for image_id, r in results.items()}
     references = {r.image_id: list(r.captions) for r in records if r.image_id in captions}
     with warnings.catch_warnings():
         if java is False:  # model selection during training: METEOR skipped on purpose
             warnings.simplefilter("ignore", UserWarning)
         scores = coco_scores(captions, references, java=java)
-    if shapes:
-        from caption.shapes import ACCURACY_KEYS, shapes_accuracy
-
-        triples = {i: (r.caption, r.words, r.alphas.numpy()) for i, r in results.items() if i in shapes}
-        acc = shapes_accuracy(triples, shapes, image_size)
-        scores.update({key: acc[key] for key in ACCURACY_KEYS})
+    if metric is not None:
+        scores.update(metric.score(results))
     return Evaluation(scores, captions, results)

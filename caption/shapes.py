@@ -40,6 +40,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from PIL import Image, ImageDraw
 
+from caption.errors import DataError
 from caption.fileio import atomic_write_json
 
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -68,7 +69,7 @@ _PHRASES = (  # token sequences naming a relation, longest first
     (("left", "of"), "left of"), (("right", "of"), "right of"),
     (("above",), "above"), (("below",), "below"), (("under",), "below"),
 )
-ACCURACY_KEYS = ("content_accuracy", "pointing_accuracy")  # the scores evaluation adds on this world
+ACCURACY_KEYS = ("content_accuracy", "pointing_accuracy")  # the scores ShapesMetric adds on this world
 _DOMINANCE = 1.5  # generated layouts: along-axis centre offset >= 1.5x the across-axis offset
 _FORMAT_VERSION = 1
 
@@ -241,12 +242,6 @@ def load_shapes(captions_json: str | Path) -> tuple[dict[int, list[dict]], int] 
     return {int(entry["image_id"]): entry["objects"] for entry in data["shapes"]}, size
 
 
-def load_shapes_annotations(captions_json: str | Path) -> dict[int, list[dict]] | None:
-    """Objects per image id from a captions file, or None when it has no ``shapes`` key."""
-    loaded = load_shapes(captions_json)
-    return None if loaded is None else loaded[0]
-
-
 # ---------------------------------------------------------------- scoring
 
 
@@ -381,3 +376,25 @@ def shapes_accuracy(results: Mapping[int, tuple[str, Sequence[str], np.ndarray |
     return {"content_accuracy": correct / len(results) if results else 0.0,
             "pointing_accuracy": hits / total if total else 0.0,
             "images": float(len(results)), "pointed_words": float(total)}
+
+
+class ShapesMetric:
+    """The shapes world's task metric (``data.metric: shapes``): content and pointing accuracy.
+
+    Built from a split's captions file, which carries every image's objects (``shapes`` key);
+    registered by name in :mod:`caption.scoring`.
+    """
+
+    keys = ACCURACY_KEYS
+
+    def __init__(self, captions_json: str | Path):
+        loaded = load_shapes(captions_json)
+        if loaded is None:
+            raise DataError(f"{captions_json}: data.metric is 'shapes' but the file has no 'shapes' annotations")
+        self.objects, self.image_size = loaded
+
+    def score(self, results: Mapping) -> dict[str, float]:
+        """``results``: image id -> DecodingResult (caption, words, alphas (T, gh, gw))."""
+        triples = {i: (r.caption, r.words, np.asarray(r.alphas)) for i, r in results.items() if i in self.objects}
+        accuracy = shapes_accuracy(triples, self.objects, self.image_size)
+        return {key: accuracy[key] for key in self.keys}

@@ -15,12 +15,14 @@ from typing import Callable
 import torch
 
 from caption.cache import FeatureStore, open_or_build
-from caption.config import Config
+from caption.config import Config, ConfigError
 from caption.errors import DataError
 from caption.data import CaptionDataset, ImageRecord, load_split
 from caption.distributed import Dist
 from caption.images import image_transform
-from caption.shapes import load_shapes
+from caption.metrics import METRIC_KEYS
+from caption.model.check import check_model_config
+from caption.scoring import TaskMetric, task_metric, task_metric_keys
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.splits")
@@ -32,8 +34,7 @@ class SplitData:
     dataset: CaptionDataset
     features: FeatureStore | None  # cached grids, or None when images go through the encoder
     transform: Callable | None  # image preprocessing (always set: inference needs it too)
-    shapes: dict | None  # shapes-world objects per image id, when the split has them
-    shapes_size: int | None  # pixel size the shapes boxes refer to
+    metric: TaskMetric | None  # the data set's own scores (``data.metric``), None for COCO metrics only
 
 
 @dataclass
@@ -41,6 +42,17 @@ class TrainingData:
     vocab: Vocabulary
     train: SplitData
     val: SplitData
+
+
+def check_config(cfg: Config) -> None:
+    """Raise a ConfigError now for any setting that would fail later: model choices and sizes, the
+    data set's metric, and the validation score that picks best.pt. Nothing is read or written."""
+    check_model_config(cfg.model)
+    known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
+    known += task_metric_keys(cfg.data.metric)
+    if cfg.train.select_metric not in known:
+        raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not a validation score "
+                          f"for this data (choose from {', '.join(known)})")
 
 
 def uses_cache(cfg: Config) -> bool:
@@ -71,12 +83,12 @@ def build_vocab(cfg: Config, run_dir: Path, train_records: list[ImageRecord], wr
     return vocab
 
 
-def shapes_annotations(cfg: Config, split: str) -> tuple[dict | None, int | None]:
-    """Objects per image (and the image size) when a COCO-format split file carries shapes."""
+def split_metric(cfg: Config, split: str) -> TaskMetric | None:
+    """The task metric ``data.metric`` names, for the images of one split's captions file."""
     path = {"train": cfg.data.train_captions, "val": cfg.data.val_captions, "test": cfg.data.test_captions}[split]
-    if cfg.data.format != "coco" or not path or not Path(path).is_file():
-        return None, None
-    return load_shapes(path) or (None, None)
+    if cfg.data.metric and (cfg.data.format != "coco" or not path):
+        raise ConfigError(f"data.metric={cfg.data.metric} needs data.format coco and a {split} captions file")
+    return task_metric(cfg.data.metric, path)
 
 
 def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Module, run_dir: Path, *,
@@ -93,14 +105,13 @@ def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Mod
     dataset = CaptionDataset(records, vocab, transform=None if features is not None else transform,
                              features=features, max_len=cfg.data.max_caption_len,
                              keep_images=cfg.data.keep_images)
-    shapes, size = shapes_annotations(cfg, split)
-    return SplitData(records, dataset, features, transform, shapes, size)
+    return SplitData(records, dataset, features, transform, split_metric(cfg, split))
 
 
 def _cached(cfg, split, records, encoder, transform, run_dir, device, dist, progress) -> FeatureStore:
     """Rank 0 builds (or finishes) the cache first; the other ranks then open it."""
     def build(show: bool) -> FeatureStore:
-        return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), cfg.model, cfg.data.image_size,
+        return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), encoder.config, cfg.data.image_size,
                              split, batch_size=max(cfg.train.batch_size, 32), device=device,
                              num_workers=cfg.data.num_workers, progress=show)
 

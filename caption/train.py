@@ -4,9 +4,11 @@
 A run directory holds ``config.yaml`` (resolved), ``vocab.json``, ``last.pt`` and ``best.pt``
 (atomic writes), ``metrics.csv`` (one row per epoch) and TensorBoard logs under ``tb/``.
 ``fit(..., resume=True)`` continues exactly where ``last.pt`` left off: model, optimizer,
-scheduler, epoch and step within the epoch, and RNG states. Under ``torchrun`` every process
-takes its share of each global batch (DistributedDataParallel, gloo on CPU, nccl on CUDA);
-only rank 0 logs and writes.
+scheduler, fp16 gradient scaler, epoch and step within the epoch (with the epoch's running loss),
+and RNG states. A directory that already holds a run is refused unless resumed or overwritten,
+and locked while training (:mod:`caption.run_dir`). Under ``torchrun`` every process takes its
+share of each global batch (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0
+logs and writes.
 """
 
 from __future__ import annotations
@@ -30,13 +32,13 @@ from caption.config import Config, ConfigError, save_config
 from caption.data import collate_captions
 from caption.decoding import DecodingOptions
 from caption.distributed import Dist, all_sum, setup_distributed
+from caption.run_dir import METRICS, claim_run_dir
 from caption.scoring import caption_records, score_results
 from caption.losses import caption_loss
 from caption.metrics import METRIC_KEYS
 from caption.model import Captioner, build_model
 from caption.data import load_split
-from caption.splits import SplitData, build_vocab, load_training_data
-from caption.shapes import ACCURACY_KEYS
+from caption.splits import SplitData, TrainingData, build_vocab, check_config, load_training_data
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.train")
@@ -72,6 +74,8 @@ class Progress:
     step: int = 0  # optimizer steps done in total
     best_score: float = -math.inf
     bad_epochs: int = 0  # epochs since the best validation score
+    loss_sum: float = 0.0  # this epoch so far (this process): sum of the loss per token x tokens
+    tokens: float = 0.0  # ... and the tokens it was taken over
 
 
 def _rng_state() -> dict:
@@ -99,7 +103,7 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     """AdamW, fused into one kernel per step where PyTorch has one (CPU and CUDA; same update).
 
     The default (for-each) AdamW makes several passes over every parameter and state tensor;
-    at COCO decoder shapes on 2 CPU cores that was 55 ms of a step, and 15 ms fused.
+    the fused one makes one (see the README's benchmarks).
     """
     params = list(params)
     tensors = [p for group in params for p in (group["params"] if isinstance(group, dict) else [group])]
@@ -113,7 +117,11 @@ def _fine_tuning(cfg: Config, epoch: int) -> bool:
 
 
 def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA where supported, else fp16 (with a GradScaler); CPU runs fp32."""
+    """bf16 autocast on CUDA where supported, else fp16 (with a GradScaler); CPU runs fp32.
+
+    Called once per fit: the scaler's scale and growth tracker carry over from epoch to epoch
+    and are saved in every checkpoint.
+    """
     if device.type != "cuda" or not enabled:
         return torch.autocast(device.type, enabled=False), None
     if torch.cuda.is_bf16_supported():
@@ -122,18 +130,19 @@ def _autocast(device: torch.device, enabled: bool):
 
 
 def train_one_epoch(
-    model: Captioner, ddp_model: torch.nn.Module, data: SplitData, optim: torch.optim.Optimizer, cfg: Config,
-    progress: Progress, dist: Dist, device: torch.device, on_step: Callable | None = None, save: Callable | None = None,
+    model: Captioner, ddp_model: torch.nn.Module, data: SplitData, optim: torch.optim.Optimizer, amp: tuple,
+    cfg: Config, progress: Progress, dist: Dist, device: torch.device, on_step: Callable | None = None,
+    save: Callable | None = None,
 ) -> float:
-    """One pass over the training captions; returns the mean loss per token of this process."""
+    """One pass over the training captions (the rest of it, when resumed mid-epoch) with ``amp``,
+    ``_autocast``'s (autocast, scaler); returns the epoch's mean loss per token of this process."""
     sampler = GlobalBatchSampler(len(data.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
                                  skip=progress.batch)
     loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_captions,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=device.type == "cuda")
     model.train()
-    autocast, scaler = _autocast(device, cfg.train.amp)
-    total_loss = total_tokens = 0.0
+    autocast, scaler = amp
     bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"epoch {progress.epoch + 1}", unit="batch",
                disable=not dist.is_main, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
@@ -161,8 +170,8 @@ def train_one_epoch(
         if scaler is not None:
             scaler.update()
         progress.step += 1
-        total_loss += loss.xent.item() * float(tokens)
-        total_tokens += float(tokens)
+        progress.loss_sum += loss.xent.item() * float(tokens)
+        progress.tokens += float(tokens)
         seen += len(captions) * dist.world
         bar.set_postfix(loss=f"{loss.xent.item():.3f}", caps_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.update(1)
@@ -171,7 +180,7 @@ def train_one_epoch(
         if on_step is not None:
             on_step(progress)
     bar.close()
-    return total_loss / max(total_tokens, 1.0)
+    return progress.loss_sum / max(progress.tokens, 1.0)
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -194,10 +203,10 @@ def _tensorboard(run_dir: Path):
 
 def validate(model: Captioner, vocab: Vocabulary, data: SplitData, cfg: Config, device: torch.device) -> dict:
     """Decoded (not teacher-forced) captions of the val split, scored without METEOR for speed."""
-    options = DecodingOptions(beam_size=cfg.train.val_beam, max_len=cfg.decode.max_len)
+    options = DecodingOptions.from_config(cfg.decode, beam_size=cfg.train.val_beam)
     results = caption_records(model, vocab, data.records, options, features=data.features, transform=data.transform,
                               batch_size=max(cfg.train.batch_size, 32), device=device, progress=False)
-    return score_results(results, data.records, java=False, shapes=data.shapes, image_size=data.shapes_size).scores
+    return score_results(results, data.records, java=False, metric=data.metric).scores
 
 
 @dataclass
@@ -208,21 +217,52 @@ class FitResult:
     history: list  # per-epoch metric rows
 
 
-def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str | None = None,
+def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str | None = None,
         on_step: Callable[[Progress], None] | None = None, progress_bars: bool = True) -> FitResult:
-    """Train ``cfg`` into ``run_dir`` (or continue it with ``resume``); see the module docstring."""
+    """Train ``cfg`` into ``run_dir``, continue its run with ``resume`` or start it over with
+    ``overwrite``; see the module docstring."""
     run_dir = Path(run_dir)
+    check_config(cfg)  # a bad setting fails before anything is written
     dist = setup_distributed(device)
+    with claim_run_dir(run_dir, resume=resume, overwrite=overwrite, lock=dist.is_main):  # before any write
+        state = read_checkpoint(run_dir / LAST) if resume else None
+        if state is not None:
+            _check_resumable(state, cfg, run_dir)
+        run = _prepare(cfg, run_dir, dist, state, progress_bars)
+        history = _train_epochs(run, on_step)
+    dist.close()
+    return FitResult(run_dir, run.progress.best_score, run.progress.epoch, history)
+
+
+@dataclass
+class _Run:
+    """What one fit trains, and ``save`` to checkpoint it (rank 0 writes)."""
+
+    cfg: Config
+    run_dir: Path
+    dist: Dist
+    vocab: Vocabulary
+    model: Captioner
+    data: TrainingData
+    optim: torch.optim.Optimizer
+    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
+    amp: tuple  # (autocast, GradScaler or None), built once per fit
+    progress: Progress
+
+    def save(self, name: str) -> None:
+        if self.dist.is_main:
+            scaler = self.amp[1]
+            save_checkpoint(self.run_dir / name, self.model, self.cfg, self.vocab, optimizer=self.optim.state_dict(),
+                            scheduler=self.sched.state_dict(), scaler=None if scaler is None else scaler.state_dict(),
+                            progress=dataclasses.asdict(self.progress), rng=_rng_state())
+
+
+def _prepare(cfg: Config, run_dir: Path, dist: Dist, state: dict | None, progress_bars: bool) -> _Run:
+    """Config, vocabulary, model, data, optimizer, scheduler and scaler; restored from ``state`` if any."""
     dev = dist.device
-    if resume and not (run_dir / LAST).is_file():
-        raise FileNotFoundError(f"nothing to resume in {run_dir} (no {LAST})")
-    state = read_checkpoint(run_dir / LAST) if resume else None
-    if state is not None:
-        _check_resumable(state, cfg, run_dir)
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
     if dist.is_main:
-        run_dir.mkdir(parents=True, exist_ok=True)
         save_config(cfg, run_dir / "config.yaml")
     train_records = load_split(cfg.data, "train")
     if state is not None:
@@ -236,60 +276,69 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, device: str |
     optim = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.train.lr_decay_factor,
                                                        patience=cfg.train.lr_patience)
-    progress = _restore(state, model, optim, sched, run_dir / LAST) if state is not None else Progress()
-    ddp_model = dist.wrap(model)
+    amp = _autocast(dev, cfg.train.amp)
+    progress = _restore(state, model, optim, sched, amp[1], run_dir / LAST) if state is not None else Progress()
+    return _Run(cfg, run_dir, dist, vocab, model, data, optim, sched, amp, progress)
+
+
+def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list[dict]:
+    """Epochs until ``train.epochs`` or early stopping; returns their metric rows."""
+    cfg, model, progress, dist, dev = run.cfg, run.model, run.progress, run.dist, run.dist.device
     history: list[dict] = []
-    writer = _tensorboard(run_dir) if dist.is_main else None
-
-    def save(name: str) -> None:
-        if dist.is_main:
-            save_checkpoint(run_dir / name, model, cfg, vocab, optimizer=optim.state_dict(),
-                            scheduler=sched.state_dict(), progress=dataclasses.asdict(progress), rng=_rng_state())
-
-    while progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience:
-        model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
-        loss = train_one_epoch(model, ddp_model, data.train, optim, cfg, progress, dist, dev, on_step, save)
-        scores = validate(model, vocab, data.val, cfg, dev) if dist.is_main else {}
-        # the val score that picks best.pt, drives the LR plateau and early stopping
-        score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
-        sched.step(score)
-        improved = score > progress.best_score
-        progress.best_score, progress.bad_epochs = (score, 0) if improved else (progress.best_score, progress.bad_epochs + 1)
-        progress.epoch, progress.batch = progress.epoch + 1, 0
-        row = {"epoch": progress.epoch, "step": progress.step, "train_xent": round(loss, 4),
-               "lr": optim.param_groups[0]["lr"], **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
-        history.append(row)
-        if dist.is_main:
-            _log_epoch(run_dir, writer, row, improved)
-            save(LAST)
-            if improved:
-                save(BEST)
-    if writer is not None:
-        writer.close()
-    dist.close()
-    return FitResult(run_dir, progress.best_score, progress.epoch, history)
+    writer = _tensorboard(run.run_dir) if dist.is_main else None
+    ddp_model = None
+    try:
+        while progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience:
+            model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
+            ddp_model = dist.wrap(model, ddp_model)  # again when fine_tune changed which parameters train
+            loss = train_one_epoch(model, ddp_model, run.data.train, run.optim, run.amp, cfg, progress, dist, dev,
+                                   on_step, run.save)
+            scores = validate(model, run.vocab, run.data.val, cfg, dev) if dist.is_main else {}
+            # the val score that picks best.pt, drives the LR plateau and early stopping
+            score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
+            run.sched.step(score)
+            improved = score > progress.best_score
+            progress.best_score, progress.bad_epochs = ((score, 0) if improved
+                                                        else (progress.best_score, progress.bad_epochs + 1))
+            progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0.0
+            row = {"epoch": progress.epoch, "step": progress.step, "train_xent": round(loss, 4),
+                   "lr": run.optim.param_groups[0]["lr"], **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
+            history.append(row)
+            if dist.is_main:
+                # best.pt, last.pt, then metrics.csv: when a write fails (a full disk), resuming from the
+                # last.pt that stayed redoes the epoch and writes all three again
+                if improved:
+                    run.save(BEST)
+                run.save(LAST)
+                _log_epoch(run.run_dir, writer, row, improved)
+    finally:
+        if writer is not None:
+            writer.close()
+    return history
 
 
 def _check_select_metric(cfg: Config, val: SplitData) -> None:
     """Fail before training when ``train.select_metric`` is not a score that validation reports."""
     known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
-    known += list(ACCURACY_KEYS) if val.shapes else []
+    known += list(val.metric.keys) if val.metric is not None else []
     if cfg.train.select_metric not in known:
         raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not a validation score "
                           f"for this data (choose from {', '.join(known)})")
 
 
-def _restore(state: dict, model: Captioner, optim, sched, path: Path) -> Progress:
-    """Model, optimizer, scheduler and RNG states from a checkpoint; where training stood."""
+def _restore(state: dict, model: Captioner, optim, sched, scaler, path: Path) -> Progress:
+    """Model, optimizer, scheduler, gradient scaler and RNG states from a checkpoint; where training stood."""
     load_state(model, state["model"], path)
     optim.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
+    if scaler is not None and state.get("scaler") is not None:  # else fp16 starts here: a fresh scale
+        scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
     return Progress(**state["progress"])
 
 
 def _log_epoch(run_dir: Path, writer, row: dict, improved: bool) -> None:
-    _append_csv(run_dir / "metrics.csv", row)
+    _append_csv(run_dir / METRICS, row)
     if writer is not None:
         for key, value in row.items():
             if key != "epoch":
@@ -305,4 +354,4 @@ def _check_resumable(state: dict, cfg: Config, path: Path) -> None:
 
     saved = from_dict(Config, state["config"])
     if (saved.model, saved.data) != (cfg.model, cfg.data):
-        raise ValueError(f"cannot resume {path}: its model/data config differs from the one given")
+        raise ConfigError(f"cannot resume {path}: its model/data config differs from the one given")

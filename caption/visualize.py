@@ -32,6 +32,7 @@ from matplotlib.figure import Figure
 from PIL import Image
 
 from caption.fileio import atomic_write
+from caption.images import load_image, to_rgb
 
 MAX_COLS = 5  # figure columns; rows grow with the caption length
 PANEL_INCHES = 2.6  # width of one figure panel
@@ -78,15 +79,10 @@ def _unpack(result: AttentionResult) -> tuple[list[str], np.ndarray]:
 
 
 def load_rgb(image: ImageSource, max_side: int | None = None) -> Image.Image:
-    """Open/convert to RGB (transparency composited on white), optionally downscaled."""
+    """RGB and upright, as the model reads it (:func:`caption.images.load_image`), optionally downscaled."""
     if isinstance(image, (str, os.PathLike)):
-        with Image.open(image) as opened:
-            return load_rgb(opened, max_side)
-    img = image
-    if "A" in img.getbands() or "transparency" in img.info:
-        rgba = img.convert("RGBA")
-        img = Image.alpha_composite(Image.new("RGBA", rgba.size, "white"), rgba)
-    img = img.convert("RGB")
+        return load_image(image, max_side)
+    img = to_rgb(image)
     if max_side is not None and max(img.size) > max_side:
         scale = max_side / max(img.size)
         size = (max(1, round(img.width * scale)), max(1, round(img.height * scale)))

@@ -12,8 +12,6 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Iterable, Sequence
 
-from nltk.tokenize import TreebankWordTokenizer
-
 from caption.fileio import atomic_write_json
 
 PAD, START, END, UNK = "<pad>", "<start>", "<end>", "<unk>"
@@ -22,7 +20,10 @@ PAD_ID, START_ID, END_ID, UNK_ID = 0, 1, 2, 3
 
 
 @lru_cache(maxsize=1)
-def _tokenizer() -> TreebankWordTokenizer:
+def _tokenizer():
+    """nltk's TreebankWordTokenizer, imported on first use (the model package never needs nltk)."""
+    from nltk.tokenize import TreebankWordTokenizer
+
     return TreebankWordTokenizer()
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from torch.utils.data import DataLoader
 
 from caption.cache import FeatureStore, build_features, cache_key, open_or_build
-from caption.config import ModelConfig
+from caption.config import EncoderConfig, ModelConfig
 from caption.data import CaptionDataset, ImageRecord, collate_captions
 from caption.images import image_transform, preprocess
 from caption.vocab import Vocabulary
@@ -75,12 +75,14 @@ def _build(encoder, records, prefix, **kwargs) -> FeatureStore:
 
 def test_cache_key_is_short_stable_and_sensitive():
     cfg = ModelConfig(encoder="efficientnet_lite0", weights="DEFAULT", grid=7)
-    key = cache_key(cfg, 224)
+    key = cache_key(EncoderConfig.of(cfg), 224)
     assert key.startswith("efficientnet_lite0-DEFAULT-224-g7-") and len(key.rsplit("-", 1)[1]) == 8
-    assert cache_key(ModelConfig(encoder="efficientnet_lite0", weights="DEFAULT", grid=7), 224) == key
-    assert cache_key(dataclasses.replace(cfg, stage=16), 224) != key
-    assert cache_key(cfg, 256) != key
-    assert cache_key(dataclasses.replace(cfg, attention="dot"), 224) == key  # decoder settings don't matter
+    assert cache_key(EncoderConfig.of(ModelConfig(encoder="efficientnet_lite0", weights="DEFAULT", grid=7)), 224) == key
+    for field, value in (("stage", 16), ("coord_features", True), ("small_channels", 32), ("grid", 14)):
+        assert cache_key(EncoderConfig.of(dataclasses.replace(cfg, **{field: value})), 224) != key, field
+    assert cache_key(EncoderConfig.of(cfg), 256) != key
+    # decoder settings don't matter
+    assert cache_key(EncoderConfig.of(dataclasses.replace(cfg, attention="dot", hidden_dim=64)), 224) == key
 
 
 def test_build_matches_direct_encoding_and_round_trips(records, tmp_path):
@@ -174,6 +176,6 @@ def test_feature_store_pickles_without_an_open_mapping(records, tmp_path):
 
 
 def test_open_or_build_names_the_split(records, tmp_path):
-    cfg = ModelConfig(encoder="small", grid=2)
+    cfg = EncoderConfig.of(ModelConfig(encoder="small", grid=2))
     store = open_or_build(_encoder(), records, TRANSFORM, tmp_path, cfg, 8, "val", batch_size=BATCH, progress=False)
     assert store.prefix == tmp_path / f"val-{cache_key(cfg, 8)}" and len(store) == N_IMAGES

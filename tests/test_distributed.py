@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import socket
 import subprocess
@@ -21,20 +22,26 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def _torchrun_train(cfg, tmp_path, run_dir) -> subprocess.CompletedProcess:
+    """``caption train`` of ``cfg`` into ``run_dir`` by two CPU processes (gloo)."""
+    config = tmp_path / "tiny.yaml"
+    save_config(cfg, config)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), "-m", "caption", "train", "--config", str(config),
+           "--run-dir", str(run_dir), "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
 def test_two_process_ddp_step_equals_single_process(shapes_dir, tmp_path):  # noqa: F811
     # one optimizer step per epoch: the global batch holds every training caption (32 images x 5);
     # frozen (cached) encoder: BatchNorm statistics of a per-process half batch would differ on CPU
     cfg = tiny_config(shapes_dir, "train.epochs=1", "train.batch_size=160", "model.dropout=0.0",
                       "model.fine_tune=false")
-    config = tmp_path / "tiny.yaml"
-    save_config(cfg, config)
     fit(cfg, tmp_path / "single", device="cpu", progress_bars=False)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "caption", "train", "--config", str(config),
-           "--run-dir", str(tmp_path / "ddp"), "--device", "cpu"]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    _torchrun_train(cfg, tmp_path, tmp_path / "ddp")
     single = read_checkpoint(tmp_path / "single" / "last.pt")
     ddp = read_checkpoint(tmp_path / "ddp" / "last.pt")
     assert single["progress"]["step"] == ddp["progress"]["step"] == 1
@@ -43,3 +50,37 @@ def test_two_process_ddp_step_equals_single_process(shapes_dir, tmp_path):  # no
         torch.testing.assert_close(ddp["model"][key], value, rtol=1e-5, atol=1e-6, msg=key)
         moved += int(value.dtype.is_floating_point and value.abs().sum() > 0)
     assert moved > 10
+
+
+def test_fine_tuning_from_an_epoch_under_ddp_averages_the_encoder_gradients(shapes_dir, tmp_path):  # noqa: F811
+    # the encoder is frozen in epoch 1 (one step) and trained from epoch 2 (one step): the DDP wrapper
+    # must then average its gradients too, so rank 0 ends with the single-process weights
+    cfg = tiny_config(shapes_dir, "train.epochs=2", "train.batch_size=160", "model.dropout=0.0",
+                      "model.fine_tune=false", "train.fine_tune_from_epoch=1")
+    fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "epoch1", device="cpu",
+        progress_bars=False)
+    fit(cfg, tmp_path / "single", device="cpu", progress_bars=False)
+    proc = _torchrun_train(cfg, tmp_path, tmp_path / "ddp")
+    before = read_checkpoint(tmp_path / "epoch1" / "last.pt")["model"]
+    single = read_checkpoint(tmp_path / "single" / "last.pt")["model"]
+    ddp = read_checkpoint(tmp_path / "ddp" / "last.pt")["model"]
+    encoder = [k for k, v in single.items() if k.startswith("encoder.") and v.is_floating_point()]
+    assert sum(not torch.equal(before[k], single[k]) for k in encoder) > 4  # epoch 2 trained the encoder
+    for key in encoder:
+        torch.testing.assert_close(ddp[key], single[key], rtol=1e-5, atol=1e-6, msg=key)
+    assert proc.stdout.count("run directory:") == 1  # printed by rank 0 only
+
+
+def test_only_rank_0_prints_the_run_directory(tmp_path, monkeypatch, capsys):
+    import caption.train
+    from caption.commands.main import main
+    from caption.config import load_config
+
+    monkeypatch.setattr(caption.train, "fit", lambda cfg, run_dir, **kw: caption.train.FitResult(run_dir, 0.5, 1, []))
+    save_config(load_config(None, ["name=tiny"]), tmp_path / "tiny.yaml")
+    printed = {}
+    for rank in ("1", "0"):
+        monkeypatch.setenv("RANK", rank)
+        assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
+        printed[rank] = capsys.readouterr().out
+    assert printed["1"] == "" and printed["0"].startswith(f"run directory: {tmp_path / 'run'}")

@@ -16,7 +16,7 @@ from caption.shapes import (
     ParsedCaption,
     content_correct,
     generate_shapes,
-    load_shapes_annotations,
+    load_shapes,
     parse_caption,
     pointing_hits,
     shapes_accuracy,
@@ -41,7 +41,7 @@ def _load(path):
 def _all_objects(paths):
     merged = {}
     for split in SPLITS:
-        merged.update(load_shapes_annotations(paths[split]))
+        merged.update(load_shapes(paths[split])[0])
     return merged
 
 
@@ -139,7 +139,7 @@ def test_bad_splits_are_rejected(tmp_path):
 def test_load_annotations_without_shapes_key_is_none(tmp_path):
     path = tmp_path / "captions.json"
     path.write_text(json.dumps({"images": [], "annotations": []}))
-    assert load_shapes_annotations(path) is None
+    assert load_shapes(path) is None
 
 
 def test_parse_caption():

@@ -28,6 +28,7 @@ def tiny_config(shapes_dir, *overrides: str) -> Config:
     data = [f"data.{s}_captions={shapes_dir}/captions_{s}.json" for s in ("train", "val", "test")]
     return load_config(None, [
         "name=tiny", "data.format=coco", f"data.images={shapes_dir}/images", "data.image_size=48", "data.min_freq=1",
+        "data.metric=shapes",
         "model.encoder=small", "model.small_channels=8", "model.grid=3", "model.embed_dim=8", "model.hidden_dim=16",
         "model.attention_dim=8", "model.dropout=0.3", "model.fine_tune=true", "model.fine_tune_blocks=4",
         "train.epochs=2", "train.batch_size=16", "train.lr=0.003", "train.encoder_lr=0.003", "train.amp=false",
@@ -56,16 +57,16 @@ class _Killed(Exception):
     pass
 
 
-def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights(shapes_dir, tmp_path):
+def _kill_at_step_7(progress):
+    if progress.step == 7:  # mid-epoch (an epoch is 10 steps); the last checkpoint was at step 6
+        raise _Killed
+
+
+def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path):
     cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2")
     fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
-
-    def kill(progress):
-        if progress.step == 7:  # epoch 1 has 13 steps: this is mid-epoch, last checkpoint at step 6
-            raise _Killed
-
     with pytest.raises(_Killed):
-        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=kill)
+        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_7)
     state = read_checkpoint(tmp_path / "resumed" / "last.pt")
     assert state["progress"]["step"] == 6 and state["progress"]["epoch"] == 0 and state["progress"]["batch"] == 6
     fit(cfg, tmp_path / "resumed", resume=True, device="cpu", progress_bars=False)
@@ -73,6 +74,33 @@ def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights(shapes_dir, tm
     assert a.keys() == b.keys()
     for key in a:
         assert torch.equal(a[key], b[key]), key
+    # the resumed epoch's train_xent covers the whole epoch, not only the part after the resume
+    straight, resumed = ((tmp_path / run / "metrics.csv").read_text() for run in ("straight", "resumed"))
+    assert resumed == straight and len(straight.splitlines()) == 3
+
+
+def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path, monkeypatch):
+    import caption.train
+
+    scalers = []
+
+    def fp16_on_cpu(device, enabled):  # what CUDA without bf16 gets, on the CPU
+        scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=4))
+        return torch.autocast("cpu", enabled=False), scalers[-1]
+
+    monkeypatch.setattr(caption.train, "_autocast", fp16_on_cpu)
+    cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2")
+    fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
+    assert len(scalers) == 1  # one scaler for the whole fit: its scale carries over from epoch to epoch
+    state = read_checkpoint(tmp_path / "straight" / "last.pt")
+    steps = state["progress"]["step"]  # no overflow in fp32: the scale doubles every 4 steps
+    assert state["scaler"]["scale"] == 2.0 ** (8 + steps // 4) and state["scaler"]["_growth_tracker"] == steps % 4
+    with pytest.raises(_Killed):
+        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_7)
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["scaler"]["_growth_tracker"] == 6 % 4
+    fit(cfg, tmp_path / "resumed", resume=True, device="cpu", progress_bars=False)
+    assert read_checkpoint(tmp_path / "resumed" / "last.pt")["scaler"] == state["scaler"]
+    assert scalers[-1].state_dict() == state["scaler"]
 
 
 def test_resume_needs_a_checkpoint_and_the_same_model(shapes_dir, tmp_path):

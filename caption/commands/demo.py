@@ -14,15 +14,15 @@ from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
 from caption.inference import DEMO_RUN_DIR
 
-CONFIG = Path(__file__).resolve().parents[2] / "configs" / "shapes.yaml"
+CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # packaged copy of configs/shapes.yaml
 RUN_DIR = DEMO_RUN_DIR  # where `caption demo` trains unless told otherwise
 DONE = "done.json"
 
 
 def demo_config(run_dir: Path, config: Path = CONFIG) -> Config:
-    """configs/shapes.yaml with its data read from ``<run_dir>/data``."""
+    """The demo config (shipped inside the package) with its data read from ``<run_dir>/data``."""
     if not config.is_file():
-        raise MissingFileError(f"demo config not found: {config} (run from a checkout of the project)")
+        raise MissingFileError(f"demo config not found: {config} (the installed package is incomplete)")
     data = run_dir / "data"
     return load_config(config, [
         f"data.train_captions={data / 'captions_train.json'}", f"data.val_captions={data / 'captions_val.json'}",
@@ -52,6 +52,7 @@ def run_demo(run_dir: Path, *, device: str | None = None, n: int = 5000, seed: i
     from caption.checkpoint import load_checkpoint
     from caption.splits import transform_for
     from caption.commands.evaluate import evaluate_checkpoint
+    from caption.runtime import resolve_device
     from caption.shapes import generate_shapes
 
     run_dir = Path(run_dir)
@@ -61,9 +62,9 @@ def run_demo(run_dir: Path, *, device: str | None = None, n: int = 5000, seed: i
     scores = evaluate_checkpoint(run_dir, split="test", beam=3, out_dir=str(run_dir / "eval"), device=device)
     print("\nheld-out test split, beam 3:")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}, indent=1))
-    loaded = load_checkpoint(run_dir, device or "cpu")
+    loaded = load_checkpoint(run_dir, resolve_device(device))
     records = load_split(cfg.data, "test")[:examples]
-    results = caption_records(loaded.model, loaded.vocab, records, DecodingOptions(3, cfg.decode.max_len),
+    results = caption_records(loaded.model, loaded.vocab, records, DecodingOptions.from_config(cfg.decode, beam_size=3),
                               transform=transform_for(cfg, loaded.model.encoder), progress=False)
     print("\nexamples:")
     for record in records:

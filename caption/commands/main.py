@@ -45,6 +45,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from caption.config import apply_overrides, load_config
+    from caption.distributed import is_main_process
     from caption.train import fit
 
     if args.resume:
@@ -57,9 +58,10 @@ def cmd_train(args: argparse.Namespace) -> int:
             raise CaptionError("caption train needs --config FILE (or --resume RUN_DIR)")
         cfg = _config(args)
         run_dir = _run_dir(args, cfg)
-    result = fit(cfg, run_dir, resume=bool(args.resume), device=args.device)
-    best = f"best val {cfg.train.select_metric} {result.best_score:.4f}"
-    print(f"run directory: {result.run_dir}  ({best} after {result.epochs} epochs)")
+    result = fit(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, device=args.device)
+    if is_main_process():  # under torchrun every process gets here
+        best = f"best val {cfg.train.select_metric} {result.best_score:.4f}"
+        print(f"run directory: {result.run_dir}  ({best} after {result.epochs} epochs)")
     return 0
 
 
@@ -119,6 +121,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("train", help="train (or --resume) a captioner")
     _add_config_args(p, required=False)
     p.add_argument("--resume", metavar="RUN_DIR", help="continue this run exactly where it stopped")
+    p.add_argument("--overwrite", action="store_true",
+                   help="start over in a run directory that holds a run (its checkpoints, metrics.csv and tb/ go)")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_train)
 
