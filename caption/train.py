@@ -35,7 +35,6 @@ from caption.distributed import Dist, all_sum, setup_distributed
 from caption.run_dir import METRICS, claim_run_dir
 from caption.scoring import caption_records, score_results
 from caption.losses import caption_loss
-from caption.metrics import METRIC_KEYS
 from caption.model import Captioner, build_model
 from caption.data import load_split
 from caption.splits import SplitData, TrainingData, build_vocab, check_config, load_training_data
@@ -272,7 +271,6 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, state: dict | None, progres
     model = build_model(cfg.model, len(vocab)).to(dev)  # seeded: a frozen encoder is the same every run
     data = load_training_data(cfg, run_dir, model.encoder, vocab, train_records=train_records, device=dev, dist=dist,
                               progress=progress_bars)
-    _check_select_metric(cfg, data.val)
     optim = _optimizer(model, cfg)
     sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.train.lr_decay_factor,
                                                        patience=cfg.train.lr_patience)
@@ -315,15 +313,6 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
         if writer is not None:
             writer.close()
     return history
-
-
-def _check_select_metric(cfg: Config, val: SplitData) -> None:
-    """Fail before training when ``train.select_metric`` is not a score that validation reports."""
-    known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
-    known += list(val.metric.keys) if val.metric is not None else []
-    if cfg.train.select_metric not in known:
-        raise ConfigError(f"train.select_metric: '{cfg.train.select_metric}' is not a validation score "
-                          f"for this data (choose from {', '.join(known)})")
 
 
 def _restore(state: dict, model: Captioner, optim, sched, scaler, path: Path) -> Progress:

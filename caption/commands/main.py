@@ -83,9 +83,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from caption.commands.demo import RUN_DIR, run_demo
+    from caption.commands.demo import run_demo
 
-    run_demo(Path(args.run_dir) if args.run_dir else RUN_DIR, device=args.device)
+    run_demo(Path(args.run_dir) if args.run_dir else None, seed=args.seed, device=args.device,
+             overwrite=args.overwrite)
     return 0
 
 
@@ -101,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     p = sub.add_parser("demo", help="generate the shapes world, train, evaluate and caption a few images")
-    p.add_argument("--run-dir", default=None, help="run directory (default: runs/shapes)")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/shapes; runs/shapes-seed<S> for --seed S)")
+    p.add_argument("--seed", type=int, default=0, help="drives data generation and training (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="train anew into a run directory that holds another run")
     p.add_argument("--device", default=None)
     p.set_defaults(func=cmd_demo)
 
