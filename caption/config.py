@@ -98,8 +98,11 @@ class TrainConfig:
     fine_tune_from_epoch: int = -1  # -1: never; else start fine-tuning the encoder at this epoch
     grad_clip: float = 5.0
     alpha_c: float = 1.0  # λ of the doubly-stochastic attention penalty
-    lr_decay_factor: float = 0.8  # multiply the LR by this when the val score (select_metric) plateaus
-    lr_patience: int = 2
+    lr_schedule: str = "plateau"  # "plateau" (per epoch, on the val score) or "cosine" (warm-up + cosine over all epochs)
+    lr_decay_factor: float = 0.8  # plateau: multiply the LR by this when the val score (select_metric) plateaus
+    lr_patience: int = 2  # plateau: epochs without a better val score before the LR drops
+    warmup_steps: int = 0  # cosine: optimizer steps of linear warm-up
+    min_lr_ratio: float = 0.0  # cosine: the LR at the end of the last epoch, as a fraction of the initial one
     early_stop_patience: int = 6  # stop after this many epochs without a better val score
     select_metric: str = "CIDEr"  # val score (greedy) that picks best.pt, e.g. content_accuracy on shapes
     val_beam: int = 1  # decoding used for model selection (1 = greedy)

@@ -33,6 +33,7 @@ from caption.data import collate_captions
 from caption.decoding import DecodingOptions
 from caption.distributed import Dist, all_sum, setup_distributed
 from caption.run_dir import METRICS, claim_run_dir
+from caption.schedule import Schedule
 from caption.scoring import caption_records, score_results
 from caption.losses import caption_loss
 from caption.model import Captioner, build_model
@@ -128,20 +129,18 @@ def _autocast(device: torch.device, enabled: bool):
     return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
 
 
-def train_one_epoch(
-    model: Captioner, ddp_model: torch.nn.Module, data: SplitData, optim: torch.optim.Optimizer, amp: tuple,
-    cfg: Config, progress: Progress, dist: Dist, device: torch.device, on_step: Callable | None = None,
-    save: Callable | None = None,
-) -> float:
-    """One pass over the training captions (the rest of it, when resumed mid-epoch) with ``amp``,
-    ``_autocast``'s (autocast, scaler); returns the epoch's mean loss per token of this process."""
+def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None = None) -> float:
+    """One pass over the training captions (the rest of it, when resumed mid-epoch); returns the
+    epoch's mean loss per token of this process."""
+    model, data, optim, cfg, progress, dist = run.model, run.data.train, run.optim, run.cfg, run.progress, run.dist
+    device = dist.device
     sampler = GlobalBatchSampler(len(data.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
                                  skip=progress.batch)
     loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_captions,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=device.type == "cuda")
     model.train()
-    autocast, scaler = amp
+    autocast, scaler = run.amp
     bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"epoch {progress.epoch + 1}", unit="batch",
                disable=not dist.is_main, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
@@ -168,14 +167,15 @@ def train_one_epoch(
         scaler.step(optim) if scaler is not None else optim.step()
         if scaler is not None:
             scaler.update()
+        run.sched.after_step()
         progress.step += 1
         progress.loss_sum += loss.xent.item() * float(tokens)
         progress.tokens += float(tokens)
         seen += len(captions) * dist.world
         bar.set_postfix(loss=f"{loss.xent.item():.3f}", caps_s=f"{seen / (time.perf_counter() - t0):.0f}")
         bar.update(1)
-        if save is not None and cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-            save(LAST)
+        if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
+            run.save(LAST)
         if on_step is not None:
             on_step(progress)
     bar.close()
@@ -244,7 +244,7 @@ class _Run:
     model: Captioner
     data: TrainingData
     optim: torch.optim.Optimizer
-    sched: torch.optim.lr_scheduler.ReduceLROnPlateau
+    sched: Schedule
     amp: tuple  # (autocast, GradScaler or None), built once per fit
     progress: Progress
 
@@ -272,8 +272,7 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, state: dict | None, progres
     data = load_training_data(cfg, run_dir, model.encoder, vocab, train_records=train_records, device=dev, dist=dist,
                               progress=progress_bars)
     optim = _optimizer(model, cfg)
-    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(optim, mode="max", factor=cfg.train.lr_decay_factor,
-                                                       patience=cfg.train.lr_patience)
+    sched = Schedule(optim, cfg.train, steps_per_epoch=math.ceil(len(data.train.dataset) / cfg.train.batch_size))
     amp = _autocast(dev, cfg.train.amp)
     progress = _restore(state, model, optim, sched, amp[1], run_dir / LAST) if state is not None else Progress()
     return _Run(cfg, run_dir, dist, vocab, model, data, optim, sched, amp, progress)
@@ -289,12 +288,11 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
         while progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience:
             model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
             ddp_model = dist.wrap(model, ddp_model)  # again when fine_tune changed which parameters train
-            loss = train_one_epoch(model, ddp_model, run.data.train, run.optim, run.amp, cfg, progress, dist, dev,
-                                   on_step, run.save)
+            loss = train_one_epoch(run, ddp_model, on_step)
             scores = validate(model, run.vocab, run.data.val, cfg, dev) if dist.is_main else {}
             # the val score that picks best.pt, drives the LR plateau and early stopping
             score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
-            run.sched.step(score)
+            run.sched.after_epoch(score)
             improved = score > progress.best_score
             progress.best_score, progress.bad_epochs = ((score, 0) if improved
                                                         else (progress.best_score, progress.bad_epochs + 1))

@@ -197,7 +197,7 @@ def test_a_java_failure_is_one_line(tmp_path, monkeypatch, capsys):
 
 @pytest.mark.parametrize("override", ["model.attention=bahdanau", "model.gate=sometimes", "model.init_state=random",
                                       "model.encoder=resnet9000", "model.attention=dot", "data.metric=bleu",
-                                      "train.select_metric=accuracy"])
+                                      "train.select_metric=accuracy", "train.lr_schedule=linear"])
 def test_a_bad_choice_fails_before_anything_is_written(tmp_path, capsys, override):
     from caption.commands.main import main
 

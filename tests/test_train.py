@@ -62,8 +62,10 @@ def _kill_at_step_7(progress):
         raise _Killed
 
 
-def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path):
-    cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2")
+@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
+def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path, schedule):
+    cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2", f"train.lr_schedule={schedule}",
+                      "train.warmup_steps=4")
     fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
     with pytest.raises(_Killed):
         fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_7)
@@ -181,3 +183,15 @@ def test_select_metric_picks_the_best_checkpoint_and_is_checked_first(shapes_dir
     cfg = tiny_config(shapes_dir, "train.select_metric=content_accuracy", "train.epochs=1")
     result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
     assert result.best_score == result.history[0]["val_content_accuracy"]
+
+
+def test_cosine_schedule_warms_up_then_decays_to_its_floor(shapes_dir, tmp_path):
+    from caption.schedule import _cosine
+
+    assert [_cosine(s, 20, 4, 0.1) for s in (0, 3)] == [0.25, 1.0]
+    assert _cosine(12, 20, 4, 0.1) == pytest.approx(0.55) and _cosine(20, 20, 4, 0.1) == pytest.approx(0.1)
+    cfg = tiny_config(shapes_dir, "train.lr_schedule=cosine", "train.warmup_steps=3", "train.min_lr_ratio=0.1")
+    result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    steps = result.history[-1]["step"]  # 2 epochs of 10 steps: the LR after the last one is the floor
+    assert steps == 20 and result.history[-1]["lr"] == pytest.approx(0.1 * cfg.train.lr)
+    assert result.history[0]["lr"] == pytest.approx(cfg.train.lr * _cosine(10, 20, 3, 0.1))
