@@ -1,11 +1,11 @@
-"""Every scorer: shapes, normalisation, masking, gradients, formulas, keys projected once."""
+"""Every scorer: shapes, normalisation, masking, gradients, fast path == reference formula, keys projected once."""
 
 import pytest
 import torch
 
 from caption.config import ConfigError
 from caption.decoding import DecodingOptions, decode
-from caption.model import SCORERS, AttentionDecoder, SoftAttention, build_scorer
+from caption.model import SCORERS, AttentionDecoder, SoftAttention
 from conftest import tiny_model_config
 
 ALL = sorted(SCORERS)
@@ -70,28 +70,73 @@ def test_beam_rows_match_single_rows(name):
         torch.testing.assert_close(alpha[row], a1[0])
 
 
-def test_formulas():
-    torch.manual_seed(1)
-    q, a = torch.randn(2, 8, dtype=torch.double), torch.randn(2, 5, 6, dtype=torch.double)
-    add = build_scorer("additive", 8, 6, 4).double()
-    ref = add.v(torch.tanh(add.w_q(q).unsqueeze(1) + add.w_k(a))).squeeze(-1)
-    torch.testing.assert_close(add(q, add.project_keys(a)), ref)
-    cat = build_scorer("concat", 8, 6, 4).double()
-    ref = cat.v(torch.tanh(cat.w(torch.cat([a, q.unsqueeze(1).expand(-1, 5, -1)], -1)))).squeeze(-1)
-    torch.testing.assert_close(cat(q, cat.project_keys(a)), ref)
-    gen = build_scorer("general", 8, 6, 4).double()
-    torch.testing.assert_close(gen(q, gen.project_keys(a)), torch.einsum("bh,hd,bld->bl", q, gen.w.weight, a))
-    dot = build_scorer("dot", 6, 6, 4).double()
-    torch.testing.assert_close(dot(q[:, :6], dot.project_keys(a)), torch.einsum("bd,bld->bl", q[:, :6], a) / 6**0.5)
+def _outputs_and_grads(fn, leaves):
+    """fn() -> tensors; their values and the gradients of a fixed random weighting w.r.t. leaves."""
+    for t in leaves:
+        t.grad = None
+    outs = fn()
+    gen = torch.Generator().manual_seed(7)
+    loss = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
+    loss.backward()
+    return [o.detach() for o in outs], [t.grad.clone() for t in leaves]
 
 
-def test_additive_gradient_matches_autograd_of_tanh():
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("K", [1, 3])
+@pytest.mark.parametrize("name", ALL)
+def test_fast_path_equals_reference_formula(name, K, dtype):
+    """score(query, project_keys(a)) and SoftAttention equal the plain formula, values and gradients."""
+    B, L, D = 3, 7, 16
+    H = D if name == "dot" else 24
+    att = SoftAttention(name, H, D, 12).to(dtype)
+    scorer = att.scorer
+    feats = torch.randn(B, L, D, dtype=dtype, requires_grad=True)
+    query = torch.randn(B, K, H, dtype=dtype, requires_grad=True)
+    mask = torch.ones(B, L, dtype=torch.bool)
+    mask[1, 4:] = False
+
+    def fast():
+        context, alpha = att(query.reshape(B * K, H), att.prepare(feats, mask))  # (B*K, D), (B*K, L)
+        return scorer(query, scorer.project_keys(feats)), context, alpha
+
+    def reference():
+        scores = scorer.reference_score(query, feats)  # (B, K, L)
+        masked = scores.masked_fill(~mask.unsqueeze(1), float("-inf"))  # (B, K, L)
+        alpha = torch.softmax(masked.float(), -1).to(dtype)  # SoftAttention's softmax runs in fp32
+        return scores, (alpha @ feats).view(B * K, D), alpha.view(B * K, L)
+
+    leaves = [query, feats, *att.parameters()]
+    outs, grads = _outputs_and_grads(fast, leaves)
+    ref_outs, ref_grads = _outputs_and_grads(reference, leaves)
+    for out, ref, what in zip(outs, ref_outs, ("scores", "context", "alpha")):
+        torch.testing.assert_close(out, ref, msg=what)
+    names = ["query", "features"] + [n for n, _ in att.named_parameters()]
+    for g, r, what in zip(grads, ref_grads, names):
+        torch.testing.assert_close(g, r, msg=what)
+    if K == 1:  # a (B, H) query gives (B, L) scores
+        torch.testing.assert_close(scorer(query[:, 0], scorer.project_keys(feats)), outs[0][:, 0])
+
+
+def test_memory_keys_are_the_true_keys():
+    feats = torch.randn(2, 5, 16)
+    add = SoftAttention("additive", 24, 16, 12)
+    torch.testing.assert_close(add.prepare(feats).keys, feats @ add.scorer.w_k.weight.t() + add.scorer.w_k.bias)
+    cat = SoftAttention("concat", 24, 16, 12)
+    torch.testing.assert_close(cat.prepare(feats).keys, feats @ cat.scorer.w.weight[:, :16].t())
+    gen = SoftAttention("general", 24, 16, 12)
+    torch.testing.assert_close(gen.prepare(feats).keys, feats @ gen.scorer.w.weight.t())
+    assert SoftAttention("dot", 16, 16, 12).prepare(feats).keys is feats
+
+
+def test_tanh_scores_gradient_matches_autograd_of_tanh():
     from caption.model.attention import _TanhScores
 
     for K in (1, 3):
         keys = torch.randn(3, 5, 4, dtype=torch.double, requires_grad=True)
         query = torch.randn(3, K, 4, dtype=torch.double, requires_grad=True)
         v = torch.randn(4, dtype=torch.double, requires_grad=True)
+        ref = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)) @ v  # (B, K, L)
+        torch.testing.assert_close(_TanhScores.apply(keys, query, v), ref)
         assert torch.autograd.gradcheck(_TanhScores.apply, (keys, query, v))
 
 

@@ -63,6 +63,29 @@ def test_gradients_equal_manual_step_loop(rows):
         torch.testing.assert_close(fast[n], p.grad, msg=n)
 
 
+def test_packing_maps_each_real_word_to_its_stacked_row():
+    from caption.model.decoder import _pack
+
+    mask = torch.tensor([[True] * 5 + [False] * 2, [True] * 3 + [False] * 4, [True] * 7])  # lengths 5, 3, 7
+    pack = _pack(mask)
+    assert pack.order.tolist() == [2, 0, 1] and pack.rank.tolist() == [1, 2, 0] and pack.reordered
+    assert pack.running == [3, 3, 3, 2, 2, 1, 1]
+    # the time-major stacks list (sorted row, t) for each word t on its first running[t] rows
+    stacked = [(r, t) for t, n in enumerate(pack.running) for r in range(n)]
+    b, t = mask.nonzero(as_tuple=True)
+    assert [stacked[i] for i in pack.stacked_rows().tolist()] == list(zip(pack.rank[b].tolist(), t.tolist()))
+    assert pack.sorted_rows().tolist() == pack.rank[b].tolist()
+    assert not _pack(mask[[2, 0, 1]]).reordered  # already longest first
+
+
+def test_recurrent_layer_keeps_its_state_dict_and_a_plain_advance():
+    import inspect
+
+    decoder = AttentionDecoder(20, 16, tiny_model_config())
+    assert "lstm_rec.weight" in decoder.state_dict() and "lstm_rec.bias" not in decoder.state_dict()
+    assert list(inspect.signature(decoder._advance).parameters) == ["word", "state", "memory"]
+
+
 def test_padding_does_not_change_the_loss():
     decoder = AttentionDecoder(20, 16, tiny_model_config()).eval()
     feats, caps = torch.randn(3, 9, 16), _captions()

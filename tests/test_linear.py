@@ -45,6 +45,19 @@ def test_strided_weight_slices_and_frozen_inputs():
     assert x.grad is None
 
 
+def test_gapped_views_are_copied_for_onednn_and_dense_ones_are_not():
+    """oneDNN's reference kernel would run a column slice of a weight; it gets a dense copy instead."""
+    w = torch.randn(5, 12)
+    wt = w.t()
+    assert lin._dense(w) is w and lin._dense(wt) is wt  # row- and column-major: read in place
+    sliced = w[:, :8]  # (5, 8) with row stride 12
+    assert lin._dense(sliced).is_contiguous() and lin._dense(sliced.t()).t().is_contiguous()  # same order
+    for view in (sliced, sliced.t()):
+        assert torch.equal(lin._dense(view), view)
+    x = torch.randn(6, 12)
+    torch.testing.assert_close(lin.mm_t(x[:, :8], sliced), x[:, :8] @ sliced.t())
+
+
 def test_onednn_runs_cpu_fp32_and_nothing_else(monkeypatch):
     calls = []
     original = lin._mm_t
@@ -78,18 +91,40 @@ def test_linear_module_is_a_drop_in_for_nn_linear():
     torch.testing.assert_close(layer(x), ref(x))
 
 
-def test_deferred_linear_gradients_match_autograd():
-    w = torch.randn(6, 5, requires_grad=True)
+@pytest.mark.parametrize("bias", [False, True])
+def test_deferred_linear_gradients_match_autograd(bias):
+    """Inside ``deferred()`` the weight gradient is one GEMM; outside it is a plain Linear."""
+    layer = DeferredLinear(5, 6, bias=bias)
+    ref = nn.Linear(5, 6, bias=bias)
+    ref.load_state_dict(layer.state_dict())  # same parameters, same state dict keys
     xs = [torch.randn(3, 5, requires_grad=True) for _ in range(4)]
 
-    def run(apply):
-        return torch.stack([apply(x) for x in xs]).tanh().sum()
+    def run(module):
+        return torch.stack([module(x) for x in xs]).tanh().sum()
 
-    rec = DeferredLinear(w)
-    _, grads = _grads(lambda: run(rec), w, *xs)
-    _, ref = _grads(lambda: run(lambda x: x @ w.t()), w, *xs)
-    for g, r in zip(grads, ref):
+    def deferred():
+        with layer.deferred():
+            return run(layer)
+
+    params, ref_params = list(layer.parameters()), list(ref.parameters())
+    _, grads = _grads(deferred, *params, *xs)
+    _, ref_grads = _grads(lambda: run(ref), *ref_params, *xs)
+    for g, r in zip(grads, ref_grads):
         torch.testing.assert_close(g, r)
+    _, plain = _grads(lambda: run(layer), *params, *xs)  # outside the block: plain Linear
+    for g, r in zip(plain, ref_grads):
+        torch.testing.assert_close(g, r)
+
+
+def test_deferred_linear_records_only_inside_the_block():
+    layer = DeferredLinear(4, 3, bias=False)
+    with layer.deferred():
+        assert layer._records == []
+        layer(torch.randn(2, 4)).sum().backward()
+        with torch.no_grad(), layer.deferred():  # no autograd: nothing to defer
+            layer(torch.randn(2, 4))
+    assert layer._records is None and layer._alias is None
+    assert layer.weight.grad is not None and layer.weight.grad.shape == (3, 4)
 
 
 def test_adamw_is_fused_on_cpu_and_steps_like_the_default():

@@ -6,6 +6,9 @@ Every scorer has the same two halves:
 * ``forward(query (B, H) or (B, K, H), keys (B, L, A)) -> scores (B, L) or (B, K, L)`` runs
   once per word; K is the number of beams per image, so beam search never copies the keys.
 
+and ``reference_score(query, features)``, the same scores written as the textbook formula with
+plain torch ops, next to the fast path it specifies (tests keep them equal).
+
 ``SoftAttention`` owns what is common: masking padded cells, the softmax over L, and blending
 the cells with those weights into the context vector (B, D).
 """
@@ -17,6 +20,7 @@ from dataclasses import dataclass
 from typing import Callable, NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from caption.config import ConfigError
@@ -36,16 +40,26 @@ def register_scorer(name: str) -> Callable[[type["Scorer"]], type["Scorer"]]:
 
 
 class Scorer(nn.Module):
-    """Base: subclasses implement ``project_keys`` and ``score`` on (B, K, H) queries."""
+    """Base: subclasses implement ``project_keys``, ``score`` and ``reference_score``.
+
+    ``score(query, project_keys(features))`` is the fast path; ``reference_score(query, features)``
+    is the scorer's formula written with plain torch ops (tests keep the two equal, values and
+    gradients).
+    """
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int):
         super().__init__()
 
     def project_keys(self, features: torch.Tensor) -> torch.Tensor:
+        """features (B, L, D) -> keys (B, L, A): the part of the score that depends on the image only."""
         raise NotImplementedError
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """query (B, K, H), keys (B, L, A) -> (B, K, L)."""
+        raise NotImplementedError
+
+    def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        """query (B, K, H), features (B, L, D) -> (B, K, L): the plain formula, for tests and reading."""
         raise NotImplementedError
 
     def forward(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
@@ -55,15 +69,15 @@ class Scorer(nn.Module):
 
 
 class _TanhScores(torch.autograd.Function):
-    """v . tanh(k_l + q_k) from doubled keys 2k (B, L, A) and queries 2q (B, K, A), v (A,) -> (B, K, L).
+    """v . tanh(k_l + q_k) for keys k (B, L, A), queries q (B, K, A), v (A,) -> (B, K, L).
 
-    The (B, K, L, A) intermediate is the largest tensor of a decoding step, and each pass over
-    it is memory-bound. Computing it a few images at a time, in one reused buffer, keeps each
-    chunk in cache; the backward pass recomputes it instead of storing one per word.
-    tanh(y) = 2 sigmoid(2y) - 1, and PyTorch's CPU sigmoid is several times faster than its tanh.
-    The tanh-MLP scorers therefore hand over keys and queries already doubled (the keys through
-    their weight, once per image), so one plain broadcast ``add`` forms sigmoid's input: the same
-    add with ``alpha=2`` was 1.5x slower and, on the benchmark CPU, at times 8x slower.
+    Fast path of the tanh-MLP scorers (``reference_score`` is the plain formula). The
+    (B, K, L, A) intermediate is the largest tensor of a decoding step, and each pass over it is
+    memory-bound, so it is formed a few images at a time in one reused cache-sized buffer, and
+    the backward pass recomputes it instead of storing one per word. tanh goes through
+    tanh(y) = 2 sigmoid(2y) - 1 because PyTorch's CPU sigmoid is faster than its tanh; the 2 lands
+    on the small query (2q) and on the keys through ``add``'s ``alpha``, so sigmoid's input
+    2k + 2q takes one pass over the buffer (README, Benchmark).
     """
 
     @staticmethod
@@ -71,14 +85,14 @@ class _TanhScores(torch.autograd.Function):
         return max(1, min(B, (1 << 19) // max(1, K * L * A)))  # ~2 MB of fp32 per chunk
 
     @staticmethod
-    def _sigmoid(keys2: torch.Tensor, query2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """sigmoid(2k + 2q) for keys2 = 2k (b, L, A), query2 = 2q (b, K, A), into out (b, K, L, A)."""
-        return torch.add(keys2.unsqueeze(1), query2.unsqueeze(2), out=out).sigmoid_()
+    def _sigmoid(keys: torch.Tensor, query2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """sigmoid(2k + 2q) for keys k (b, L, A) and query2 = 2q (b, K, A), into out (b, K, L, A)."""
+        return torch.add(query2.unsqueeze(2), keys.unsqueeze(1), alpha=2, out=out).sigmoid_()
 
     @staticmethod
-    def forward(ctx, keys: torch.Tensor, query2: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        (B, L, A), K = keys.shape, query2.shape[1]
-        query2, v_ = query2.to(keys.dtype), v.to(keys.dtype)  # (B, K, A), (A,): one dtype under autocast
+    def forward(ctx, keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        (B, L, A), K = keys.shape, query.shape[1]
+        query2, v_ = query.to(keys.dtype) * 2, v.to(keys.dtype)  # (B, K, A), (A,): one dtype under autocast
         out = keys.new_empty(B, K, L)
         step = _TanhScores._chunk(B, K, L, A)
         buf = keys.new_empty(min(step, B), K, L, A)
@@ -94,53 +108,61 @@ class _TanhScores(torch.autograd.Function):
         (B, L, A), K = keys.shape, query2.shape[1]
         g_keys, g_query = torch.empty_like(keys), torch.empty_like(query2)
         g_v = torch.zeros_like(v)
-        v2 = 2 * v
+        v4 = 4 * v
         step = _TanhScores._chunk(B, K, L, A)
         buf = keys.new_empty(min(step, B), K, L, A)
         for i in range(0, B, step):
             s = _TanhScores._sigmoid(keys[i : i + step], query2[i : i + step], buf[: min(step, B - i)])
             g = grad[i : i + step]  # (b, K, L)
             g_v += 2 * (g.reshape(1, -1) @ s.view(-1, A)).view(-1) - g.sum()  # d/dv of v . (2s - 1)
-            # dL/d(2k + 2q) = g v (1 - tanh^2) / 2 = g 2v s (1 - s); with K == 1 it lands in g_keys directly
+            # dL/dk = dL/dq = g v (1 - tanh^2) = g 4v s (1 - s); with K == 1 it lands in g_keys directly
             pre = s if K > 1 else g_keys[i : i + step].unsqueeze(1)  # (b, K, L, A)
-            torch.addcmul(s, s, s, value=-1, out=pre).mul_(g.unsqueeze(-1)).mul_(v2)
+            torch.addcmul(s, s, s, value=-1, out=pre).mul_(g.unsqueeze(-1)).mul_(v4)
             if K > 1:
                 torch.sum(pre, 1, out=g_keys[i : i + step])  # (b, L, A)
             torch.sum(pre, 2, out=g_query[i : i + step])  # (b, K, A)
         return g_keys, g_query, g_v
 
 
-def _doubled(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
-    """2 (x W^T + b), the form ``_TanhScores`` takes; the 2 goes on the weight, not on the (B, L, A) keys."""
-    return linear(x, 2 * weight, None if bias is None else 2 * bias)
-
-
-def _tanh_mlp(keys2: torch.Tensor, query2: torch.Tensor, v: nn.Linear) -> torch.Tensor:
-    """v^T tanh(k_i + q) + b from keys2 = 2k (B, L, A), query2 = 2q (B, K, A) -> (B, K, L)."""
-    scores = _TanhScores.apply(keys2, query2, v.weight.view(-1))  # (B, K, L)
+def _tanh_mlp(keys: torch.Tensor, query: torch.Tensor, v: nn.Linear) -> torch.Tensor:
+    """v^T tanh(k_i + q) + b from keys (B, L, A) and queries (B, K, A) -> (B, K, L)."""
+    scores = _TanhScores.apply(keys, query, v.weight.view(-1))  # (B, K, L)
     return scores if v.bias is None else scores + v.bias
+
+
+def _tanh_mlp_reference(keys: torch.Tensor, query: torch.Tensor, v: nn.Linear) -> torch.Tensor:
+    """The same with plain torch ops: keys (B, L, A), queries (B, K, A) -> (B, K, L)."""
+    return F.linear(torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)), v.weight, v.bias).squeeze(-1)
 
 
 @register_scorer("additive")
 class AdditiveScorer(Scorer):
-    """Bahdanau: v^T tanh(W_q q + W_k a_i)."""
+    """Bahdanau: v^T tanh(W_q q + W_k a_i); keys k_i = W_k a_i + b_k."""
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int):
         super().__init__(query_dim, key_dim, attention_dim)
-        self.w_k = nn.Linear(key_dim, attention_dim)
-        self.w_q = nn.Linear(query_dim, attention_dim)
+        self.w_k = Linear(key_dim, attention_dim)
+        self.w_q = Linear(query_dim, attention_dim)
         self.v = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
     def project_keys(self, features: torch.Tensor) -> torch.Tensor:
-        return _doubled(features, self.w_k.weight, self.w_k.bias)  # (B, L, A), doubled for _TanhScores
+        return self.w_k(features)  # (B, L, A)
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return _tanh_mlp(keys, _doubled(query, self.w_q.weight, self.w_q.bias), self.v)
+        return _tanh_mlp(keys, self.w_q(query), self.v)  # (B, K, L)
+
+    def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        q = F.linear(query, self.w_q.weight, self.w_q.bias)  # (B, K, A)
+        k = F.linear(features, self.w_k.weight, self.w_k.bias)  # (B, L, A)
+        return _tanh_mlp_reference(k, q, self.v)  # (B, K, L)
 
 
 @register_scorer("concat")
 class ConcatScorer(Scorer):
-    """Luong concat: v^T tanh(W [a_i; q]), one matrix W split so its key half runs once per image."""
+    """Luong concat: v^T tanh(W [a_i; q]), one matrix W split so its key half runs once per image.
+
+    Keys k_i = W[:, :D] a_i; the bias goes with the query half.
+    """
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int):
         super().__init__(query_dim, key_dim, attention_dim)
@@ -149,16 +171,23 @@ class ConcatScorer(Scorer):
         self.v = nn.Linear(attention_dim, 1, bias=False)
 
     def project_keys(self, features: torch.Tensor) -> torch.Tensor:
-        return _doubled(features, self.w.weight[:, : self.key_dim])  # (B, L, A), doubled for _TanhScores
+        return linear(features, self.w.weight[:, : self.key_dim])  # (B, L, A)
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        q = _doubled(query, self.w.weight[:, self.key_dim :], self.w.bias)  # (B, K, A)
-        return _tanh_mlp(keys, q, self.v)
+        q = linear(query, self.w.weight[:, self.key_dim :], self.w.bias)  # (B, K, A)
+        return _tanh_mlp(keys, q, self.v)  # (B, K, L)
+
+    def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        (B, K, H), L = query.shape, features.shape[1]
+        a = features.unsqueeze(1).expand(B, K, L, -1)  # (B, K, L, D)
+        q = query.unsqueeze(2).expand(B, K, L, H)  # (B, K, L, H)
+        hidden = torch.tanh(F.linear(torch.cat([a, q], -1), self.w.weight, self.w.bias))  # (B, K, L, A)
+        return F.linear(hidden, self.v.weight).squeeze(-1)  # (B, K, L)
 
 
 @register_scorer("general")
 class GeneralScorer(Scorer):
-    """Luong general: q^T W a_i; W maps D -> H, so dim(q) may differ from dim(a)."""
+    """Luong general: q^T W a_i; keys k_i = W a_i (B, L, H), so dim(q) may differ from dim(a)."""
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int):
         super().__init__(query_dim, key_dim, attention_dim)
@@ -170,12 +199,16 @@ class GeneralScorer(Scorer):
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         return torch.bmm(query, keys.transpose(1, 2))  # (B, K, L)
 
+    def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return torch.einsum("bkh,hd,bld->bkl", query, self.w.weight, features)  # (B, K, L)
+
 
 @register_scorer("dot")
 class DotScorer(Scorer):
-    """Luong dot: q . a_i, parameter-free, scaled by 1/sqrt(D) to keep the softmax soft.
+    """Luong dot: q . a_i / sqrt(D), parameter-free; the keys are the features themselves.
 
-    Needs dim(q) == dim(a); use ``general`` when they differ.
+    The 1/sqrt(D) (which keeps the softmax soft) goes on the query, per word, not on the
+    (B, L, D) keys. Needs dim(q) == dim(a); use ``general`` when they differ.
     """
 
     def __init__(self, query_dim: int, key_dim: int, attention_dim: int):
@@ -188,10 +221,13 @@ class DotScorer(Scorer):
         self.scale = 1.0 / math.sqrt(key_dim)
 
     def project_keys(self, features: torch.Tensor) -> torch.Tensor:
-        return features * self.scale  # (B, L, D)
+        return features  # (B, L, D)
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return torch.bmm(query, keys.transpose(1, 2))  # (B, K, L)
+        return torch.bmm(query * self.scale, keys.transpose(1, 2))  # (B, K, L)
+
+    def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
+        return query @ features.transpose(1, 2) / math.sqrt(features.shape[-1])  # (B, K, L)
 
 
 def build_scorer(name: str, query_dim: int, key_dim: int, attention_dim: int) -> Scorer:
@@ -204,8 +240,9 @@ def build_scorer(name: str, query_dim: int, key_dim: int, attention_dim: int) ->
 class Memory:
     """What the decoder attends over, prepared once per image.
 
-    values (B, L, D): the feature grid; keys (B, L, A): projected keys, in the scorer's own form
-    (scaled for dot, doubled for the tanh scorers); mask (B, L) bool, True
+    values (B, L, D): the feature grid; keys (B, L, A): the scorer's keys k_i, projected once
+    (``project_keys``: W_k a_i + b_k for additive, the key half of W times a_i for concat,
+    W a_i (B, L, H) for general, the features a_i themselves for dot); mask (B, L) bool, True
     for real cells (None: all real); mean (B, D): masked mean feature (initialises the LSTM).
     """
 

@@ -2,8 +2,10 @@
 
 ``prepare`` projects the image keys once, ``init_state`` sets h0/c0 from the mean feature, and
 ``step`` emits one word: attend with h_{t-1}, gate the context with β(h_{t-1}), feed
-[embedding; context] to the LSTMCell, and score the vocabulary. Teacher forcing (``forward``),
-greedy and beam search all call ``step``; nothing else reaches into the submodules.
+[embedding; context] to the LSTMCell, and score the vocabulary. ``step`` is three parts:
+``word_input`` (the previous word's embedding and gate input), ``_advance`` (attention and the
+recurrence) and ``readout`` (the vocabulary scores). Greedy and beam search call ``step``;
+teacher forcing (``forward``) calls the same three parts, batched over the words.
 """
 
 from __future__ import annotations
@@ -58,8 +60,8 @@ class AttentionDecoder(nn.Module):
 
     The LSTM cell is written out so that its input weights split by source: the previous
     word's part (``word_input``) and the output layer (``readout``) do not depend on the
-    recurrence, so teacher forcing runs them once for all T words; only ``_advance`` runs per
-    word. ``step`` is exactly ``word_input`` + ``_advance`` + ``readout`` for one word.
+    recurrence, so teacher forcing runs them once for all words; only ``_advance`` runs per
+    word. ``step`` is ``word_input`` + ``_advance`` + ``readout`` for one word.
     """
 
     def __init__(self, vocab_size: int, feature_dim: int, cfg: ModelConfig):
@@ -78,7 +80,7 @@ class AttentionDecoder(nn.Module):
             raise ConfigError(f"model.gate must be one of {', '.join(gates)}, got '{cfg.gate}'")
         self.gate = gates[cfg.gate]()
         self.lstm_word = Linear(E, 4 * H)  # LSTM gates from the previous word
-        self.lstm_rec = Linear(D + H, 4 * H, bias=False)  # ... from [context; h_{t-1}]
+        self.lstm_rec = DeferredLinear(D + H, 4 * H, bias=False)  # ... from [context; h_{t-1}]
         self.dropout = nn.Dropout(cfg.dropout)
         self.deep_output = cfg.deep_output
         if cfg.deep_output:  # L_o(E y_{t-1} + L_h h_t + L_z z_t)
@@ -107,17 +109,15 @@ class AttentionDecoder(nn.Module):
         emb = self.embed(words)
         return WordInput(emb, self.lstm_word(emb))
 
-    def _advance(self, word: WordInput, state: DecoderState, memory: Memory, rec=None):
-        """Attend with h_{t-1}, gate the context with β, run the LSTM cell: (N, ...) rows.
+    def _advance(self, word: WordInput, state: DecoderState, memory: Memory):
+        """Attend with h_{t-1}, gate the context with β, run the LSTM cell on N rows.
 
-        ``rec`` computes [context; h] @ W_rec^T (default: ``lstm_rec``; teacher forcing passes a
-        DeferredLinear over the same weight).
+        word (N, E), (N, 4H); state (N, H) each -> new state, context (N, D), alpha (N, L).
         """
         context, alpha = self.attention(state.h, memory)  # (N, D), (N, L)
         if self.gate is not None:
             context = torch.sigmoid(self.gate(state.h)) * context  # β: (N, 1) or (N, D)
-        rec = self.lstm_rec if rec is None else rec
-        gates = word.gates + rec(torch.cat([context, state.h], dim=1))  # (N, 4H)
+        gates = word.gates + self.lstm_rec(torch.cat([context, state.h], dim=1))  # (N, 4H)
         i, f, g, o = gates.chunk(4, dim=1)  # (N, H) each
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
@@ -140,41 +140,82 @@ class AttentionDecoder(nn.Module):
     ) -> DecoderOutput:
         """Teacher forcing: captions (B, T+1) = <start> w1 .. <end> <pad>..; padding trails.
 
-        Same result as calling ``step`` T times on the real (unpadded) words. A word runs only
-        for the captions that still have it: internally the rows are ordered longest first, so
-        those are a prefix of the batch. Only the real words reach the output layer, and they
-        come back in the caller's order (``targets[mask]``); the attention maps come back as
-        (B, T, L) with zeros at padding.
+        Calls ``word_input`` once on all B x T input words, ``_advance`` once per word position t
+        on the captions that still have word t (rows sorted longest first, so those are a prefix:
+        ``_pack``), and ``readout`` once on the real (non-padding) words, gathered back into the
+        caller's order (``targets[mask]``). The attention maps come back as (B, T, L) with zeros
+        at padding. tests/test_decoder.py checks logits, maps and gradients against a word-by-word
+        loop over ``step``.
         """
         inputs, targets = captions[:, :-1], captions[:, 1:]  # (B, T)
         mask = targets != PAD_ID  # (B, T)
-        lengths = mask.sum(1)  # (B,)
-        order = lengths.argsort(descending=True, stable=True)  # (B,), longest caption first
-        if bool((lengths[1:] > lengths[:-1]).any()):  # reorder; a batch already longest first is not copied
-            features = features[order]
-            feature_mask = None if feature_mask is None else feature_mask[order]
-        memory = self.prepare(features, feature_mask)
-        state = self.init_state(memory)
-        words = self.word_input(inputs[order])  # (B, T, E), (B, T, 4H): all words at once
-        running = [n for n in mask[order].sum(0).tolist() if n > 0]  # rows that still have word t, for each t
-        if not running:
+        pack = _pack(mask)
+        if not pack.running:
             raise ValueError("teacher forcing needs at least one word to predict (captions hold only <start>/<pad>)")
-        rec = DeferredLinear(self.lstm_rec.weight)  # one weight-gradient GEMM for all T words
-        hs, contexts, alphas = [], [], []
-        # unbind, then slice each word: indexing [:n, t] would zero-fill a (B, T, 4H) gradient per word
-        for n, emb, gates in zip(running, words.emb.unbind(1), words.gates.unbind(1)):
-            if n < len(state.h):  # captions that ended drop out of the batch
-                state, memory = state.index(slice(0, n)), memory.index(slice(0, n))
-            state, context, alpha = self._advance(WordInput(emb[:n], gates[:n]), state, memory, rec)
-            hs.append(state.h)
-            contexts.append(context)
-            alphas.append(alpha)
-        # word (b, t) sits at row offsets[t] + rank[b] of the time-major stacks, rank = sorted position
-        b, t = mask.nonzero(as_tuple=True)  # (N,) each, in targets[mask] order
-        rank = torch.empty_like(order).scatter_(0, order, torch.arange(len(order), device=order.device))  # (B,)
-        offsets = torch.tensor([0] + running[:-1], device=order.device).cumsum(0)  # (T',)
-        src = offsets[t] + rank[b]  # (N,)
-        word_logits = self.readout(words.emb[rank[b], t], torch.cat(hs)[src], torch.cat(contexts)[src])  # (N, V)
-        alpha = torch.cat(alphas)[src]  # (N, L)
-        alphas_out = alpha.new_zeros(*mask.shape, alpha.shape[1]).index_put((b, t), alpha)  # (B, T, L)
+        if pack.reordered:  # a batch already longest first is not copied
+            features = features[pack.order]  # (B, L, D)
+            feature_mask = None if feature_mask is None else feature_mask[pack.order]  # (B, L)
+        memory = self.prepare(features, feature_mask)
+        words = self.word_input(inputs[pack.order])  # (B, T, E), (B, T, 4H): all words at once, sorted rows
+        hs, contexts, alphas = self._unroll(words, self.init_state(memory), memory, pack.running)  # time-major
+        rows, src = pack.sorted_rows(), pack.stacked_rows()  # (N,), (N,)
+        word_logits = self.readout(words.emb[rows, pack.t], hs[src], contexts[src])  # (N, V)
+        alpha = alphas[src]  # (N, L)
+        alphas_out = alpha.new_zeros(*mask.shape, alpha.shape[1]).index_put((pack.b, pack.t), alpha)  # (B, T, L)
         return DecoderOutput(word_logits, alphas_out, targets, mask)
+
+    def _unroll(self, words: WordInput, state: DecoderState, memory: Memory, running: list[int]):
+        """``_advance`` word by word on the first running[t] rows -> h, context, alpha stacked time-major.
+
+        words (B, T, E), (B, T, 4H) in sorted row order -> h (N', H), context (N', D), alpha (N', L)
+        with N' = sum(running); the recurrent weight's gradient is formed once for all words
+        (``DeferredLinear``).
+        """
+        hs, contexts, alphas = [], [], []
+        with self.lstm_rec.deferred():
+            # unbind, then slice each word: indexing [:n, t] would zero-fill a (B, T, 4H) gradient per word
+            for n, emb, gates in zip(running, words.emb.unbind(1), words.gates.unbind(1)):  # (B, E), (B, 4H)
+                if n < len(state.h):  # captions that ended drop out of the batch
+                    state, memory = state.index(slice(0, n)), memory.index(slice(0, n))  # (n, ...) rows
+                word = WordInput(emb[:n], gates[:n])  # (n, E), (n, 4H)
+                state, context, alpha = self._advance(word, state, memory)
+                hs.append(state.h)  # (n, H)
+                contexts.append(context)  # (n, D)
+                alphas.append(alpha)  # (n, L)
+        return torch.cat(hs), torch.cat(contexts), torch.cat(alphas)  # (N', H), (N', D), (N', L)
+
+
+class _Packing(NamedTuple):
+    """Teacher forcing's row layout: captions sorted longest first, words stacked time-major.
+
+    Sorted row r holds caption order[r], and caption b sits at sorted row rank[b]. Word t runs on
+    the first running[t] sorted rows, so in the time-major stacks of all words the real word
+    (b, t) is row offset[t] + rank[b], offset[t] = running[0] + .. + running[t-1].
+    """
+
+    order: torch.Tensor  # (B,) caption at each sorted row, longest first
+    rank: torch.Tensor  # (B,) sorted row of each caption (the inverse of order)
+    reordered: bool  # False when the batch is already longest first (order is the identity)
+    running: list[int]  # (T',) captions that still have word t, for each t with any
+    b: torch.Tensor  # (N,) caption of each real word, in targets[mask] order
+    t: torch.Tensor  # (N,) position of each real word, in targets[mask] order
+
+    def sorted_rows(self) -> torch.Tensor:
+        """(N,) sorted row of each real word's caption."""
+        return self.rank[self.b]  # (N,)
+
+    def stacked_rows(self) -> torch.Tensor:
+        """(N,) row of each real word in the time-major stacks that ``_unroll`` returns."""
+        offset = torch.tensor([0] + self.running[:-1], device=self.rank.device).cumsum(0)  # (T',)
+        return offset[self.t] + self.rank[self.b]  # (N,)
+
+
+def _pack(mask: torch.Tensor) -> _Packing:
+    """The row layout for a (B, T) mask of real targets whose padding trails."""
+    lengths = mask.sum(1)  # (B,)
+    order = lengths.argsort(descending=True, stable=True)  # (B,) longest caption first
+    rows = torch.arange(len(order), device=order.device)  # (B,)
+    rank = torch.empty_like(order).scatter_(0, order, rows)  # (B,) inverse of order
+    running = [n for n in mask.sum(0).tolist() if n > 0]  # (T',)
+    b, t = mask.nonzero(as_tuple=True)  # (N,) each, in targets[mask] order
+    return _Packing(order, rank, bool((lengths[1:] > lengths[:-1]).any()), running, b, t)

@@ -3,15 +3,19 @@
 In teacher forcing the recurrent weight W (4H x (D+H)) is used at every one of T words with
 only B rows each. Autograd would compute T separate weight gradients g_t^T x_t, each a GEMM with
 inner dimension B (memory-bound on a CPU) followed by an accumulation into a W-sized buffer.
-``DeferredLinear`` instead records (g_t, x_t) during backward and forms sum_t g_t^T x_t as one
-GEMM with inner dimension B*T when the gradient reaches W. Same numbers, far less memory traffic.
+Inside ``with layer.deferred():`` a ``DeferredLinear`` instead records (g_t, x_t) during backward
+and forms sum_t g_t^T x_t as one GEMM with inner dimension B*T when the gradient reaches W.
+Same numbers, far less memory traffic. Outside that block it is a plain ``Linear``.
 """
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
-from caption.model.linear import linear, mm_t
+from caption.model.linear import Linear, mm_t
 
 
 class _Gather(torch.autograd.Function):
@@ -50,16 +54,33 @@ class _Apply(torch.autograd.Function):
         return mm_t(grad, weight.to(grad.dtype).t()).to(x.dtype), None, None  # g W; autocast-safe
 
 
-class DeferredLinear:
-    """``F.linear(x, weight)`` for many calls in one graph, with one weight-gradient GEMM."""
+class DeferredLinear(Linear):
+    """``Linear`` (same parameters and state dict) that can defer its weight gradient.
 
-    def __init__(self, weight: torch.Tensor):
-        self.weight = weight
-        self.deferred = torch.is_grad_enabled() and weight.requires_grad
-        self._records: list = []
-        self._alias = _Gather.apply(weight, self._records) if self.deferred else weight
+    ``with layer.deferred():`` makes every call inside the block share one weight-gradient GEMM,
+    formed when backward reaches the weight; dx (and the bias gradient) stay per call.
+    """
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.deferred:
-            return linear(x, self.weight)
-        return _Apply.apply(x, self._alias, self._records)
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, **kwargs):
+        super().__init__(in_features, out_features, bias, **kwargs)
+        self._records: list | None = None  # the (g, x) pairs of the open ``deferred`` block
+        self._alias: torch.Tensor | None = None  # the weight, through _Gather, inside that block
+
+    @contextlib.contextmanager
+    def deferred(self) -> Iterator[None]:
+        """Defer the weight gradient of the calls in this block (no-op without autograd on the weight)."""
+        outer = self._records, self._alias
+        if torch.is_grad_enabled() and self.weight.requires_grad:
+            self._records = []
+            self._alias = _Gather.apply(self.weight, self._records)
+        try:
+            yield
+        finally:
+            self._records, self._alias = outer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self._records is None or not torch.is_grad_enabled():
+            return super().forward(x)
+        out = _Apply.apply(x.reshape(-1, x.shape[-1]), self._alias, self._records)  # (M, out)
+        out = out.view(*x.shape[:-1], self.out_features)  # (..., out)
+        return out if self.bias is None else out + self.bias

@@ -2,12 +2,12 @@
 
 PyTorch sends a CPU fp32 ``F.linear`` to MKL's sgemm. At the decoder's shapes (a few dozen
 rows per word against a 2560 x 2048 LSTM weight, or 160 beam rows against the 512 x 9490 output
-layer) MKL reaches about half of the machine's peak on the AMD EPYC we measure on, while oneDNN,
-which PyTorch also ships, runs the same product near peak (``benchmarks/decoder.py``). ``linear``
-sends CPU fp32 products to oneDNN's linear kernel (``torch.ops.mkldnn._linear_pointwise``, the
-one TorchInductor uses) and everything else (CUDA, bf16/fp16, autocast, a build without
-oneDNN, oneDNN switched off through ``torch.backends.mkldnn``) to ``F.linear``. The op has no
-autograd formula, so ``_OneDNNLinear`` gives it one, again through oneDNN: dx = g W, dW = g^T x.
+layer) oneDNN, which PyTorch also ships, runs the same product faster (README, Benchmark;
+``benchmarks/decoder.py``). ``linear`` sends CPU fp32 products to oneDNN's linear kernel
+(``torch.ops.mkldnn._linear_pointwise``, the one TorchInductor uses) and everything else
+(CUDA, bf16/fp16, autocast, a build without oneDNN, oneDNN switched off through
+``torch.backends.mkldnn``) to ``F.linear``. The op has no autograd formula, so
+``_OneDNNLinear`` gives it one, again through oneDNN: dx = g W, dW = g^T x.
 
 ``mm_t(x, w)`` is the bare ``x @ w.T`` for the custom autograd code in ``deferred``.
 """
@@ -47,9 +47,21 @@ def _use_onednn(x: torch.Tensor, *tensors: torch.Tensor | None) -> bool:
     )
 
 
+def _dense(m: torch.Tensor) -> torch.Tensor:
+    """A 2-D operand in a layout oneDNN's matmul runs at speed: row- or column-major without gaps.
+
+    A gapped view (e.g. a column slice W[:, :D] of a wider weight) sends oneDNN to its reference
+    kernel, orders of magnitude slower; such a view is copied (keeping its row- or column-major
+    order), anything else is read in place.
+    """
+    if m.is_contiguous() or m.t().is_contiguous():
+        return m
+    return m.t().contiguous().t() if m.stride(0) == 1 else m.contiguous()
+
+
 def _mm_t(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
-    """x (M, in) @ w (out, in)^T + b through oneDNN; strided views of x and w are read in place."""
-    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+    """x (M, in) @ w (out, in)^T + b through oneDNN."""
+    return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(w), b, "none", [], "")
 
 
 def mm_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -62,6 +74,7 @@ class _OneDNNLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        x, weight = _dense(x), _dense(weight)  # dense once, for the backward products too
         ctx.save_for_backward(x, weight)
         ctx.has_bias = bias is not None
         return _mm_t(x, weight, bias)  # (M, out)
