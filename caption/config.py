@@ -120,6 +120,7 @@ class DecodeConfig:
     min_len: int = 0
     length_penalty: float = 0.0  # final score = log_prob / len**length_penalty
     suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
+    no_repeat_ngram: int = 0  # never emit an n-gram of this many words twice in one caption (0: off)
 
 
 @dataclass(frozen=True)

@@ -34,9 +34,10 @@ class DecodingOptions:
     min_len: int = 0  # <end> is suppressed before this many words
     length_penalty: float = 0.0  # final score = log_prob / len**length_penalty (0: raw log-prob)
     suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
+    no_repeat_ngram: int = 0  # never emit an n-gram of this many words twice in one caption (0: off)
 
     def __post_init__(self) -> None:
-        if self.beam_size < 1 or self.max_len < 1 or self.min_len < 0:
+        if self.beam_size < 1 or self.max_len < 1 or self.min_len < 0 or self.no_repeat_ngram < 0:
             raise ValueError(f"invalid decoding options: {self}")
 
     @classmethod
@@ -86,8 +87,9 @@ def _eval_mode(module: nn.Module) -> Iterator[None]:
         module.train(was_training)
 
 
-def _log_probs(logits: torch.Tensor, t: int, options: DecodingOptions) -> torch.Tensor:
-    """(N, V) log-probabilities with <pad>/<start>, <unk> (optionally) and <end> before min_len ruled out."""
+def _log_probs(logits: torch.Tensor, t: int, options: DecodingOptions, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, V) log-probabilities with <pad>/<start>, <unk> (optionally), <end> before min_len and
+    words that would repeat an n-gram of ``tokens`` (N, t), each row's words so far, ruled out."""
     logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
     logp[:, PAD_ID] = float("-inf")
     logp[:, START_ID] = float("-inf")
@@ -95,7 +97,20 @@ def _log_probs(logits: torch.Tensor, t: int, options: DecodingOptions) -> torch.
         logp[:, UNK_ID] = float("-inf")
     if t < options.min_len:
         logp[:, END_ID] = float("-inf")
+    if options.no_repeat_ngram:
+        _block_repeats(logp, tokens, options.no_repeat_ngram)
     return logp
+
+
+def _block_repeats(logp: torch.Tensor, tokens: torch.Tensor, n: int) -> None:
+    """Rule out, in place, each row's words that would complete an n-gram already in its ``tokens`` (N, t)."""
+    if tokens.shape[1] < n:  # no complete n-gram yet (n = 1 blocks every word already said)
+        return
+    grams = tokens.unfold(1, n, 1)  # (N, W, n), every n-gram said so far
+    prefix = tokens[:, tokens.shape[1] - n + 1 :]  # (N, n-1), the words the next one would follow
+    seen = (grams[:, :, : n - 1] == prefix.unsqueeze(1)).all(-1)  # (N, W), n-grams that start like that
+    rows, at = seen.nonzero(as_tuple=True)  # (M,) each
+    logp[rows, grams[rows, at, n - 1]] = float("-inf")
 
 
 def greedy_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOptions, mask=None) -> list[_Hyp]:
@@ -108,7 +123,8 @@ def greedy_search(decoder: nn.Module, features: torch.Tensor, options: DecodingO
     words, logps, alphas = [], [], []
     for t in range(options.max_len):
         out = decoder.step(prev, state, memory)
-        logp, prev = _log_probs(out.logits, t, options).max(dim=-1)  # (B,), (B,)
+        said = torch.stack(words, 1) if words and options.no_repeat_ngram else prev.new_empty(B, 0)  # (B, t)
+        logp, prev = _log_probs(out.logits, t, options, said).max(dim=-1)  # (B,), (B,)
         words.append(prev)
         logps.append(logp.masked_fill(done, 0.0))
         alphas.append(out.alpha)
@@ -143,7 +159,7 @@ def beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodingOpt
     best_finished = torch.full((B,), float("-inf"), device=device)
     for t in range(options.max_len):
         out = decoder.step(prev, state, memory)
-        logp = _log_probs(out.logits, t, options)  # (B*R, V)
+        logp = _log_probs(out.logits, t, options, tokens)  # (B*R, V)
         (R, V) = scores.shape[1], logp.shape[1]
         cand = logp.view(B, R, V).add_(scores.unsqueeze(-1)).view(B, R * V)  # (B, R*V), in place
         top, idx = cand.topk(min(2 * K, R * V), dim=1)  # (B, C)

@@ -25,7 +25,7 @@ from caption.data import ImageDataset, ImageRecord, collate_images
 from caption.decoding import DecodingOptions, DecodingResult, decode
 from caption.metrics import coco_scores
 from caption.model import Captioner
-from caption.vocab import Vocabulary
+from caption.vocab import Vocabulary, tokenize
 
 
 class _FeatureDataset(Dataset):
@@ -113,6 +113,24 @@ def task_metric_keys(name: str) -> tuple[str, ...]:
 def task_metric(name: str, captions_file: str | Path) -> TaskMetric | None:
     """The task metric ``name`` ('' = none) for the images of ``captions_file``."""
     return _factory(name)(Path(captions_file)) if name else None
+
+
+def repeats_a_bigram(caption: str) -> bool:
+    """Whether a caption says some word pair twice ("a black jacket and a black jacket")."""
+    words = tokenize(caption)
+    bigrams = list(zip(words, words[1:]))
+    return len(bigrams) != len(set(bigrams))
+
+
+def repetition_scores(captions: Mapping[int, str], records: Sequence[ImageRecord]) -> dict[str, float]:
+    """Share of captions that repeat a bigram, the same share over the human references, and how
+    many of the captions are distinct."""
+    refs = [c for r in records if r.image_id in captions for c in r.captions]
+    return {
+        "repeated_bigram_rate": round(sum(map(repeats_a_bigram, captions.values())) / max(len(captions), 1), 4),
+        "references_repeated_bigram_rate": round(sum(map(repeats_a_bigram, refs)) / max(len(refs), 1), 4),
+        "distinct_captions": len(set(captions.values())),
+    }
 
 
 @dataclass

@@ -20,7 +20,7 @@ def _random_decoder(name="additive", vocab=20):
 def test_beam_of_one_equals_greedy(name):
     decoder, feats = _random_decoder(name), torch.randn(6, 9, 16)
     with torch.no_grad():
-        for opts in (DecodingOptions(1, 12), DecodingOptions(1, 12, min_len=3)):
+        for opts in (DecodingOptions(1, 12), DecodingOptions(1, 12, min_len=3), DecodingOptions(1, 12, no_repeat_ngram=2)):
             greedy, beam = greedy_search(decoder, feats, opts), beam_search(decoder, feats, opts)
             for g, b in zip(greedy, beam):
                 assert g.tokens == b.tokens
@@ -66,8 +66,14 @@ def test_beam_larger_than_vocabulary():
     assert len(results) == 3 and all(len(r.tokens) >= 1 for r in results)
 
 
-def _exhaustive_best(decoder, feats, words, max_len, length_penalty=0.0):
-    """Best caption of at most max_len tokens by log_prob / len**length_penalty, by brute force."""
+def _repeats_an_ngram(seq, n):
+    grams = [tuple(seq[i : i + n]) for i in range(len(seq) - n + 1)] if n else []
+    return len(grams) != len(set(grams))
+
+
+def _exhaustive_best(decoder, feats, words, max_len, length_penalty=0.0, no_repeat_ngram=0):
+    """Best caption of at most max_len tokens by log_prob / len**length_penalty, by brute force
+    (over the captions that repeat no n-gram of size ``no_repeat_ngram``, when set)."""
     import itertools
 
     best = (float("-inf"), float("-inf"), None)  # (normalised score, log-probability, tokens)
@@ -77,6 +83,8 @@ def _exhaustive_best(decoder, feats, words, max_len, length_penalty=0.0):
             for body in itertools.product(words, repeat=n - 1):
                 for last in ([END_ID] + list(words)) if n == max_len else [END_ID]:
                     seq, state, prev, total = list(body) + [last], decoder.init_state(memory), START_ID, 0.0
+                    if _repeats_an_ngram(seq, no_repeat_ngram):
+                        continue
                     for w in seq:
                         out = decoder.step(torch.tensor([prev]), state, memory)
                         total += float(torch.log_softmax(out.logits, -1)[0, w])
@@ -160,3 +168,32 @@ def test_unk_is_never_emitted_unless_asked():
         assert all(UNK_ID not in r.tokens for r in decode(decoder, feats, DecodingOptions(beam, max_len=6)))
         allowed = decode(decoder, feats, DecodingOptions(beam, max_len=6, suppress_unk=False))
         assert all(UNK_ID in r.tokens for r in allowed)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_no_repeat_ngram_wide_beam_finds_the_exact_best_caption(n):
+    """With repetition control, the widest beam still finds the best caption that repeats no n-gram."""
+    for seed in range(3):
+        torch.manual_seed(seed)
+        decoder = _random_decoder(vocab=7)  # words 4, 5, 6
+        with torch.no_grad():
+            decoder.out.bias[4] += 2.0  # a decoder that loves one word: repeats are its best captions
+        feats = torch.randn(4, 9, 16)
+        results = decode(decoder, feats, DecodingOptions(beam_size=30, max_len=4, no_repeat_ngram=n))
+        plain = decode(decoder, feats, DecodingOptions(beam_size=30, max_len=4))
+        assert any(_repeats_an_ngram(r.tokens, n) for r in plain)  # the control has something to do
+        for i, r in enumerate(results):
+            score, log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5, 6), 4, no_repeat_ngram=n)
+            assert not _repeats_an_ngram(r.tokens, n)
+            assert r.tokens == seq and r.log_prob == pytest.approx(log_prob, abs=1e-4)
+
+
+def test_no_repeat_ngram_in_greedy_search():
+    torch.manual_seed(0)
+    decoder = _random_decoder(vocab=9)
+    with torch.no_grad():
+        decoder.out.bias[4] += 3.0
+    feats = torch.randn(5, 9, 16)
+    assert any(_repeats_an_ngram(r.tokens, 2) for r in decode(decoder, feats, DecodingOptions(1, 10)))
+    for r in decode(decoder, feats, DecodingOptions(1, 10, no_repeat_ngram=2)):
+        assert not _repeats_an_ngram(r.tokens, 2)

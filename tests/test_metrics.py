@@ -205,3 +205,19 @@ def test_write_results_round_trips(tmp_path: Path) -> None:
         {"image_id": 3, "caption": "café au lait"},
     ]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["results.json"]  # no temp left
+
+
+def test_repetition_scores_count_repeated_bigrams_and_distinct_captions():
+    from pathlib import Path
+
+    from caption.data import ImageRecord
+    from caption.scoring import repeats_a_bigram, repetition_scores
+
+    assert repeats_a_bigram("a man in a black jacket and a black jacket")
+    assert repeats_a_bigram("A little boy and a little girl.")  # tokenised: case and punctuation ignored
+    assert not repeats_a_bigram("a dog runs on a beach")  # "a" twice, but no pair twice
+    captions = {1: "a dog on a dog on", 2: "a cat", 3: "a cat"}
+    records = [ImageRecord(i, Path(f"{i}.jpg"), ("a dog", "a boy and a girl")) for i in (1, 2, 3)]
+    scores = repetition_scores(captions, records)
+    assert scores == {"repeated_bigram_rate": round(1 / 3, 4), "references_repeated_bigram_rate": 0.0,
+                      "distinct_captions": 2}

@@ -11,7 +11,7 @@ from caption.errors import CaptionError, DataError
 from caption.fileio import atomic_write_json
 from caption.metrics import write_results
 from caption.runtime import resolve_device
-from caption.scoring import caption_records, score_results, task_metric
+from caption.scoring import caption_records, repetition_scores, score_results, task_metric
 from caption.splits import split_metric, transform_for
 
 
@@ -24,12 +24,14 @@ def default_out_dir(checkpoint: str | Path) -> Path:
 
 def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions: str | None = None,
                         images: str | None = None, beam: int | None = None, length_penalty: float | None = None,
-                        out_dir: str | Path | None = None,
+                        no_repeat_ngram: int | None = None, out_dir: str | Path | None = None,
                         device: str | None = None, java: bool | None = None, progress: bool = True) -> dict:
     """Scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr, + the data set's own metric) and files in ``out_dir``.
 
-    Decoding follows the run's ``decode`` config, with ``beam`` and ``length_penalty`` overriding
-    it when given. Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json``
+    Decoding follows the run's ``decode`` config, with ``beam``, ``length_penalty`` and
+    ``no_repeat_ngram`` overriding it when given. The scores also carry how many captions repeat a
+    bigram (``repeated_bigram_rate``, beside the same rate over the references) and how many are
+    distinct. Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json``
     into ``out_dir`` (default: :func:`default_out_dir`); the scores also carry ``mean_words``, the
     mean caption length, since beam search favours short captions.
     """
@@ -42,7 +44,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions
         records, name, metric = load_coco(captions, images), Path(captions).stem, task_metric(cfg.data.metric, captions)
     else:
         records, name, metric = load_split(cfg.data, split), split, split_metric(cfg, split)
-    options = DecodingOptions.from_config(cfg.decode, beam_size=beam, length_penalty=length_penalty)
+    options = DecodingOptions.from_config(cfg.decode, beam_size=beam, length_penalty=length_penalty,
+                                          no_repeat_ngram=no_repeat_ngram)
     results = caption_records(loaded.model, loaded.vocab, records, options, transform=transform_for(cfg, loaded.model.encoder),
                               batch_size=32, device=dev, num_workers=cfg.data.num_workers, progress=progress)
     if not results:
@@ -50,7 +53,8 @@ def evaluate_checkpoint(checkpoint: str | Path, *, split: str = "test", captions
     evaluation = score_results(results, records, java=java, metric=metric)
     words = sum(len(caption.split()) for caption in evaluation.captions.values()) / len(results)
     scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size,
-              "length_penalty": options.length_penalty, "mean_words": round(words, 2)}
+              "length_penalty": options.length_penalty, "no_repeat_ngram": options.no_repeat_ngram,
+              "mean_words": round(words, 2), **repetition_scores(evaluation.captions, records)}
     out = Path(out_dir) if out_dir else default_out_dir(checkpoint)
     write_results(evaluation.captions, out / f"captions_{name}.json")
     atomic_write_json(out / f"scores_{name}.json", scores, indent=1)

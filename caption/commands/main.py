@@ -71,8 +71,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     from caption.inference import default_checkpoint
 
     scores = evaluate_checkpoint(
-        args.checkpoint or default_checkpoint(), split=args.split, captions=args.captions, images=args.images, beam=args.beam,
-        length_penalty=args.length_penalty, out_dir=args.out, device=args.device, java=None if not args.no_java else False,
+        args.checkpoint or default_checkpoint(), split=args.split, captions=args.captions, images=args.images,
+        beam=args.beam, length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, out_dir=args.out,
+        device=args.device, java=None if not args.no_java else False,
     )
     if args.json:
         print(json.dumps(scores))
@@ -137,7 +138,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--beam", type=int, default=None, help="beam size (default: the run's decode.beam_size)")
     p.add_argument("--length-penalty", type=float, default=None, metavar="P",
                    help="rank finished captions by log_prob / len**P (default: the run's decode.length_penalty)")
-    p.add_argument("--out", help="where to write captions and scores (default: <run dir>/eval)")
+    p.add_argument("--no-repeat-ngram", type=int, default=None, metavar="N",
+                   help="never repeat an N-word phrase in a caption, 0 = off (default: the run's decode.no_repeat_ngram)")
+    p.add_argument("--out", help="where to write captions and scores (default: <run dir>/eval, or runs/eval/<stem> "
+                                 "for a .pt file)")
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     p.add_argument("--no-java", action="store_true", help="Python tokenizer, no METEOR")
     p.add_argument("--device", default=None)
