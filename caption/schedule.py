@@ -22,8 +22,7 @@ class Schedule:
     """One interface over both schedules: ``after_step()`` per optimizer step, ``after_epoch(score)`` per epoch."""
 
     def __init__(self, optim: torch.optim.Optimizer, cfg: TrainConfig, steps_per_epoch: int):
-        if cfg.lr_schedule not in SCHEDULES:
-            raise ConfigError(f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.lr_schedule}'")
+        check_schedule(cfg)
         self.kind = cfg.lr_schedule
         if self.kind == "plateau":
             self.sched = torch.optim.lr_scheduler.ReduceLROnPlateau(
@@ -45,6 +44,12 @@ class Schedule:
 
     def load_state_dict(self, state: dict) -> None:
         self.sched.load_state_dict(state)
+
+
+def check_schedule(cfg: TrainConfig) -> None:
+    """ConfigError for an unknown ``train.lr_schedule``."""
+    if cfg.lr_schedule not in SCHEDULES:
+        raise ConfigError(f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.lr_schedule}'")
 
 
 def _cosine(step: int, total: int, warmup: int, floor: float) -> float:

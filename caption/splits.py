@@ -22,7 +22,7 @@ from caption.distributed import Dist
 from caption.images import image_transform
 from caption.metrics import METRIC_KEYS
 from caption.model.check import check_model_config
-from caption.schedule import SCHEDULES
+from caption.schedule import check_schedule
 from caption.scoring import TaskMetric, task_metric, task_metric_keys
 from caption.vocab import Vocabulary
 
@@ -47,10 +47,10 @@ class TrainingData:
 
 def check_config(cfg: Config) -> None:
     """Raise a ConfigError now for any setting that would fail later: model choices and sizes, the
-    data set's metric, and the validation score that picks best.pt. Nothing is read or written."""
+    LR schedule, the data set's metric, and the validation score that picks best.pt. Nothing is
+    read or written."""
     check_model_config(cfg.model)
-    if cfg.train.lr_schedule not in SCHEDULES:
-        raise ConfigError(f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.train.lr_schedule}'")
+    check_schedule(cfg.train)
     known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
     known += task_metric_keys(cfg.data.metric)
     if cfg.train.select_metric not in known:
