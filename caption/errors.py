@@ -12,12 +12,7 @@ from __future__ import annotations
 class CaptionError(Exception):
     """A user-facing error: one line on stderr, then exit status ``exit_code``."""
 
-    exit_code = 2
-
-    def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
-        if exit_code is not None:
-            self.exit_code = exit_code
+    exit_code = 2  # a subclass may set its own
 
 
 class DataError(CaptionError, ValueError):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from caption.config import Config, load_config, to_dict
+from caption.config import Config, load_config
 from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
 from caption.inference import DEMO_RUN_DIR
@@ -49,17 +49,17 @@ def train_once(cfg: Config, run_dir: Path, device: str | None, overwrite: bool =
     from caption.run_dir import holds_run
     from caption.train import fit
 
-    same = _same_run(cfg, run_dir)
-    done = json.loads((run_dir / DONE).read_text()) if (run_dir / DONE).is_file() else {}
-    if same and not overwrite and done.get("config") == to_dict(cfg) and (run_dir / "best.pt").is_file():
+    same = _same_run(cfg, run_dir) and not overwrite
+    if same and (run_dir / DONE).is_file() and (run_dir / "best.pt").is_file():
         print(f"reusing the trained model in {run_dir}")
         return
-    resume = same and not overwrite and (run_dir / "last.pt").is_file()
+    (run_dir / DONE).unlink(missing_ok=True)  # so that DONE only ever marks a finished run of config.yaml
+    resume = same and (run_dir / "last.pt").is_file()
     print(("resuming" if resume else "training") + f" {cfg.name} (seed {cfg.train.seed}) into {run_dir} "
           "(a few minutes on 2 CPU cores)")
     result = fit(cfg, run_dir, resume=resume, overwrite=overwrite and holds_run(run_dir), device=device)
     best = {f"best_val_{cfg.train.select_metric}": result.best_score}
-    atomic_write_json(run_dir / DONE, {"epochs": result.epochs, **best, "config": to_dict(cfg)})
+    atomic_write_json(run_dir / DONE, {"epochs": result.epochs, **best})
 
 
 def run_demo(run_dir: Path | None = None, *, seed: int = 0, device: str | None = None, overwrite: bool = False,
