@@ -4,23 +4,26 @@ train: teacher-forced forward + backward + AdamW step (as ``caption train``), B=
 beam:  batched beam search, 32 images per call, K=5, 20 steps forced (<end> suppressed)
        (images/s).
 Shapes: grid 14x14 (L=196), D=2048, V=9490, embed/hidden/attention 512.
+Precision: --precision auto (default; bf16 where the CPU has bf16 units), fp32 or bf16, as ``caption train``
+runs it (autocast; loss and beam scores in fp32). The JSON names the precision, device and CPU model.
 
-    python benchmarks/decoder.py [--threads 2] [--attention additive] [--repeats 5]
+    python benchmarks/decoder.py [--threads 2] [--precision auto] [--attention additive] [--repeats 5]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import platform
+import os
 import time
 
 import torch
 
-from caption.config import ModelConfig
+from caption.config import PRECISIONS, ModelConfig
 from caption.decoding import DecodingOptions, beam_search
 from caption.losses import caption_loss
 from caption.model import AttentionDecoder
+from caption.runtime import cpu_name, keep_freed_memory, resolve_precision
 from caption.train import adamw
 from caption.vocab import END_ID, START_ID
 
@@ -43,31 +46,42 @@ def main() -> None:
     p.add_argument("--repeats", type=int, default=5)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--beam", type=int, default=5)
+    p.add_argument("--precision", default="auto", choices=PRECISIONS)
+    p.add_argument("--device", default="cpu")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
+    keep_freed_memory()  # as the caption command does
+    precision = resolve_precision(args.precision, args.device)
+    device = precision.device
     torch.manual_seed(0)
     B, L, D, T, V = args.batch, 196, 2048, 22, 9490
     hidden = D if args.attention == "dot" else 512
     cfg = ModelConfig(attention=args.attention, embed_dim=512, hidden_dim=hidden, attention_dim=512)
-    decoder = AttentionDecoder(V, D, cfg)
+    decoder = AttentionDecoder(V, D, cfg).to(device)
     optim = adamw(decoder.parameters(), lr=1e-4)  # as training builds it
-    features = torch.randn(B, L, D).relu()
-    captions = torch.randint(4, V, (B, T + 1))
+    features = torch.randn(B, L, D).relu().to(device)
+    captions = torch.randint(4, V, (B, T + 1)).to(device)
     captions[:, 0], captions[:, -1] = START_ID, END_ID
 
     def train_step() -> None:
         decoder.train()
         optim.zero_grad(set_to_none=True)
-        caption_loss(decoder(features, captions), alpha_c=1.0).total.backward()
+        with precision.autocast():
+            loss = caption_loss(decoder(features, captions), alpha_c=1.0)
+        loss.total.backward()
         torch.nn.utils.clip_grad_norm_(decoder.parameters(), 5.0)
         optim.step()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     options = DecodingOptions(beam_size=args.beam, max_len=20, min_len=20)
 
     def beam_call() -> None:
         decoder.eval()
-        with torch.no_grad():
+        with torch.no_grad(), precision.autocast():
             beam_search(decoder, features, options)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
 
     t_train = _time(train_step, args.repeats)
     t_beam = _time(beam_call, args.repeats)
@@ -79,8 +93,13 @@ def main() -> None:
         "beam_images_per_s": round(B / t_beam, 1),
         "beam_size": args.beam,
         "shapes": {"B": B, "L": L, "D": D, "T": T, "V": V, "H": hidden, "A": 512, "E": 512},
+        "precision": precision.name,
+        "requested": precision.requested,
+        "device": str(device),
+        "device_name": precision.device_name,
+        "cpu": cpu_name(),
         "torch": torch.__version__,
-        "cpu": platform.processor() or platform.machine(),
+        "load_average": [round(x, 2) for x in os.getloadavg()],
     }))
 
 

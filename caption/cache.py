@@ -10,6 +10,7 @@ the array lazily in each process, so it pickles cheaply into DataLoader workers.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
@@ -28,6 +29,10 @@ from caption.config import EncoderConfig
 from caption.data import ImageDataset, ImageRecord, collate_images
 from caption.errors import DataError
 from caption.fileio import atomic_write_json
+from caption.images import ImageError, prefetch, preprocess
+from caption.model import Encoder
+from caption.model.fuse import fused_for_inference
+from caption.runtime import Precision
 
 log = logging.getLogger("caption.cache")
 
@@ -35,13 +40,17 @@ FORMAT_VERSION = 1
 _FP16_MAX = 65504.0
 
 
-def cache_key(encoder: EncoderConfig, image_size: int) -> str:
-    """Short stable name of everything that determines the features (the encoder's whole config and
-    the image size), e.g. ``resnet101-DEFAULT-224-g14-1a2b3c4d``."""
+def cache_key(encoder: EncoderConfig, image_size: int, precision: str = "fp32") -> str:
+    """Short stable name of everything that determines the features (the encoder's whole config,
+    the image size and the precision the encoder ran in), e.g. ``resnet101-DEFAULT-224-g14-1a2b3c4d``
+    (fp32) or ``efficientnet_lite0-DEFAULT-224-g7-bf16-5e6f7a8b``."""
     info = {**dataclasses.asdict(encoder), "image_size": int(image_size)}
+    if precision != "fp32":  # fp32 keys stay what they were before precision existed
+        info["precision"] = precision
     digest = hashlib.sha1(json.dumps(info, sort_keys=True).encode()).hexdigest()[:8]
     weights = re.sub(r"[^A-Za-z0-9_.]+", "_", encoder.weights)
-    return f"{encoder.encoder}-{weights}-{int(image_size)}-g{encoder.grid}-{digest}"
+    tag = "" if precision == "fp32" else f"-{precision}"
+    return f"{encoder.encoder}-{weights}-{int(image_size)}-g{encoder.grid}{tag}-{digest}"
 
 
 def encoder_digest(encoder: nn.Module) -> str:
@@ -156,11 +165,15 @@ def _matches(index: dict | None, header: dict) -> bool:
 
 def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform, path_prefix: str | Path, *,
                    batch_size: int = 32, device: str | torch.device = "cpu", num_workers: int = 0,
-                   progress: bool = True, key: str | None = None, flush_every: int = 20) -> FeatureStore:
+                   progress: bool = True, key: str | None = None, flush_every: int = 20,
+                   precision: Precision | None = None) -> FeatureStore:
     """Encode every record's image once into ``<prefix>.f16`` / ``<prefix>.json``; resume if interrupted.
 
     ``key`` (default: the prefix's file name) identifies the encoder settings; with the image ids, the
     encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
+    The encoder runs in ``precision`` (default fp32); the key should name it (:func:`cache_key`).
+    Images are decoded by ``num_workers`` DataLoader processes, or with 0 by threads
+    (:func:`caption.images.prefetch`), while the encoder runs.
     Unreadable images are recorded in ``bad`` (their features stay zero) and reported, not fatal.
     """
     if not records:
@@ -181,7 +194,9 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
     else:
         for stale in (array_path, index_path):
             stale.unlink(missing_ok=True)
-    _encode_remaining(encoder, records, transform, state, batch_size, device, num_workers, progress, flush_every)
+    runner = _for_inference(encoder, transform)
+    with precision.autocast() if precision is not None else contextlib.nullcontext():
+        _encode_remaining(runner, records, transform, state, batch_size, device, num_workers, progress, flush_every)
     if state.array is None:
         raise DataError(f"none of the {len(records)} images could be read; no features were cached")
     state.save(complete=True)
@@ -196,9 +211,7 @@ def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transf
                       batch_size: int, device, num_workers: int, progress: bool, flush_every: int) -> None:
     """Run the encoder over records[state.done:] in order, writing rows and flushing as it goes."""
     start, n = state.done, len(records)
-    dataset = ImageDataset(records[start:], transform)
-    loader = DataLoader(dataset, batch_size=batch_size, shuffle=False, num_workers=num_workers,
-                        collate_fn=collate_images, pin_memory=torch.device(device).type == "cuda")
+    loader = _image_batches(records[start:], transform, batch_size, device, num_workers)
     was_training = encoder.training
     encoder.eval()
     bar = tqdm(total=n, initial=start, desc="caching features", unit="img", disable=not progress)
@@ -225,8 +238,47 @@ def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transf
         state.save()  # also on errors and Ctrl-C: a rerun starts where this one stopped
 
 
+def _for_inference(encoder: nn.Module, transform) -> nn.Module:
+    """A captioning :class:`Encoder` runs as its fused copy (BatchNorm folded into the convolutions:
+    the same features, faster); any other module as it is."""
+    size = getattr(transform, "image_size", None)
+    if not isinstance(encoder, Encoder) or size is None:
+        return encoder
+    return fused_for_inference(encoder, torch.zeros(1, 3, size, size))
+
+
+def _image_batches(records: Sequence[ImageRecord], transform, batch_size: int, device, num_workers: int):
+    """``(images (B, 3, S, S), indices (B,))`` batches of the readable records (None when none is),
+    in order; images decoded by DataLoader worker processes, or by threads with ``num_workers=0``."""
+    if num_workers > 0 or not hasattr(transform, "pixels"):
+        return DataLoader(ImageDataset(records, transform), batch_size=batch_size, shuffle=False,
+                          num_workers=num_workers, collate_fn=collate_images,
+                          pin_memory=torch.device(device).type == "cuda")
+    return _threaded_batches(records, transform, batch_size)
+
+
+def _threaded_batches(records: Sequence[ImageRecord], transform, batch_size: int):
+    """The same batches, decoded and resized (uint8) in threads, normalised here a batch at a time."""
+    batch: list[tuple[int, torch.Tensor | ImageError]] = []
+    loaded = prefetch(enumerate(records), lambda item: preprocess(item[1].path, transform, pixels=True),
+                      ahead=2 * batch_size)
+    for (i, _), pixels in loaded:
+        batch.append((i, pixels))
+        if len(batch) == batch_size or i == len(records) - 1:
+            good = [(j, p) for j, p in batch if not isinstance(p, ImageError)]
+            batch = []
+            if not good:
+                yield None
+                continue
+            images = transform.normalize(torch.stack([p for _, p in good]))  # (B, 3, S, S)
+            yield images, torch.tensor([j for j, _ in good], dtype=torch.long)
+
+
 def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform, cache_dir: str | Path,
-                  encoder_cfg: EncoderConfig, image_size: int, split: str, **kwargs) -> FeatureStore:
-    """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``), built or finished if needed."""
-    key = cache_key(encoder_cfg, image_size)
-    return build_features(encoder, records, transform, Path(cache_dir) / f"{split}-{key}", key=key, **kwargs)
+                  encoder_cfg: EncoderConfig, image_size: int, split: str, precision: Precision | None = None,
+                  **kwargs) -> FeatureStore:
+    """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``), built or finished if needed,
+    by the encoder running in ``precision`` (default fp32)."""
+    key = cache_key(encoder_cfg, image_size, precision.name if precision is not None else "fp32")
+    return build_features(encoder, records, transform, Path(cache_dir) / f"{split}-{key}", key=key,
+                          precision=precision, **kwargs)

@@ -25,6 +25,9 @@ class ConfigError(CaptionError, ValueError):
     """A bad config key or value; the message names the dotted key."""
 
 
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # Config.precision and every --precision
+
+
 @dataclass(frozen=True)
 class DataConfig:
     """Where captions and images come from, and how images are turned into tensors."""
@@ -63,7 +66,7 @@ class ModelConfig:
     dropout: float = 0.5
     gate: str = "scalar"  # β gate on the context: "scalar" (paper), "vector" (tutorial), "none"
     deep_output: bool = False  # the paper's deep output layer L_o(E y + L_h h + L_z z)
-    init_state: str = "mean"  # h0/c0 from the mean feature (paper) or "zeros" (all image content via attention)
+    init_state: str = "mean"  # h0/c0 from the mean feature (paper), "attend" (a query-free attention pool) or "zeros"
 
 
 @dataclass(frozen=True)
@@ -91,7 +94,8 @@ class TrainConfig:
     """Optimisation and model-selection settings."""
 
     epochs: int = 20
-    batch_size: int = 32
+    batch_size: int = 32  # captions per optimizer step
+    group_by_image: bool = False  # a batch holds all captions of ~batch_size/5 images; each image is encoded once
     lr: float = 4e-4
     weight_decay: float = 0.0
     encoder_lr: float = 1e-4  # used once the encoder is fine-tuned
@@ -107,8 +111,13 @@ class TrainConfig:
     select_metric: str = "CIDEr"  # val score (greedy) that picks best.pt, e.g. content_accuracy on shapes
     val_beam: int = 1  # decoding used for model selection (1 = greedy)
     seed: int = 0
-    amp: bool = True  # mixed precision on CUDA (bf16 where supported); CPU always runs fp32
     checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: at epoch ends only)
+    objective: str = "xent"  # "xent" (cross-entropy, teacher forcing) or "scst" (self-critical: CIDEr-D of samples)
+    init_from: str = ""  # a run directory or .pt whose weights and vocabulary the run starts from (not its optimizer)
+    scst_samples: int = 5  # scst: captions sampled per image (K); a step takes batch_size images
+    scst_baseline: str = "mean"  # scst: a sample's baseline, "mean" reward of the image's other K-1 samples or "greedy"
+    scst_max_len: int = 16  # scst: most tokens per sampled caption, <end> included
+    scst_temperature: float = 1.0  # scst: sample from softmax(logits / temperature)
 
 
 @dataclass(frozen=True)
@@ -121,6 +130,7 @@ class DecodeConfig:
     length_penalty: float = 0.0  # final score = log_prob / len**length_penalty
     suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
     no_repeat_ngram: int = 0  # never emit an n-gram of this many words twice in one caption (0: off)
+    alternatives: bool = False  # beam search also returns its K-1 runners-up (`caption attend` and predict --json ask)
 
 
 @dataclass(frozen=True)
@@ -128,10 +138,33 @@ class Config:
     """The whole resolved configuration of a run."""
 
     name: str = "default"
+    # auto: bf16 where the device computes it in hardware (CUDA with bf16, a CPU with AMX or
+    # AVX512-BF16), else fp32; or fp32 | bf16 | fp16 (not on a CPU). Replaces train.amp (still read).
+    precision: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+
+    def __post_init__(self) -> None:
+        if self.precision not in PRECISIONS:
+            raise ConfigError(f"config key 'precision' must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
+
+
+def _amp_to_precision(key: str, amp: Any) -> str:
+    """The old ``train.amp`` switch as a precision: true -> auto, false -> fp32."""
+    return "auto" if _coerce(key, amp, bool) else "fp32"
+
+
+def _legacy(data: dict) -> dict:
+    """A config dict from before ``precision`` (``train.amp``, e.g. in older checkpoints), updated:
+    ``amp`` goes, and sets ``precision`` unless the dict has one too."""
+    train = data.get("train")
+    if not isinstance(train, dict) or "amp" not in train:
+        return data
+    train = dict(train)
+    precision = _amp_to_precision("train.amp", train.pop("amp"))
+    return {**data, "train": train, "precision": data.get("precision", precision)}
 
 
 def to_dict(cfg: Any) -> dict:
@@ -181,6 +214,8 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
+    if cls is Config:
+        data = _legacy(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -213,6 +248,8 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     data = to_dict(cfg)
     for text in overrides:
         key, value = parse_override(text)
+        if key == "train.amp":  # the old switch, still accepted
+            key, value = "precision", _amp_to_precision(key, value)
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):

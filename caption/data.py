@@ -129,9 +129,16 @@ class CaptionItem(NamedTuple):
 
 
 class CaptionBatch(NamedTuple):
-    inputs: torch.Tensor  # (B, 3, S, S) or (B, L, D)
+    """B captions of U distinct images: caption b belongs to image ``inputs[rows[b]]``.
+
+    Each image is stacked once however many of its captions the batch holds, so a trained
+    encoder runs once per image (see :meth:`CaptionDataset.image_groups`).
+    """
+
+    inputs: torch.Tensor  # (U, 3, S, S) or (U, L, D)
     captions: torch.Tensor  # (B, T + 1) padded with PAD_ID
-    image_index: torch.Tensor  # (B,)
+    image_index: torch.Tensor  # (B,) position of each caption's image in the records
+    rows: torch.Tensor  # (B,) row of each caption's image in inputs
 
     @property
     def lengths(self) -> torch.Tensor:
@@ -196,6 +203,13 @@ class CaptionDataset(_SkipsBadImages, Dataset):
     def __len__(self) -> int:
         return len(self.pairs)
 
+    def image_groups(self) -> list[list[int]]:
+        """Item indices grouped by image (every caption of image i), in record order."""
+        groups: list[list[int]] = [[] for _ in self.records]
+        for item, (index, _) in enumerate(self.pairs):
+            groups[index].append(item)
+        return groups
+
     def _inputs(self, index: int) -> torch.Tensor | None:
         record = self.records[index]
         if self.features is None:
@@ -244,14 +258,18 @@ class ImageDataset(_SkipsBadImages, Dataset):
 
 
 def collate_captions(items: Sequence[CaptionItem | None]) -> CaptionBatch | None:
-    """Stack inputs and pad captions with PAD_ID, dropping ``None`` items; ``None`` if all were bad."""
+    """Stack each distinct image once and pad captions with PAD_ID, dropping ``None`` items;
+    ``None`` if all were bad."""
     items = [item for item in items if item is not None]
     if not items:
         return None
-    inputs = torch.stack([item.inputs for item in items])  # (B, 3, S, S) or (B, L, D)
+    first: dict[int, int] = {}  # image index -> its row in inputs
+    rows = [first.setdefault(item.image_index, len(first)) for item in items]
+    unique = {item.image_index: item.inputs for item in reversed(items)}  # any copy: all are the same image
+    inputs = torch.stack([unique[index] for index in first])  # (U, 3, S, S) or (U, L, D)
     captions = pad_sequence([item.caption for item in items], batch_first=True, padding_value=PAD_ID)  # (B, T+1)
     index = torch.tensor([item.image_index for item in items], dtype=torch.long)  # (B,)
-    return CaptionBatch(inputs, captions, index)
+    return CaptionBatch(inputs, captions, index, torch.tensor(rows, dtype=torch.long))
 
 
 def collate_images(items: Sequence[tuple[torch.Tensor, int] | None]) -> tuple[torch.Tensor, torch.Tensor] | None:

@@ -5,14 +5,18 @@ image", the most reported failure of this model family), so both go through :fun
 :func:`load_image` (EXIF orientation, any mode -> RGB, huge images shrunk before full decode) then
 an :class:`ImageTransform` (whole-image square resize, no crop, so the attention grid covers the
 whole photo; ToTensor; Normalize). Every failure to read a file is an :class:`ImageError` naming it.
+:func:`prefetch` decodes and resizes the next images in worker threads while the model computes.
 """
 
 from __future__ import annotations
 
+import collections
 import math
+import os
 import warnings
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Callable, Iterable, Iterator, Sequence, TypeVar
 
 import numpy as np
 import torch
@@ -25,6 +29,9 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 # DecompressionBombError; we accept everything up to that (its ~89 MP warning is silenced) and turn
 # the refusal into an ImageError. A 179 MP photo still loads (JPEGs are drafted down first).
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
+
+Item = TypeVar("Item")
+Result = TypeVar("Result")
 
 
 class ImageError(Exception):
@@ -198,3 +205,48 @@ def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:
                 seen.add(p)
                 found.append(p)
     return found, errors
+
+
+def loader_threads() -> int:
+    """Threads that decode and resize images while the model computes (JPEG decoding and Pillow's
+    resize release the GIL): one per two cores, 1 to 4, so the model's own threads keep most cores."""
+    return max(1, min(4, (os.cpu_count() or 2) // 2))
+
+
+def _catch(fn: Callable[[Item], Result], item: Item) -> Result | ImageError:
+    try:
+        return fn(item)
+    except ImageError as err:
+        return err
+
+
+def prefetch(items: Iterable[Item], fn: Callable[[Item], Result], *, threads: int | None = None,
+             ahead: int = 64) -> Iterator[tuple[Item, Result | ImageError]]:
+    """``(item, fn(item))`` in input order, ``fn`` run by ``threads`` worker threads up to ``ahead``
+    items before the consumer asks for them, so image decoding overlaps the model's compute.
+
+    An :class:`ImageError` from ``fn`` comes back in place of its result (any other exception is
+    raised to the consumer); ``threads=0`` runs ``fn`` in the consumer's thread. Stopping early
+    cancels the items not yet started.
+    """
+    threads = loader_threads() if threads is None else threads
+    if threads <= 0:
+        for item in items:
+            yield item, _catch(fn, item)
+        return
+    source = iter(items)
+    pending: collections.deque[tuple[Item, Future]] = collections.deque()
+    pool = ThreadPoolExecutor(threads, thread_name_prefix="caption-images")
+    try:
+        for item in source:
+            pending.append((item, pool.submit(_catch, fn, item)))
+            if len(pending) >= max(1, ahead):
+                break
+        while pending:
+            item, future = pending.popleft()
+            for more in source:  # keep the window full
+                pending.append((more, pool.submit(_catch, fn, more)))
+                break
+            yield item, future.result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)

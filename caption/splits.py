@@ -22,6 +22,7 @@ from caption.distributed import Dist
 from caption.images import image_transform
 from caption.metrics import METRIC_KEYS
 from caption.model.check import check_model_config
+from caption.runtime import resolve_precision
 from caption.schedule import check_schedule
 from caption.scoring import TaskMetric, task_metric, task_metric_keys
 from caption.vocab import Vocabulary
@@ -115,7 +116,8 @@ def _cached(cfg, split, records, encoder, transform, run_dir, device, dist, prog
     """Rank 0 builds (or finishes) the cache first; the other ranks then open it."""
     def build(show: bool) -> FeatureStore:
         return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), encoder.config, cfg.data.image_size,
-                             split, batch_size=max(cfg.train.batch_size, 32), device=device,
+                             split, precision=resolve_precision(cfg.precision, device),
+                             batch_size=max(cfg.train.batch_size, 32), device=device,
                              num_workers=cfg.data.num_workers, progress=show)
 
     if dist is None or not dist.active:

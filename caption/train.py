@@ -33,8 +33,11 @@ from caption.data import collate_captions
 from caption.decoding import DecodingOptions
 from caption.distributed import Dist, all_sum, setup_distributed
 from caption.run_dir import METRICS, claim_run_dir
+from caption.runtime import Precision, resolve_precision
+from caption.sampler import GlobalBatchSampler, batches_per_epoch
 from caption.schedule import Schedule
 from caption.scoring import caption_records, score_results
+from caption import scst
 from caption.losses import caption_loss
 from caption.model import Captioner, build_model
 from caption.data import load_split
@@ -42,27 +45,6 @@ from caption.splits import SplitData, TrainingData, build_vocab, check_config, l
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.train")
-
-
-class GlobalBatchSampler(torch.utils.data.Sampler):
-    """Distributed batch sampler: global batches from a per-epoch permutation, split across ranks.
-
-    Global batch b of epoch e is the same set of items whatever the number of processes (rank r
-    takes every world-th item of it), so a DDP step equals a single-process step on the same
-    global batch, and a resumed run can skip the batches it has already done.
-    """
-
-    def __init__(self, n: int, batch_size: int, seed: int, epoch: int, dist: Dist, skip: int = 0):
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
-        batches = [order[i : i + batch_size] for i in range(0, n, batch_size)]
-        self.batches = [b[dist.rank :: dist.world] for b in batches[skip:]]
-        self.total = len(batches)
-
-    def __iter__(self):
-        return iter(self.batches)
-
-    def __len__(self) -> int:
-        return len(self.batches)
 
 
 @dataclass
@@ -74,8 +56,9 @@ class Progress:
     step: int = 0  # optimizer steps done in total
     best_score: float = -math.inf
     bad_epochs: int = 0  # epochs since the best validation score
-    loss_sum: float = 0.0  # this epoch so far (this process): sum of the loss per token x tokens
-    tokens: float = 0.0  # ... and the tokens it was taken over
+    loss_sum: float = 0.0  # this epoch so far (this process): sum of the loss per token x tokens (scst: of rewards)
+    tokens: float = 0.0  # ... and the tokens it was taken over (scst: the samples)
+    stats: dict = dataclasses.field(default_factory=dict)  # scst: sums of sample_words, function_word_end
 
 
 def _rng_state() -> dict:
@@ -111,36 +94,45 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
+def _batches_per_epoch(cfg: Config, data: TrainingData) -> int:
+    dataset = data.train.dataset
+    if cfg.train.objective == "scst":  # batches of images
+        return batches_per_epoch(len(dataset.records), cfg.train.batch_size)
+    return batches_per_epoch(len(dataset), cfg.train.batch_size,
+                             len(dataset.records) if cfg.train.group_by_image else None)
+
+
 def _fine_tuning(cfg: Config, epoch: int) -> bool:
     start = cfg.train.fine_tune_from_epoch
     return cfg.model.fine_tune or (start >= 0 and epoch >= start)
 
 
-def _autocast(device: torch.device, enabled: bool):
-    """bf16 autocast on CUDA where supported, else fp16 (with a GradScaler); CPU runs fp32.
+def _autocast(precision: Precision):
+    """The autocast context of the run's precision (``cfg.precision``, resolved for the device),
+    and a GradScaler for fp16 (bf16 has fp32's range and needs none).
 
     Called once per fit: the scaler's scale and growth tracker carry over from epoch to epoch
     and are saved in every checkpoint.
     """
-    if device.type != "cuda" or not enabled:
-        return torch.autocast(device.type, enabled=False), None
-    if torch.cuda.is_bf16_supported():
-        return torch.autocast("cuda", dtype=torch.bfloat16), None
-    return torch.autocast("cuda", dtype=torch.float16), torch.amp.GradScaler("cuda")
+    scaler = torch.amp.GradScaler(precision.device.type) if precision.name == "fp16" else None
+    return precision.autocast(), scaler
 
 
 def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None = None) -> float:
     """One pass over the training captions (the rest of it, when resumed mid-epoch); returns the
-    epoch's mean loss per token of this process."""
-    model, data, optim, cfg, progress, dist = run.model, run.data.train, run.optim, run.cfg, run.progress, run.dist
+    epoch's mean loss per token of this process (``train.objective=scst``: caption.scst's epoch)."""
+    if run.scst is not None:
+        return scst.train_one_epoch(run, ddp_model, on_step)
+    model, data, cfg, progress, dist = run.model, run.data.train, run.cfg, run.progress, run.dist
     device = dist.device
+    groups = data.dataset.image_groups() if cfg.train.group_by_image else None
     sampler = GlobalBatchSampler(len(data.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
-                                 skip=progress.batch)
+                                 skip=progress.batch, groups=groups)
     loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_captions,
                         num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                         pin_memory=device.type == "cuda")
     model.train()
-    autocast, scaler = run.amp
+    autocast = run.amp[0]
     bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"epoch {progress.epoch + 1}", unit="batch",
                disable=not dist.is_main, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
@@ -150,25 +142,15 @@ def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable |
             bar.update(1)
             continue
         inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
+        rows = batch.rows.to(device, non_blocking=True)
         tokens = (captions[:, 1:] != 0).sum().float()
         counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)
         with autocast:
-            out = ddp_model(inputs, captions, features=data.features is not None)
+            out = ddp_model(inputs, captions, features=data.features is not None, rows=rows)
             # normalised by the global batch, so averaging over ranks gives the single-process gradient
             loss = caption_loss(out, cfg.train.alpha_c, token_count=counts[0] / dist.world,
                                 image_count=counts[1] / dist.world)
-        optim.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss.total).backward()
-            scaler.unscale_(optim)
-        else:
-            loss.total.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.train.grad_clip)
-        scaler.step(optim) if scaler is not None else optim.step()
-        if scaler is not None:
-            scaler.update()
-        run.sched.after_step()
-        progress.step += 1
+        run.optimizer_step(loss.total)
         progress.loss_sum += loss.xent.item() * float(tokens)
         progress.tokens += float(tokens)
         seen += len(captions) * dist.world
@@ -222,6 +204,7 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bo
     ``overwrite``; see the module docstring."""
     run_dir = Path(run_dir)
     check_config(cfg)  # a bad setting fails before anything is written
+    scst.check_objective(cfg)
     dist = setup_distributed(device)
     with claim_run_dir(run_dir, resume=resume, overwrite=overwrite, lock=dist.is_main):  # before any write
         state = read_checkpoint(run_dir / LAST) if resume else None
@@ -247,6 +230,23 @@ class _Run:
     sched: Schedule
     amp: tuple  # (autocast, GradScaler or None), built once per fit
     progress: Progress
+    scst: scst.SelfCritical | None = None  # train.objective=scst: the reward, sampling and loss
+
+    def optimizer_step(self, loss: torch.Tensor) -> None:
+        """Back-propagate, clip, step (through the fp16 gradient scaler, if any), advance the schedule."""
+        optim, scaler = self.optim, self.amp[1]
+        optim.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optim)
+        else:
+            loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
+        scaler.step(optim) if scaler is not None else optim.step()
+        if scaler is not None:
+            scaler.update()
+        self.sched.after_step()
+        self.progress.step += 1
 
     def save(self, name: str) -> None:
         if self.dist.is_main:
@@ -261,21 +261,29 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, state: dict | None, progres
     dev = dist.device
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
+    init = scst.load_init_from(cfg) if state is None and cfg.train.init_from else None  # checked before writing
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     train_records = load_split(cfg.data, "train")
     if state is not None:
         vocab = Vocabulary.from_dict(state["vocab"])
+    elif init is not None:  # train.init_from: its vocabulary and weights, not its optimizer
+        vocab = init.vocab
+        if dist.is_main:
+            vocab.save(run_dir / "vocab.json")
     else:
         vocab = build_vocab(cfg, run_dir, train_records, write=dist.is_main)
     model = build_model(cfg.model, len(vocab)).to(dev)  # seeded: a frozen encoder is the same every run
+    if init is not None:
+        load_state(model, init.model.state_dict(), init.path)
     data = load_training_data(cfg, run_dir, model.encoder, vocab, train_records=train_records, device=dev, dist=dist,
                               progress=progress_bars)
     optim = _optimizer(model, cfg)
-    sched = Schedule(optim, cfg.train, steps_per_epoch=math.ceil(len(data.train.dataset) / cfg.train.batch_size))
-    amp = _autocast(dev, cfg.train.amp)
+    sched = Schedule(optim, cfg.train, steps_per_epoch=_batches_per_epoch(cfg, data))
+    amp = _autocast(resolve_precision(cfg.precision, dev))
     progress = _restore(state, model, optim, sched, amp[1], run_dir / LAST) if state is not None else Progress()
-    return _Run(cfg, run_dir, dist, vocab, model, data, optim, sched, amp, progress)
+    objective = scst.SelfCritical(cfg, vocab, data.train) if cfg.train.objective == "scst" else None
+    return _Run(cfg, run_dir, dist, vocab, model, data, optim, sched, amp, progress, objective)
 
 
 def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list[dict]:
@@ -289,15 +297,18 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
             model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
             ddp_model = dist.wrap(model, ddp_model)  # again when fine_tune changed which parameters train
             loss = train_one_epoch(run, ddp_model, on_step)
-            scores = validate(model, run.vocab, run.data.val, cfg, dev) if dist.is_main else {}
+            with run.amp[0]:  # decoded in the run's precision (beam scores stay fp32)
+                scores = validate(model, run.vocab, run.data.val, cfg, dev) if dist.is_main else {}
             # the val score that picks best.pt, drives the LR plateau and early stopping
             score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
             run.sched.after_epoch(score)
             improved = score > progress.best_score
             progress.best_score, progress.bad_epochs = ((score, 0) if improved
                                                         else (progress.best_score, progress.bad_epochs + 1))
+            train = {"train_xent": round(loss, 4)} if run.scst is None else scst.epoch_scores(progress)
             progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0.0
-            row = {"epoch": progress.epoch, "step": progress.step, "train_xent": round(loss, 4),
+            progress.stats = {}
+            row = {"epoch": progress.epoch, "step": progress.step, **train,
                    "lr": run.optim.param_groups[0]["lr"], **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
             history.append(row)
             if dist.is_main:
@@ -342,3 +353,6 @@ def _check_resumable(state: dict, cfg: Config, path: Path) -> None:
     saved = from_dict(Config, state["config"])
     if (saved.model, saved.data) != (cfg.model, cfg.data):
         raise ConfigError(f"cannot resume {path}: its model/data config differs from the one given")
+    if saved.train.objective != cfg.train.objective:  # e.g. SCST after cross-entropy: a new run, with init_from
+        raise ConfigError(f"cannot resume {path} with train.objective={cfg.train.objective}: it was trained with "
+                          f"{saved.train.objective}; start a new run with train.init_from={path}")

@@ -1,12 +1,15 @@
-"""Per-word attention overlays: matplotlib figures, PNG files and a self-contained HTML viewer.
+"""Per-word attention overlays drawn over the photo as taken: matplotlib figures and PNG files.
 
 Input is a decoding result with ``words`` (emitted words, ``<end>`` included when the caption
 finished), ``alphas`` of shape (T, gh, gw) aligned 1:1 with ``words``, ``caption`` and
-``log_prob``. The grid size is read from ``alphas``, never assumed. ``<start>`` is fed, not
+``log_prob``; optionally ``init_alphas`` (gh, gw), the map of the query-free pool used before the
+first word. The grid size is read from ``alphas``, never assumed. ``<start>`` is fed, not
 emitted, so it has no attention map: the first figure panel shows the plain photo instead.
 
-The grid is stretched over the whole image as given; pass the image the way the encoder saw
-it (same crop, same orientation) or the heatmaps land in the wrong place.
+The model sees the whole photo resized to a square without cropping, so grid cell (i, j) covers
+the rectangle [j/gw, (j+1)/gw) x [i/gh, (i+1)/gh) of the photo whatever its aspect: the grid is
+stretched over the upright photo (a path is loaded EXIF-upright) and drawn at the photo's own
+aspect ratio. The HTML viewer is :mod:`caption.viewer`.
 
 Figures are built on ``matplotlib.figure.Figure`` directly (no pyplot state, no backend
 switching), so this module works headless, in scripts and in notebooks alike.
@@ -14,8 +17,6 @@ switching), so this module works headless, in scripts and in notebooks alike.
 
 from __future__ import annotations
 
-import base64
-import html
 import io
 import math
 import os
@@ -23,7 +24,6 @@ import re
 import textwrap
 import unicodedata
 from pathlib import Path
-from string import Template
 from typing import Any, Protocol, Sequence, TypeAlias
 
 import numpy as np
@@ -36,10 +36,11 @@ from caption.images import load_image, to_rgb
 
 MAX_COLS = 5  # figure columns; rows grow with the caption length
 PANEL_INCHES = 2.6  # width of one figure panel
-DISPLAY_MAX_SIDE = 512  # photos are downscaled to this for figures and the HTML viewer
+DISPLAY_MAX_SIDE = 512  # photos are downscaled to this for figures
 UPSAMPLE = 8  # smoothing works on a grid upsampled by this factor (cheap at any image size)
 SIGMA_CELLS = 0.4  # Gaussian blur width, in grid cells
 CAPTION_WRAP = 34  # characters per line of the caption title on the first panel
+INIT_TITLE = "before the first word"  # the panel of ``init_alphas``
 
 ImageSource: TypeAlias = "Image.Image | str | os.PathLike[str]"  # a PIL image or a path
 PathLike: TypeAlias = "str | os.PathLike[str]"
@@ -64,7 +65,7 @@ def _to_numpy(x: Any) -> np.ndarray:
     return np.asarray(x, dtype=np.float64)
 
 
-def _unpack(result: AttentionResult) -> tuple[list[str], np.ndarray]:
+def word_maps(result: AttentionResult) -> tuple[list[str], np.ndarray]:
     """Words and their (T, gh, gw) maps, checked to align 1:1."""
     words = [str(w) for w in result.words]
     alphas = _to_numpy(result.alphas)
@@ -76,6 +77,17 @@ def _unpack(result: AttentionResult) -> tuple[list[str], np.ndarray]:
             "they must align 1:1 (include '<end>' in words when it has a map)"
         )
     return words, alphas
+
+
+def init_map(result: AttentionResult) -> np.ndarray | None:
+    """The (gh, gw) map used before the first word (``result.init_alphas``), or None if it has none."""
+    init = getattr(result, "init_alphas", None)
+    if init is None:
+        return None
+    grid = _to_numpy(init)
+    if grid.ndim != 2:
+        raise ValueError(f"init_alphas must have shape (gh, gw), got {grid.shape}")
+    return grid
 
 
 def load_rgb(image: ImageSource, max_side: int | None = None) -> Image.Image:
@@ -110,19 +122,15 @@ def _blend(photo: np.ndarray, heat: np.ndarray, cmap: str, alpha: float) -> np.n
     return np.clip(np.rint(mixed), 0, 255).astype(np.uint8)
 
 
-def _heat_rgb(heat: np.ndarray, cmap: str) -> np.ndarray:
-    """Colour-mapped heatmap (H, W) -> uint8 RGB (H, W, 3)."""
-    return (colormaps[cmap](heat)[..., :3] * 255.0 + 0.5).astype(np.uint8)
+def colormap_table(cmap: str = "jet", n: int = 256) -> np.ndarray:
+    """(n, 3) uint8 RGB table of a matplotlib colormap: the HTML viewer paints with the PNGs' colours."""
+    return (colormaps[cmap](np.linspace(0.0, 1.0, n))[:, :3] * 255.0 + 0.5).astype(np.uint8)
 
 
 def _png_bytes(rgb: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(rgb).save(buf, format="PNG", optimize=True)
     return buf.getvalue()
-
-
-def _data_uri(rgb: np.ndarray) -> str:
-    return "data:image/png;base64," + base64.b64encode(_png_bytes(rgb)).decode("ascii")
 
 
 def safe_filename(word: str, max_len: int = 40) -> str:
@@ -132,21 +140,20 @@ def safe_filename(word: str, max_len: int = 40) -> str:
     return stem or "tok"
 
 
-def _word_overlays(
-    result: AttentionResult,
-    image: ImageSource,
-    cmap: str,
-    alpha: float | None,
-    max_side: int | None,
-) -> tuple[Image.Image, list[str], list[np.ndarray]]:
-    """Photo, words and per-word RGB images (blended, or raw heat colours if alpha is None)."""
-    words, maps = _unpack(result)
-    photo = load_rgb(image, max_side)
+def _panels(
+    result: AttentionResult, photo: Image.Image, cmap: str, alpha: float, label: str | None
+) -> list[tuple[np.ndarray, str]]:
+    """(image, title) panels of one result: the photo titled with the caption, the map before the
+    first word when there is one, then one blended overlay per word."""
+    words, maps = word_maps(result)
     base = np.asarray(photo)
-    heats = (attention_map(m, photo.size) for m in maps)
-    if alpha is None:
-        return photo, words, [_heat_rgb(h, cmap) for h in heats]
-    return photo, words, [_blend(base, h, cmap, alpha) for h in heats]
+    caption = result.caption or " ".join(words)
+    panels = [(base, textwrap.fill(f"{label}: {caption}" if label else caption, CAPTION_WRAP))]
+    init = init_map(result)
+    if init is not None:
+        panels.append((_blend(base, attention_map(init, photo.size), cmap, alpha), INIT_TITLE))
+    panels += [(_blend(base, attention_map(m, photo.size), cmap, alpha), w) for w, m in zip(words, maps)]
+    return panels
 
 
 # ----------------------------------------------------------------------------- public API
@@ -189,30 +196,40 @@ def overlay(
     cmap: str = "jet",
     alpha: float = 0.6,
     title: bool = True,
+    compare: AttentionResult | None = None,
+    labels: Sequence[str] | None = None,
 ) -> Figure:
-    """Figure with 1 + T panels: the photo titled with the full caption, then one per word.
+    """Figure with 1 + T panels over the upright photo at its own aspect: the photo titled with
+    the full caption, then one per word (plus one titled "before the first word" ahead of them
+    when the result has ``init_alphas``).
 
     ``<start>`` has no attention map (it is fed, never emitted), so the first panel is the
     plain photo; each following panel is that word's heatmap blended over the photo, ``<end>``
     included. At most ``cols`` (default 5) panels per row; the figure grows with the rows.
+    ``compare``: a second model's result on the same photo, drawn in the rows below the first's;
+    ``labels`` names the two (prefixed to each caption).
     """
-    photo, words, blended = _word_overlays(result, image, cmap, alpha, DISPLAY_MAX_SIDE)
-    n = 1 + len(words)
-    cols = max(1, min(cols or MAX_COLS, n))
-    rows = math.ceil(n / cols)
+    photo = load_rgb(image, DISPLAY_MAX_SIDE)
+    results = [result] if compare is None else [result, compare]
+    names = list(labels) if labels is not None else [None] * len(results)
+    sections = [_panels(r, photo, cmap, alpha, name) for r, name in zip(results, names)]
+    cols = max(1, min(cols or MAX_COLS, max(len(s) for s in sections)))
+    rows = [math.ceil(len(s) / cols) for s in sections]  # each section starts on a new row
     aspect = min(max(photo.height / photo.width, 0.25), 4.0)
     panel_h = PANEL_INCHES * aspect + (0.5 if title else 0.1)
-    fig = Figure(figsize=(cols * PANEL_INCHES, rows * panel_h), layout="constrained")
-    axes = fig.subplots(rows, cols, squeeze=False).ravel()
-    for ax in axes[n:]:
-        fig.delaxes(ax)
-    caption = textwrap.fill(result.caption or " ".join(words), CAPTION_WRAP)
-    panels = [(np.asarray(photo), caption)] + list(zip(blended, words))
-    for ax, (img, label) in zip(axes, panels):
-        ax.imshow(img)
-        ax.set_axis_off()
-        if title:
-            ax.set_title(label, fontsize=9 if ax is axes[0] else 11)
+    fig = Figure(figsize=(cols * PANEL_INCHES, sum(rows) * panel_h), layout="constrained")
+    grid = fig.subplots(sum(rows), cols, squeeze=False)  # (rows, cols) of axes
+    top = 0
+    for section, n_rows in zip(sections, rows):
+        axes = grid[top : top + n_rows].ravel()
+        for ax in axes[len(section):]:
+            fig.delaxes(ax)
+        for ax, (img, label) in zip(axes, section):
+            ax.imshow(img)
+            ax.set_axis_off()
+            if title:
+                ax.set_title(label, fontsize=9 if ax is axes[0] else 11)
+        top += n_rows
     return fig
 
 
@@ -235,112 +252,15 @@ def save_per_word(
     alpha: float = 0.6,
     max_side: int | None = 1024,
 ) -> list[Path]:
-    """One blended overlay PNG per word, named ``{index:02d}_{word}.png`` (e.g. ``03_dog.png``)."""
-    _, words, blended = _word_overlays(result, image, cmap, alpha, max_side)
+    """One blended overlay PNG per word over the upright photo, named ``{index:02d}_{word}.png``
+    (e.g. ``03_dog.png``); the map before the first word, if any, is not among them."""
+    words, maps = word_maps(result)
+    photo = load_rgb(image, max_side)
+    base = np.asarray(photo)
     digits = max(2, len(str(max(len(words) - 1, 0))))
     paths = []
-    for i, (word, rgb) in enumerate(zip(words, blended)):
-        png = _png_bytes(rgb)
+    for i, (word, grid) in enumerate(zip(words, maps)):
+        png = _png_bytes(_blend(base, attention_map(grid, photo.size), cmap, alpha))
         target = Path(out_dir) / f"{i:0{digits}d}_{safe_filename(word)}.png"
         paths.append(atomic_write(target, lambda f, data=png: f.write(data)))
     return paths
-
-
-HTML_TEMPLATE = Template(
-    """<!DOCTYPE html>
-<html lang="en"><head><meta charset="utf-8">
-<meta name="viewport" content="width=device-width, initial-scale=1">
-<title>$title</title>
-<style>
-body{font-family:system-ui,sans-serif;margin:1.5em;color:#222;background:#fafafa}
-h1{font-size:1.2em;font-weight:600}
-.stage{position:relative;display:inline-block;line-height:0}
-#photo{max-width:min(92vw,640px);height:auto}
-#overlay{position:absolute;left:0;top:0;width:100%;height:100%;opacity:$alpha;pointer-events:none}
-#overlay[src=""]{display:none}
-.caption{font-size:1.4em;line-height:1.9;max-width:640px;margin:.6em 0}
-.word{cursor:pointer;padding:.1em .3em;border-radius:.3em}
-.word:hover{background:#dbe5ff}
-.word.active{background:#2457d6;color:#fff}
-.meta{color:#666;font-size:.9em}
-</style></head><body>
-<h1>$title</h1>
-<div class="stage"><img id="photo" src="$photo" alt="photo">
-<img id="overlay" src="$first" alt="attention of the selected word" data-index="0"></div>
-<p class="caption">$spans</p>
-<p class="meta">log p = $logp &middot; hover or click a word; Left/Right arrows step words
-&middot; <label>heatmap opacity
-<input id="opacity" type="range" min="0" max="1" step="0.05" value="$alpha"></label></p>
-<script>
-(function () {
-  var words = Array.prototype.slice.call(document.querySelectorAll(".word"));
-  var ov = document.getElementById("overlay");
-  var active = 0;
-  function show(i) {
-    ov.src = words[i].getAttribute("data-src");
-    ov.setAttribute("data-index", String(i));
-  }
-  function activate(i) {
-    if (!words.length) { return; }
-    active = Math.max(0, Math.min(words.length - 1, i));
-    words.forEach(function (w, j) {
-      w.classList.toggle("active", j === active);
-      w.setAttribute("aria-pressed", j === active ? "true" : "false");
-    });
-    show(active);
-  }
-  words.forEach(function (w, i) {
-    w.addEventListener("mouseenter", function () { show(i); });
-    w.addEventListener("mouseleave", function () { show(active); });
-    w.addEventListener("click", function () { activate(i); });
-    w.addEventListener("keydown", function (e) {
-      if (e.key === "Enter" || e.key === " ") { activate(i); e.preventDefault(); }
-    });
-  });
-  document.addEventListener("keydown", function (e) {
-    if (e.key === "ArrowRight") { activate(active + 1); e.preventDefault(); }
-    else if (e.key === "ArrowLeft") { activate(active - 1); e.preventDefault(); }
-  });
-  document.getElementById("opacity").addEventListener("input", function (e) {
-    ov.style.opacity = e.target.value;
-  });
-  activate(0);
-})();
-</script>
-</body></html>
-"""
-)
-
-
-def write_html(
-    result: AttentionResult,
-    image: ImageSource,
-    path: PathLike,
-    *,
-    title: str | None = None,
-    cmap: str = "jet",
-    alpha: float = 0.6,
-    max_side: int = DISPLAY_MAX_SIDE,
-) -> Path:
-    """Write ONE self-contained HTML viewer (base64 PNGs, inline CSS/JS, no URLs; atomic).
-
-    The photo is shown with the caption as ``<span class="word" data-index="i">`` elements;
-    hovering or clicking a word lays its heatmap (``<img id="overlay">``, CSS opacity) over the
-    photo, Left/Right arrows step the active (highlighted) word.
-    """
-    photo, words, heats = _word_overlays(result, image, cmap, None, max_side)
-    uris = [_data_uri(h) for h in heats]
-    spans = " ".join(
-        f'<span class="word" data-index="{i}" tabindex="0" role="button" data-src="{uri}">'
-        f"{html.escape(word)}</span>"
-        for i, (word, uri) in enumerate(zip(words, uris))
-    )
-    page = HTML_TEMPLATE.substitute(
-        title=html.escape(title if title is not None else (result.caption or "caption")),
-        photo=_data_uri(np.asarray(photo)),
-        first=uris[0] if uris else "",
-        spans=spans,
-        logp=html.escape(f"{float(result.log_prob):.3f}"),
-        alpha=f"{min(max(float(alpha), 0.0), 1.0):g}",
-    )
-    return atomic_write(path, lambda f: f.write(page.encode("utf-8")))

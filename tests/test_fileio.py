@@ -97,7 +97,7 @@ def test_train_on_a_full_disk_exits_with_one_line(shapes_dir, tmp_path, monkeypa
     monkeypatch.setattr(torch, "save", lambda obj, f: _disk_full(f))
     assert main(["train", "--resume", str(run), "--device", "cpu", "train.epochs=2"]) == 2
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("caption train")]
+    lines = [line for line in err.splitlines() if line.startswith("caption train: error")]
     assert len(lines) == 1 and "Traceback" not in err, err
     assert f"cannot write {run}" in lines[0] and "no space left on device" in lines[0] and "intact" in lines[0]
     for name in ("last.pt", "best.pt", "metrics.csv"):  # the run stays as it was: free space, then resume

@@ -7,6 +7,7 @@ the plumbing (loading, preprocessing, batching, output, errors) needs.
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -21,7 +22,9 @@ from caption.checkpoint import CheckpointError
 from caption.commands.main import main
 from caption.images import ImageError
 
-JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid"}
+JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid", "attention"}
+ALTERNATIVE_KEYS = {"caption", "tokens", "log_prob", "attention"}
+INFO_LINE = re.compile(r"^caption \w+: precision ")  # stderr: what the model runs at, not an error
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -78,10 +81,11 @@ def good(tmp_path) -> Path:
 
 
 def run(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
-    """Run the CLI in-process: (exit status, stdout lines, stderr lines)."""
+    """Run the CLI in-process: (exit status, stdout lines, stderr lines but the one saying which
+    precision and device the model runs at)."""
     code = main(list(argv))
     out, err = capsys.readouterr()
-    return code, out.splitlines(), err.splitlines()
+    return code, out.splitlines(), [line for line in err.splitlines() if not INFO_LINE.match(line)]
 
 
 # ----------------------------------------------------------------------------- library API
@@ -194,12 +198,48 @@ def test_predict_json_lines(tiny_checkpoint, tmp_path, capsys) -> None:
     assert code == 0 and err == []
     records = [json.loads(line) for line in out]
     assert [r["image"] for r in records] == [str(p) for p in paths]
-    for r in records:
-        assert set(r) == JSON_KEYS
+    model = caption.load(tiny_checkpoint)
+    for path, r in zip(paths, records):
+        assert set(r) == JSON_KEYS | {"alternatives"}
         assert r["beam"] == 3 and r["grid"] == [3, 3]
         assert 1 <= len(r["tokens"]) <= 6 and all(isinstance(t, str) for t in r["tokens"])
         assert r["caption"] == " ".join(t for t in r["tokens"] if t != "<end>")
         assert isinstance(r["log_prob"], float) and r["log_prob"] <= 0
+        want = model.caption(path, beam=3, alternatives=True)
+        _assert_maps(r["attention"], want.alphas)
+        assert len(r["alternatives"]) == len(want.alternatives) <= 2
+        for got, alt in zip(r["alternatives"], want.alternatives):
+            assert set(got) == ALTERNATIVE_KEYS and got["tokens"] == alt.words and got["caption"] == alt.caption
+            assert got["log_prob"] == pytest.approx(alt.log_prob, abs=1e-5) and got["log_prob"] <= r["log_prob"]
+            _assert_maps(got["attention"], alt.alphas)
+    assert any(r["alternatives"] for r in records)
+
+
+def _assert_maps(got: list, alphas: torch.Tensor) -> None:
+    """T lists of gh lists of gw weights, rounded to 4 decimals."""
+    assert np.asarray(got).shape == tuple(alphas.shape)
+    assert all(round(v, 4) == v for v in np.asarray(got).ravel().tolist())
+    np.testing.assert_allclose(np.asarray(got), alphas.numpy(), atol=5e-5 + 1e-7)
+
+
+def test_predict_json_greedy_has_no_alternatives(tiny_checkpoint, good, capsys) -> None:
+    code, out, _ = run(capsys, "predict", str(good), "--checkpoint", str(tiny_checkpoint), "--json", "--beam", "1")
+    (record,) = [json.loads(line) for line in out]
+    assert code == 0 and set(record) == JSON_KEYS and record["beam"] == 1
+
+
+def test_predict_json_init_attention() -> None:
+    """A result with a map before the first word (model.init_state=attend) prints it as init_attention."""
+    from caption.commands.predict import _record
+    from caption.decoding import DecodingResult
+
+    init = torch.tensor([[0.123456, 0.876544]])
+    alphas = torch.tensor([[[0.25, 0.75]], [[0.5, 0.5]]])
+    result = DecodingResult(tokens=[5, 3], words=["dog", "<end>"], log_prob=-1.5, score=-1.5, alphas=alphas,
+                            finished=True, init_alphas=init)
+    record = json.loads(_record(Path("x.jpg"), result, beam=1))
+    assert record["init_attention"] == [[0.1235, 0.8765]]
+    assert record["attention"] == [[[0.25, 0.75]], [[0.5, 0.5]]] and record["grid"] == [1, 2]
 
 
 def _bad_input(kind: str, tmp: Path) -> Path:
@@ -292,12 +332,12 @@ def test_attend_writes_png_html_and_per_word(tiny_checkpoint, good, tmp_path, ca
     with Image.open(out_png) as img:
         img.load()
         assert img.format == "PNG" and img.width > 100
-    assert '<span class="word"' in out_png.with_suffix(".html").read_text()
+    assert '<script id="data" type="application/json">' in out_png.with_suffix(".html").read_text()
     folder = tmp_path / "out" / "attn_words"
     assert sorted(folder.iterdir()) == sorted(written[2:]) and len(written[2:]) == len(words)
     for p in written[2:]:
         with Image.open(p) as img:
-            assert img.size == (32, 32)  # the image as the model saw it
+            assert img.size == (48, 40)  # the photo as taken, not the 32x32 square the model saw
 
 
 def test_attend_html_only(tiny_checkpoint, good, tmp_path, capsys) -> None:
@@ -342,3 +382,85 @@ def test_console_script_help() -> None:
     proc = subprocess.run([exe, "--help"], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "predict" in proc.stdout and "attend" in proc.stdout
+
+
+# ----------------------------------------------------------------------------- caption attend: galleries, --compare
+
+
+def _page_data(path: Path) -> dict:
+    text = path.read_text(encoding="utf-8")
+    return json.loads(re.search(r'<script id="data" type="application/json">(.*?)</script>', text, re.S).group(1))
+
+
+@pytest.fixture(scope="module")
+def second_checkpoint(tmp_path_factory) -> Path:
+    from conftest import make_tiny_checkpoint
+
+    return make_tiny_checkpoint(tmp_path_factory.mktemp("second") / "general.pt", "general", seed=2)
+
+
+def test_attend_folder_writes_one_gallery(tiny_checkpoint, tmp_path, capsys) -> None:
+    folder = tmp_path / "photos"
+    folder.mkdir()
+    good = [make_rgb(folder, "a.png", seed=1), make_rgb(folder, "c.jpg", seed=2, size=(30, 50))]
+    (folder / "b.jpg").write_text("not a photo")
+    extra = make_rgb(tmp_path, "extra.png", seed=3)
+    page = tmp_path / "gallery.html"
+    code, out, err = run(capsys, "attend", str(folder), str(extra), str(tmp_path / "gone.png"), "--out", str(page),
+                         "--checkpoint", str(tiny_checkpoint), "--batch-size", "2")
+    assert code == 1
+    assert err == [f"caption attend: error: {tmp_path / 'gone.png'}: no such file or folder",
+                   f"caption attend: error: {folder / 'b.jpg'}: not an image file (or an unsupported format)"]
+    model = caption.load(tiny_checkpoint)
+    photos = [*good, extra]
+    assert out == [f"{p}\t{model.caption(p).caption}" for p in photos] + [str(page)]
+    data = _page_data(page)
+    assert data["gallery"] is True and data["labels"] == ["best.pt (additive)"]
+    assert [p["name"] for p in data["photos"]] == [str(p) for p in photos]
+    assert [line.split(":")[0] for line in data["errors"]] == [str(tmp_path / "gone.png"), str(folder / "b.jpg")]
+    assert (data["photos"][1]["width"], data["photos"][1]["height"]) == (30, 50)
+    hyps = data["photos"][0]["models"][0]["hyps"]
+    want = model.caption(good[0], alternatives=True)
+    assert [h["caption"] for h in hyps] == [want.caption] + [a.caption for a in want.alternatives]
+
+
+def test_attend_gallery_of_bad_files_writes_nothing(tiny_checkpoint, tmp_path, capsys) -> None:
+    (tmp_path / "photos").mkdir()
+    (tmp_path / "photos" / "x.jpg").write_text("no")
+    page = tmp_path / "g.html"
+    code, out, err = run(capsys, "attend", str(tmp_path / "photos"), "--out", str(page),
+                         "--checkpoint", str(tiny_checkpoint))
+    assert code == 1 and out == [] and not page.exists()
+    assert len(err) == 2 and "x.jpg: not an image file" in err[0] and "not written" in err[1]
+
+
+@pytest.mark.parametrize("name, flags, message", [("g.png", (), "gallery page"), ("g.html", ("--per-word",), "--per-word")])
+def test_attend_gallery_bad_options_exit_2(name, flags, message, tiny_checkpoint, tmp_path, good, capsys) -> None:
+    code, out, err = run(capsys, "attend", str(tmp_path), "--out", str(tmp_path / name), *flags,
+                         "--checkpoint", str(tiny_checkpoint))
+    assert code == 2 and out == [] and len(err) == 1 and message in err[0]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["good.png"]
+
+
+def test_attend_compare_single_photo(tiny_checkpoint, second_checkpoint, good, tmp_path, capsys) -> None:
+    target = tmp_path / "both.png"
+    code, out, err = run(capsys, "attend", str(good), "--out", str(target), "--html", "--beam", "2",
+                         "--checkpoint", str(tiny_checkpoint), "--compare", str(second_checkpoint))
+    assert code == 0 and err == []
+    first, second = (caption.load(c).caption(good, beam=2) for c in (tiny_checkpoint, second_checkpoint))
+    assert out == [f"{good}\t{first.caption}\t{second.caption}", str(target), str(target.with_suffix(".html"))]
+    data = _page_data(target.with_suffix(".html"))
+    assert data["labels"] == ["best.pt (additive)", "general.pt (general)"]
+    readings = data["photos"][0]["models"]
+    assert [r["hyps"][0]["words"] for r in readings] == [first.words, second.words]
+
+
+def test_attend_compare_same_file_twice_and_missing(tiny_checkpoint, good, tmp_path, capsys) -> None:
+    page = tmp_path / "v.html"
+    code, _, _ = run(capsys, "attend", str(good), "--out", str(page), "--checkpoint", str(tiny_checkpoint),
+                     "--compare", str(tiny_checkpoint))
+    assert code == 0 and _page_data(page)["labels"] == ["best.pt (additive)", "best.pt (additive) (--compare)"]
+    code, out, err = run(capsys, "attend", str(good), "--out", str(tmp_path / "w.html"),
+                         "--checkpoint", str(tiny_checkpoint), "--compare", str(tmp_path / "absent.pt"))
+    assert code == 2 and out == [] and len(err) == 1 and err[0].startswith("caption attend: error: --compare ")
+    assert not (tmp_path / "w.html").exists()

@@ -23,7 +23,7 @@ def _files(run_dir) -> dict:
 
 def _error_line(capsys) -> str:
     err = capsys.readouterr().err
-    lines = [line for line in err.splitlines() if line.startswith("caption train")]
+    lines = [line for line in err.splitlines() if line.startswith("caption train: error")]
     assert len(lines) == 1 and "Traceback" not in err, err
     return lines[0]
 

@@ -62,10 +62,10 @@ def _kill_at_step_7(progress):
         raise _Killed
 
 
-@pytest.mark.parametrize("schedule", ["plateau", "cosine"])
-def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path, schedule):
-    cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2", f"train.lr_schedule={schedule}",
-                      "train.warmup_steps=4")
+@pytest.mark.parametrize("setting", ["train.lr_schedule=plateau", "train.lr_schedule=cosine",
+                                     "train.group_by_image=true"])
+def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path, setting):
+    cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2", setting, "train.warmup_steps=4")
     fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
     with pytest.raises(_Killed):
         fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_7)
@@ -86,7 +86,7 @@ def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path,
 
     scalers = []
 
-    def fp16_on_cpu(device, enabled):  # what CUDA without bf16 gets, on the CPU
+    def fp16_on_cpu(precision):  # what fp16 on CUDA gets, on the CPU
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=4))
         return torch.autocast("cpu", enabled=False), scalers[-1]
 

@@ -1,10 +1,7 @@
-"""Attention overlays: heatmap geometry, figure panels, atomic PNGs, and the HTML viewer."""
+"""Attention overlays: heatmap geometry, figure panels over the photo as taken, atomic PNGs."""
 
 from __future__ import annotations
 
-import re
-import shutil
-import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -15,12 +12,13 @@ import torch
 from PIL import Image
 
 from caption.visualize import (
+    INIT_TITLE,
     attention_map,
+    colormap_table,
     overlay,
     safe_filename,
     save_overlay,
     save_per_word,
-    write_html,
 )
 
 
@@ -156,92 +154,54 @@ def test_save_per_word_one_file_per_word(tmp_path: Path, photo: Image.Image) -> 
     assert safe_filename("") == "tok" and safe_filename("a" * 99) == "a" * 40
 
 
-def test_write_html_self_contained(tmp_path: Path, photo: Image.Image) -> None:
-    words = ["a", "<b>dog</b>", "&", "\"cat\"", "<end>"]
-    out = write_html(make_result(words, 3, 5), photo, tmp_path / "view.html", title="<x> & y")
-    text = out.read_text(encoding="utf-8")
-    assert "http://" not in text and "https://" not in text
-    assert not re.search(r"""(src|href)=["'](?!data:)[^"']+""", text), "only data: URIs allowed"
-    spans = re.findall(r'<span class="word" data-index="(\d+)"', text)
-    assert spans == [str(i) for i in range(len(words))]
-    assert text.count("data:image/png;base64,") == 1 + len(words) + 1  # photo, per word, #overlay
-    assert 'id="overlay"' in text
-    assert "&lt;b&gt;dog&lt;/b&gt;" in text and "<b>dog" not in text and "&lt;end&gt;" in text
-    assert "<title>&lt;x&gt; &amp; y</title>" in text
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["view.html"]
+# ----------------------------------------------------------------------------- the photo as taken
 
 
-# ----------------------------------------------------------------------------- real browser
+def _exif_portrait(path: Path) -> Path:
+    """Stored 90x40 with EXIF orientation 6 (rotate on display): upright it is 40x90."""
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    rng = np.random.default_rng(1)
+    Image.fromarray(rng.integers(0, 255, (40, 90, 3), dtype=np.uint8)).save(path, exif=exif)
+    return path
 
 
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
+def test_overlay_draws_on_the_upright_photo_at_its_aspect(tmp_path: Path) -> None:
+    path = _exif_portrait(tmp_path / "portrait.jpg")
+    fig = overlay(make_result(WORDS, 7, 7), path)
+    for ax in fig.axes:
+        img = ax.get_images()[0].get_array()
+        assert img.shape[:2] == (90, 40), "upright, never squashed to a square"
+    width, height = fig.get_size_inches()
+    assert height > 0.9 * width, "two rows of portrait panels: about as tall as five are wide"
 
 
-@pytest.fixture
-def driver(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
-    """Headless Chromium via selenium, fully offline; skips only if a piece is missing."""
-    webdriver = pytest.importorskip(
-        "selenium.webdriver", reason="selenium not installed (pip install selenium)"
-    )
-    from selenium.webdriver.chrome.service import Service
-
-    browser, chromedriver = _chromium(), shutil.which("chromedriver")
-    if browser is None or chromedriver is None:
-        pytest.skip("chromium/chromedriver not found (apt-get install chromium chromium-driver)")
-    monkeypatch.setenv("SE_OFFLINE", "true")  # never let selenium-manager download anything
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-extensions",
-        "--window-size=1000,900", f"--user-data-dir={tmp_path / 'profile'}",
-    ):
-        opts.add_argument(flag)
-    service = Service(executable_path=chromedriver, log_output=subprocess.DEVNULL)
-    drv = webdriver.Chrome(options=opts, service=service)
-    drv.set_page_load_timeout(15)
-    try:
-        yield drv
-    finally:
-        drv.quit()
+def test_grid_cells_map_onto_rectangles_of_the_photo() -> None:
+    """The model sees the whole photo resized to a square, so cell (i, j) covers the rectangle
+    [j/gw, (j+1)/gw) x [i/gh, (i+1)/gh) of the photo whatever its aspect."""
+    alpha = np.zeros((2, 4))
+    alpha[1, 3] = 1.0
+    raw = attention_map(alpha, (400, 100), smooth=False)  # (H, W)
+    ys, xs = np.nonzero(raw)
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (50, 99, 300, 399)
 
 
-def test_html_viewer_in_headless_chromium(tmp_path: Path, photo: Image.Image, driver) -> None:
-    from selenium.webdriver.common.action_chains import ActionChains
-    from selenium.webdriver.common.by import By
-    from selenium.webdriver.common.keys import Keys
+def test_overlay_init_panel_and_comparison(photo: Image.Image) -> None:
+    first = make_result(WORDS, 3, 5)
+    first.init_alphas = torch.full((3, 5), 1 / 15)
+    second = make_result(["one", "cat", "<end>"], 3, 5)
+    fig = overlay(first, photo, compare=second, labels=["additive", "concat"])
+    titles = [ax.get_title() for ax in fig.axes]
+    # first model: photo, "before the first word", 6 words (8 panels = 2 rows of 5); then the second's rows
+    assert titles[1] == INIT_TITLE and titles[2:8] == WORDS
+    assert titles[0].startswith("additive: a dog") and titles[8].startswith("concat: one cat")
+    assert titles[9:] == ["one", "cat", "<end>"]
+    second_row_y = {round(ax.get_position().y0, 3) for ax in fig.axes[8:]}
+    assert len(second_row_y) == 1 and max(second_row_y) < min(ax.get_position().y0 for ax in fig.axes[:5])
+    assert len(overlay(first, photo).axes) == 1 + 1 + len(WORDS)
 
-    page = write_html(make_result(WORDS, 3, 5), photo, tmp_path / "view.html")
-    driver.get(page.as_uri())
-    words = driver.find_elements(By.CSS_SELECTOR, "span.word")
-    ov = driver.find_element(By.ID, "overlay")
-    assert [w.text for w in words] == WORDS
-    assert driver.execute_script("return document.querySelectorAll('img').length") == 2
-    first_src = ov.get_attribute("src")
-    assert first_src.startswith("data:image/png;base64,")
-    assert "active" in words[0].get_attribute("class")
 
-    words[2].click()
-    assert ov.get_attribute("src") == words[2].get_attribute("data-src") != first_src
-    assert ov.get_attribute("data-index") == "2"
-    active = [w.get_attribute("data-index") for w in words if "active" in w.get_attribute("class")]
-    assert active == ["2"]
-
-    driver.find_element(By.TAG_NAME, "body").send_keys(Keys.ARROW_RIGHT)
-    active = [w.get_attribute("data-index") for w in words if "active" in w.get_attribute("class")]
-    assert active == ["3"]
-    assert ov.get_attribute("src") == words[3].get_attribute("data-src")
-    loaded = driver.execute_script(
-        "var o = document.getElementById('overlay'); return o.complete && o.naturalWidth;"
-    )
-    assert loaded == photo.width
-
-    ActionChains(driver).move_to_element(words[5]).perform()  # hover previews, leave restores
-    assert ov.get_attribute("src") == words[5].get_attribute("data-src")
-    ActionChains(driver).move_to_element(driver.find_element(By.TAG_NAME, "h1")).perform()
-    assert ov.get_attribute("src") == words[3].get_attribute("data-src")
+def test_colormap_table_is_the_overlay_colormap() -> None:
+    table = colormap_table("jet")
+    assert table.shape == (256, 3) and table.dtype == np.uint8
+    assert tuple(table[0]) == (0, 0, 128) and tuple(table[-1]) == (128, 0, 0)

@@ -18,7 +18,19 @@ from caption.errors import CaptionError
 def _config(args: argparse.Namespace):
     from caption.config import load_config
 
-    return load_config(args.config, args.overrides)
+    return load_config(args.config, [*args.overrides, *_precision_override(args)])
+
+
+def _precision_override(args: argparse.Namespace) -> list[str]:
+    """``--precision X`` as the config override ``precision=X`` (after the dotted ones: it wins)."""
+    return [f"precision={args.precision}"] if getattr(args, "precision", None) else []
+
+
+def _report(args: argparse.Namespace, precision: str | None, device: str | None) -> None:
+    """The one stderr line every command prints: the precision and device it runs in."""
+    from caption.runtime import resolve_precision
+
+    print(f"caption {args.command}: {resolve_precision(precision, device).describe()}", file=sys.stderr, flush=True)
 
 
 def _run_dir(args: argparse.Namespace, cfg) -> Path:
@@ -38,6 +50,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     from caption.commands.prepare import prepare
 
     cfg = _config(args)
+    _report(args, cfg.precision, args.device)
     summary = prepare(cfg, _run_dir(args, cfg), splits=args.splits, device=args.device)
     print(json.dumps(summary, indent=1))
     return 0
@@ -52,12 +65,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise CaptionError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = apply_overrides(load_config(run_dir / "config.yaml"), args.overrides)
+        cfg = apply_overrides(load_config(run_dir / "config.yaml"), [*args.overrides, *_precision_override(args)])
     else:
         if not args.config:
             raise CaptionError("caption train needs --config FILE (or --resume RUN_DIR)")
         cfg = _config(args)
         run_dir = _run_dir(args, cfg)
+    if is_main_process():
+        _report(args, cfg.precision, args.device)
     result = fit(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, device=args.device)
     if is_main_process():  # under torchrun every process gets here
         best = f"best val {cfg.train.select_metric} {result.best_score:.4f}"
@@ -73,7 +88,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     scores = evaluate_checkpoint(
         args.checkpoint or default_checkpoint(), split=args.split, captions=args.captions, images=args.images,
         beam=args.beam, length_penalty=args.length_penalty, no_repeat_ngram=args.no_repeat_ngram, out_dir=args.out,
-        device=args.device, java=None if not args.no_java else False,
+        device=args.device, java=None if not args.no_java else False, precision=args.precision,
     )
     if args.json:
         print(json.dumps(scores))
@@ -84,7 +99,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from caption.commands.demo import run_demo
+    from caption.commands.demo import CONFIG, run_demo
+    from caption.config import load_config
+
+    _report(args, load_config(CONFIG).precision, args.device)
 
     run_demo(Path(args.run_dir) if args.run_dir else None, seed=args.seed, device=args.device,
              overwrite=args.overwrite)
@@ -95,6 +113,14 @@ def _add_config_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--config", required=required, help="YAML file under configs/")
     p.add_argument("--run-dir", help="run directory (default: runs/<config name>)")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. model.attention=dot train.lr=2e-4")
+
+
+def _add_precision_arg(p: argparse.ArgumentParser, what: str) -> None:
+    from caption.config import PRECISIONS
+
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help=f"auto (bf16 where the device computes it in hardware, else fp32), fp32, bf16 or fp16 "
+                        f"(not on a CPU); {what}")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -120,6 +146,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(p)
     p.add_argument("--splits", nargs="+", default=["train", "val"])
     p.add_argument("--device", default=None)
+    _add_precision_arg(p, "the features are cached in it (default: the config's precision)")
     p.set_defaults(func=cmd_prepare)
 
     p = sub.add_parser("train", help="train (or --resume) a captioner")
@@ -128,6 +155,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true",
                    help="start over in a run directory that holds a run (its checkpoints, metrics.csv and tb/ go)")
     p.add_argument("--device", default=None)
+    _add_precision_arg(p, "training, caching and validation run in it (default: the config's precision)")
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("evaluate", help="caption a split and report BLEU/METEOR/ROUGE-L/CIDEr")
@@ -145,6 +173,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="print the scores as one JSON object")
     p.add_argument("--no-java", action="store_true", help="Python tokenizer, no METEOR")
     p.add_argument("--device", default=None)
+    _add_precision_arg(p, "the encoder and decoder run in it (default: the checkpoint's precision)")
     p.set_defaults(func=cmd_evaluate)
 
     from caption.commands.predict import add_predict_commands
@@ -156,6 +185,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    from caption.runtime import keep_freed_memory
+
+    keep_freed_memory()  # big activation maps are reused, not page-faulted in again every batch
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)

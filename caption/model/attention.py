@@ -124,8 +124,16 @@ class _TanhScores(torch.autograd.Function):
         return g_keys, g_query, g_v
 
 
+def _chunked(keys: torch.Tensor) -> bool:
+    """Whether ``_TanhScores`` pays: on a CPU, in fp32 and in bf16 alike, where it was measured
+    faster than the plain formula (README, Benchmark); CUDA takes the plain formula."""
+    return keys.device.type == "cpu"
+
+
 def _tanh_mlp(keys: torch.Tensor, query: torch.Tensor, v: nn.Linear) -> torch.Tensor:
     """v^T tanh(k_i + q) + b from keys (B, L, A) and queries (B, K, A) -> (B, K, L)."""
+    if not _chunked(keys):
+        return _tanh_mlp_reference(keys, query.to(keys.dtype), v)  # (B, K, L)
     scores = _TanhScores.apply(keys, query, v.weight.view(-1))  # (B, K, L)
     return scores if v.bias is None else scores + v.bias
 
@@ -243,18 +251,24 @@ class Memory:
     values (B, L, D): the feature grid; keys (B, L, A): the scorer's keys k_i, projected once
     (``project_keys``: W_k a_i + b_k for additive, the key half of W times a_i for concat,
     W a_i (B, L, H) for general, the features a_i themselves for dot); mask (B, L) bool, True
-    for real cells (None: all real); mean (B, D): masked mean feature (initialises the LSTM).
+    for real cells (None: all real); mean (B, D): masked mean feature (initialises the LSTM);
+    pooled (B, D) and pool_alpha (B, L): the query-free :class:`AttentionPool`'s summary and its
+    weights, when the decoder has one (``model.init_state=attend``: the LSTM starts from pooled).
     """
 
     values: torch.Tensor
     keys: torch.Tensor
     mask: torch.Tensor | None
     mean: torch.Tensor
+    pooled: torch.Tensor | None = None
+    pool_alpha: torch.Tensor | None = None
 
     def index(self, idx: torch.Tensor | slice) -> "Memory":
         """Memory of the images ``idx`` (B',) picks, e.g. to drop finished images (a slice gives views)."""
         mask = None if self.mask is None else self.mask[idx]
-        return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx])
+        if self.pooled is None:
+            return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx])
+        return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx], self.pooled[idx], self.pool_alpha[idx])
 
 
 class AttentionOutput(NamedTuple):
@@ -270,13 +284,20 @@ class SoftAttention(nn.Module):
         self.scorer = build_scorer(scorer, query_dim, key_dim, attention_dim)
 
     def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
-        """features (B, L, D), mask (B, L) -> Memory with keys projected once."""
+        """features (B, L, D), mask (B, L) -> Memory with keys projected once.
+
+        Under autocast the values are cast to its dtype here, once, not by every word's product.
+        """
         if mask is None:
             mean = features.mean(dim=1)  # (B, D)
         else:
             weights = mask.to(features.dtype).unsqueeze(-1)  # (B, L, 1)
             mean = (features * weights).sum(1) / weights.sum(1).clamp(min=1)  # (B, D)
-        return Memory(features, self.scorer.project_keys(features), mask, mean)
+        keys = self.scorer.project_keys(features)  # (B, L, A)
+        kind = features.device.type
+        if torch.is_autocast_enabled(kind) and features.is_floating_point():
+            features = features.to(torch.get_autocast_dtype(kind))  # (B, L, D)
+        return Memory(features, keys, mask, mean)
 
     def forward(self, query: torch.Tensor, memory: Memory) -> AttentionOutput:
         """query (N, H) with N = B*K rows, K consecutive rows per image -> context, alpha."""
@@ -285,6 +306,30 @@ class SoftAttention(nn.Module):
         scores = self.scorer(query.view(B, K, -1), memory.keys)  # (B, K, L)
         if memory.mask is not None:
             scores = scores.masked_fill(~memory.mask.unsqueeze(1), float("-inf"))
-        alpha = torch.softmax(scores.float(), dim=-1).to(memory.values.dtype)  # (B, K, L)
-        context = torch.bmm(alpha, memory.values)  # (B, K, D)
+        wide = torch.promote_types(memory.values.dtype, torch.float32)  # the maps stay fp32 under bf16
+        alpha = torch.softmax(scores.float(), dim=-1).to(wide)  # (B, K, L)
+        context = torch.bmm(alpha.to(memory.values.dtype), memory.values)  # (B, K, D)
         return AttentionOutput(context.view(B * K, D), alpha.view(B * K, L))
+
+
+class AttentionPool(nn.Module):
+    """Attention without a query: each cell scored by a learned vector alone, the cells blended.
+
+    s_i = v^T tanh(W a_i + b), alpha = softmax(s) over the real cells, pooled = sum_i alpha_i a_i.
+    The summary depends on the image only, so it is computed once per image (``prepare``);
+    ``model.init_state=attend`` starts the LSTM from it instead of the plain mean.
+    """
+
+    def __init__(self, feature_dim: int, attention_dim: int):
+        super().__init__()
+        self.w = Linear(feature_dim, attention_dim)
+        self.v = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
+
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> AttentionOutput:
+        """features (B, L, D), mask (B, L) -> pooled (B, D), alpha (B, L) (0 on padded cells)."""
+        scores = self.v(torch.tanh(self.w(features))).squeeze(-1)  # (B, L)
+        if mask is not None:
+            scores = scores.masked_fill(~mask, float("-inf"))
+        alpha = torch.softmax(scores.float(), dim=-1).to(features.dtype)  # (B, L)
+        pooled = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
+        return AttentionOutput(pooled, alpha)

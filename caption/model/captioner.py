@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import torch
 from torch import nn
 
@@ -25,9 +27,20 @@ class Captioner(nn.Module):
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         return self.encoder(images)  # (B, L, D)
 
-    def forward(self, inputs: torch.Tensor, captions: torch.Tensor, *, features: bool = False) -> DecoderOutput:
-        """Teacher forcing on images (B, 3, S, S), or on cached features (B, L, D) with ``features=True``."""
-        return self.decoder(inputs if features else self.encode(inputs), captions)
+    def forward(self, inputs: torch.Tensor, captions: torch.Tensor | None = None, *, features: bool = False,
+                rows: torch.Tensor | None = None,
+                run: Callable[[AttentionDecoder, torch.Tensor], Any] | None = None) -> DecoderOutput | Any:
+        """Teacher forcing on images (U, 3, S, S), or on cached features (U, L, D) with ``features=True``.
+
+        ``rows`` (B,) names the image of each of the B captions (several captions may share one,
+        which is then encoded once); without it caption b belongs to image b. ``run(decoder,
+        features)`` replaces teacher forcing (self-critical training samples this way, so that a
+        DistributedDataParallel wrapper sees the forward pass and averages the gradients).
+        """
+        feats = inputs if features else self.encode(inputs)  # (U, L, D)
+        if run is not None:
+            return run(self.decoder, feats)
+        return self.decoder(feats if rows is None else feats.index_select(0, rows), captions)  # (B, L, D)
 
 
 def build_model(cfg: ModelConfig, vocab_size: int) -> Captioner:

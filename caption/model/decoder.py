@@ -1,6 +1,7 @@
 """LSTM decoder with soft attention (Xu et al. 2015), built around one ``step``.
 
-``prepare`` projects the image keys once, ``init_state`` sets h0/c0 from the mean feature, and
+``prepare`` projects the image keys once, ``init_state`` sets h0/c0 from the mean feature (or
+from a query-free attention pool over the grid, ``model.init_state=attend``, or zeros), and
 ``step`` emits one word: attend with h_{t-1}, gate the context with β(h_{t-1}), feed
 [embedding; context] to the LSTMCell, and score the vocabulary. ``step`` is three parts:
 ``word_input`` (the previous word's embedding and gate input), ``_advance`` (attention and the
@@ -10,13 +11,14 @@ teacher forcing (``forward``) calls the same three parts, batched over the words
 
 from __future__ import annotations
 
+import dataclasses
 from typing import NamedTuple
 
 import torch
 from torch import nn
 
 from caption.config import ConfigError, ModelConfig
-from caption.model.attention import Memory, SoftAttention
+from caption.model.attention import AttentionPool, Memory, SoftAttention
 from caption.model.deferred import DeferredLinear
 from caption.model.linear import Linear
 from caption.vocab import PAD_ID
@@ -70,11 +72,12 @@ class AttentionDecoder(nn.Module):
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, E)
         self.attention = SoftAttention(cfg.attention, H, D, cfg.attention_dim)
-        if cfg.init_state not in ("mean", "zeros"):
-            raise ConfigError(f"model.init_state must be 'mean' or 'zeros', got '{cfg.init_state}'")
+        if cfg.init_state not in ("mean", "attend", "zeros"):
+            raise ConfigError(f"model.init_state must be 'mean', 'attend' or 'zeros', got '{cfg.init_state}'")
         self.hidden_dim = H
-        self.init_h = Linear(D, H) if cfg.init_state == "mean" else None
-        self.init_c = Linear(D, H) if cfg.init_state == "mean" else None
+        self.pool = AttentionPool(D, cfg.attention_dim) if cfg.init_state == "attend" else None
+        self.init_h = Linear(D, H) if cfg.init_state != "zeros" else None
+        self.init_c = Linear(D, H) if cfg.init_state != "zeros" else None
         gates = {"scalar": lambda: Linear(H, 1), "vector": lambda: Linear(H, D), "none": lambda: None}
         if cfg.gate not in gates:
             raise ConfigError(f"model.gate must be one of {', '.join(gates)}, got '{cfg.gate}'")
@@ -91,15 +94,21 @@ class AttentionDecoder(nn.Module):
             self.out = Linear(H, vocab_size)
 
     def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
-        """features (B, L, D) -> Memory; the keys are projected here, once per image."""
-        return self.attention.prepare(features, mask)
+        """features (B, L, D) -> Memory; the keys (and the attention pool, if any) once per image."""
+        memory = self.attention.prepare(features, mask)
+        if self.pool is None:
+            return memory
+        pooled, alpha = self.pool(features, mask)  # (B, D), (B, L)
+        return dataclasses.replace(memory, pooled=pooled, pool_alpha=alpha)
 
     def init_state(self, memory: Memory, beams: int = 1) -> DecoderState:
-        """h0, c0 from the mean feature (or zeros); ``beams`` consecutive copies per image -> (B*K, H)."""
+        """h0, c0 from the mean feature, the attention pool's summary or zeros (``model.init_state``);
+        ``beams`` consecutive copies per image -> (B*K, H)."""
         if self.init_h is None:
             zeros = memory.mean.new_zeros(memory.mean.shape[0] * beams, self.hidden_dim)  # (B*K, H)
             return DecoderState(zeros, zeros)
-        h, c = self.init_h(memory.mean), self.init_c(memory.mean)  # (B, H)
+        summary = memory.mean if self.pool is None else memory.pooled  # (B, D)
+        h, c = self.init_h(summary), self.init_c(summary)  # (B, H)
         if beams > 1:
             h, c = h.repeat_interleave(beams, 0), c.repeat_interleave(beams, 0)  # (B*K, H)
         return DecoderState(h, c)

@@ -73,6 +73,9 @@ class DeferredLinear(Linear):
         if torch.is_grad_enabled() and self.weight.requires_grad:
             self._records = []
             self._alias = _Gather.apply(self.weight, self._records)
+            kind = self.weight.device.type
+            if torch.is_autocast_enabled(kind):  # cast once per sequence, not by every word's product
+                self._alias = self._alias.to(torch.get_autocast_dtype(kind))
         try:
             yield
         finally:

@@ -26,7 +26,6 @@ class Backbone(NamedTuple):
     out_dim: int  # D, channels of the last block
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
-    channels_last: bool = False  # run in NHWC memory order
 
 
 def _torchvision(name: str, weights: str) -> Backbone:
@@ -121,8 +120,8 @@ def _small(channels: int) -> Backbone:
     for i, (cin, cout) in enumerate(zip(widths, widths[1:])):
         stride = 1 if i == 3 else 2
         blocks.append(nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), ChannelNorm(cout), nn.ReLU()))
-    # NHWC, so that ChannelNorm's permute to channels-last is free
-    return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25), channels_last=True)
+    # in NHWC (as every backbone runs), ChannelNorm's permute to channels-last is free
+    return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
 BACKBONES = ("resnet50", "resnet101", "resnet152", "vgg16", "mobilenet_v3_large", "efficientnet_lite0", "small")
@@ -149,8 +148,9 @@ class Encoder(nn.Module):
         super().__init__()
         self.config = spec = EncoderConfig.of(cfg)
         backbone = _backbone(spec)
-        self.blocks = backbone.blocks
-        self.channels_last = backbone.channels_last
+        # NHWC weights and activations: oneDNN's fast convolutions on CPU (fp32, and bf16 above all)
+        # and tensor cores on CUDA; ``load_state_dict`` copies into these tensors, keeping the layout
+        self.blocks = backbone.blocks.to(memory_format=torch.channels_last)
         self.coords = spec.coord_features
         self.out_dim = backbone.out_dim + (2 if self.coords else 0)
         self.mean, self.std = backbone.mean, backbone.std
@@ -178,8 +178,7 @@ class Encoder(nn.Module):
         return self
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        if self.channels_last:
-            images = images.contiguous(memory_format=torch.channels_last)  # same shape, NHWC in memory
+        images = images.contiguous(memory_format=torch.channels_last)  # same shape, NHWC in memory
         x = self.blocks(images)  # (B, D, h, w)
         x = self.pool(x)  # (B, D, gh, gw)
         if self.coords:  # where each cell is: soft attention's context otherwise loses position
@@ -187,7 +186,7 @@ class Encoder(nn.Module):
             ys = torch.linspace(-1, 1, gh, device=x.device, dtype=x.dtype).view(1, 1, gh, 1).expand(len(x), 1, gh, gw)
             xs = torch.linspace(-1, 1, gw, device=x.device, dtype=x.dtype).view(1, 1, 1, gw).expand(len(x), 1, gh, gw)
             x = torch.cat([x, xs, ys], dim=1)  # (B, D + 2, gh, gw)
-        return x.flatten(2).transpose(1, 2)  # (B, L, D)
+        return x.flatten(2).transpose(1, 2).contiguous()  # (B, L, D), a free view of NHWC maps
 
 
 def build_encoder(cfg: ModelConfig) -> Encoder:

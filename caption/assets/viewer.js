@@ -1,0 +1,248 @@
+/* The attention viewer (caption/viewer.py writes the page data into <script id="data">).
+   Heatmaps are drawn here from the attention grids: bilinear upsampling with cell centres at
+   the centres of the grid's rectangles (as Pillow's resize), min-max scaled, coloured with the
+   PNG overlays' colormap table, shown over the photo at the opacity of the slider. */
+(function () {
+  "use strict";
+  var data = JSON.parse(document.getElementById("data").textContent);
+  var photos = data.photos, lut = data.colormap;
+  var state = {photo: -1, pos: 0, hyp: [], compare: true, preview: null};
+  var columns = [];
+
+  function $(id) { return document.getElementById(id); }
+  function el(tag, cls, text) {
+    var e = document.createElement(tag);
+    if (cls) { e.className = cls; }
+    if (text !== undefined) { e.textContent = text; }
+    return e;
+  }
+  function clamp(v, lo, hi) { return Math.max(lo, Math.min(hi, v)); }
+
+  // ------------------------------------------------------------------ heatmaps
+
+  function axis(n, cells) {
+    // output pixel x samples the grid at (x + 0.5) * cells / n - 0.5, clamped at the edges
+    var i0 = new Int32Array(n), i1 = new Int32Array(n), f = new Float32Array(n);
+    for (var x = 0; x < n; x++) {
+      var s = clamp((x + 0.5) * cells / n - 0.5, 0, cells - 1), a = Math.floor(s);
+      i0[x] = a; i1[x] = Math.min(a + 1, cells - 1); f[x] = s - a;
+    }
+    return {i0: i0, i1: i1, f: f};
+  }
+
+  function paint(canvas, cells, grid, W, H) {
+    canvas.width = W; canvas.height = H;
+    var ctx = canvas.getContext("2d");
+    if (!cells) { ctx.clearRect(0, 0, W, H); return; }
+    var gh = grid[0], gw = grid[1], xs = axis(W, gw), ys = axis(H, gh);
+    var heat = new Float32Array(W * H), lo = Infinity, hi = -Infinity;
+    for (var y = 0; y < H; y++) {
+      var r0 = ys.i0[y] * gw, r1 = ys.i1[y] * gw, fy = ys.f[y];
+      for (var x = 0; x < W; x++) {
+        var a = xs.i0[x], b = xs.i1[x], fx = xs.f[x];
+        var top = cells[r0 + a] + fx * (cells[r0 + b] - cells[r0 + a]);
+        var bot = cells[r1 + a] + fx * (cells[r1 + b] - cells[r1 + a]);
+        var v = top + fy * (bot - top);
+        heat[y * W + x] = v;
+        if (v < lo) { lo = v; }
+        if (v > hi) { hi = v; }
+      }
+    }
+    var img = ctx.createImageData(W, H), px = img.data, span = hi - lo > 1e-9 ? hi - lo : 0;
+    for (var i = 0; i < W * H; i++) {
+      var k = span ? Math.min(255, Math.floor((heat[i] - lo) / span * 256)) * 3 : 0;
+      px[4 * i] = lut[k]; px[4 * i + 1] = lut[k + 1]; px[4 * i + 2] = lut[k + 2]; px[4 * i + 3] = 255;
+    }
+    ctx.putImageData(img, 0, 0);
+  }
+
+  // ------------------------------------------------------------------ one photo, one column per model
+
+  function hypOf(c) { return c.reading.hyps[state.hyp[c.model]]; }
+  function visible(c) { return c.model === 0 || state.compare; }
+  function ownPos(c) { return clamp(state.pos, c.reading.init ? -1 : 0, hypOf(c).words.length - 1); }
+
+  function wordSpan(c, pos, text) {
+    var s = el("span", pos < 0 ? "word init" : "word", text);
+    s.setAttribute("data-pos", String(pos));
+    s.setAttribute("role", "button");
+    s.tabIndex = 0;
+    s.addEventListener("mouseenter", function () { state.preview = {model: c.model, pos: pos}; render(); });
+    s.addEventListener("mouseleave", function () { state.preview = null; render(); });
+    s.addEventListener("click", function () { setPos(pos); });
+    s.addEventListener("keydown", function (e) {
+      if (e.key === "Enter" || e.key === " ") { setPos(pos); e.preventDefault(); e.stopPropagation(); }
+    });
+    return s;
+  }
+
+  function showWords(c) {
+    var h = hypOf(c), k = state.hyp[c.model];
+    c.caption.textContent = "";
+    if (c.reading.init) { c.caption.appendChild(wordSpan(c, -1, "before the first word")); c.caption.append(" "); }
+    h.words.forEach(function (w, i) { c.caption.appendChild(wordSpan(c, i, w)); c.caption.append(" "); });
+    c.meta.textContent = "log p = " + h.log_prob.toFixed(3) + (k ? "  (beam runner-up " + k + ")" : "");
+    Array.prototype.forEach.call(c.hyps.children, function (li, j) { li.classList.toggle("active", j === k); });
+  }
+
+  function buildColumn(photo, reading, m) {
+    var c = {model: m, reading: reading, el: el("div", "column")};
+    c.el.setAttribute("data-model", String(m));
+    if (data.labels.length > 1) { c.el.appendChild(el("h2", "label", data.labels[m])); }
+    var stage = el("div", "stage");
+    c.img = el("img", "photo");
+    c.img.alt = photo.name;
+    c.img.src = photo.src;
+    c.canvas = el("canvas", "heat");
+    stage.appendChild(c.img); stage.appendChild(c.canvas);
+    c.caption = el("p", "caption");
+    c.meta = el("p", "meta");
+    c.hyps = el("ol", "hyps");
+    reading.hyps.forEach(function (h, k) {
+      var li = el("li", "hyp", h.caption);
+      li.appendChild(el("span", "lp", "log p " + h.log_prob.toFixed(3)));
+      li.setAttribute("data-hyp", String(k));
+      li.addEventListener("click", function () {
+        state.hyp[m] = k; state.preview = null; showWords(c); render();
+      });
+      c.hyps.appendChild(li);
+    });
+    var title = el("p", "hyps-title", "beam search: " + reading.hyps.length + " captions, best first");
+    title.hidden = c.hyps.hidden = reading.hyps.length < 2;
+    [stage, c.caption, c.meta, title, c.hyps].forEach(function (e) { c.el.appendChild(e); });
+    return c;
+  }
+
+  function layout() {
+    if (state.photo < 0) { return; }
+    var photo = photos[state.photo], shown = columns.filter(visible);
+    var avail = document.documentElement.clientWidth - 48 - 24 * (shown.length - 1);
+    var maxW = Math.min(640, Math.max(120, avail / shown.length));
+    var maxH = Math.min(640, Math.max(160, window.innerHeight * 0.62));
+    var scale = Math.min(maxW / photo.width, maxH / photo.height);
+    columns.forEach(function (c) {
+      c.img.style.width = Math.round(photo.width * scale) + "px";
+      c.img.style.height = Math.round(photo.height * scale) + "px";
+    });
+  }
+
+  function render() {
+    if (state.photo < 0) { return; }
+    var photo = photos[state.photo];
+    columns.forEach(function (c) {
+      c.el.hidden = !visible(c);
+      if (c.el.hidden) { return; }
+      var own = ownPos(c), p = state.preview && state.preview.model === c.model ? state.preview.pos : own;
+      paint(c.canvas, p < 0 ? c.reading.init : hypOf(c).maps[p], c.reading.grid, photo.width, photo.height);
+      c.canvas.setAttribute("data-pos", String(p));
+      Array.prototype.forEach.call(c.caption.querySelectorAll(".word"), function (s) {
+        var on = Number(s.getAttribute("data-pos")) === own;
+        s.classList.toggle("active", on);
+        s.setAttribute("aria-pressed", on ? "true" : "false");
+      });
+    });
+    layout();
+  }
+
+  function setPos(p) {
+    var shown = columns.filter(visible), lo = 0, hi = 0;
+    shown.forEach(function (c) {
+      if (c.reading.init) { lo = -1; }
+      hi = Math.max(hi, hypOf(c).words.length - 1);
+    });
+    state.pos = clamp(p, lo, hi);
+    state.preview = null;
+    render();
+  }
+
+  function open(i) {
+    var photo = photos[i];
+    state.photo = i; state.pos = 0; state.preview = null;
+    state.hyp = photo.models.map(function () { return 0; });
+    $("grid").hidden = true;
+    $("detail").hidden = false;
+    $("counter").textContent = (i + 1) + " / " + photos.length;
+    $("name").textContent = photo.name;
+    var box = $("columns");
+    box.textContent = "";
+    columns = photo.models.map(function (reading, m) { return buildColumn(photo, reading, m); });
+    columns.forEach(function (c) { box.appendChild(c.el); showWords(c); });
+    render();
+    if (data.gallery) { window.scrollTo(0, 0); }
+  }
+
+  function close() {
+    var i = state.photo;
+    state.photo = -1;
+    $("detail").hidden = true;
+    $("grid").hidden = false;
+    var card = document.querySelector('.card[data-index="' + i + '"]');
+    if (card) { card.focus(); card.scrollIntoView({block: "center"}); }
+  }
+
+  // ------------------------------------------------------------------ the page
+
+  function buildGrid() {
+    var grid = $("grid");
+    photos.forEach(function (p, i) {
+      var card = el("figure", "card");
+      card.tabIndex = 0;
+      card.title = p.name;
+      card.setAttribute("data-index", String(i));
+      var img = el("img");
+      img.src = p.src; img.alt = p.name;
+      var cap = el("figcaption");
+      cap.appendChild(el("span", "first", p.models[0].hyps[0].caption));
+      if (p.models.length > 1) { cap.appendChild(el("span", "second", p.models[1].hyps[0].caption)); }
+      card.appendChild(img); card.appendChild(cap);
+      card.addEventListener("click", function () { open(i); });
+      card.addEventListener("keydown", function (e) { if (e.key === "Enter") { open(i); e.preventDefault(); } });
+      grid.appendChild(card);
+    });
+    grid.hidden = false;
+  }
+
+  document.addEventListener("keydown", function (e) {
+    if (state.photo < 0 || e.target.tagName === "INPUT" || e.altKey || e.ctrlKey || e.metaKey) { return; }
+    var k = e.key, n = photos.length;
+    if (k === "ArrowRight") { setPos(state.pos + 1); }
+    else if (k === "ArrowLeft") { setPos(state.pos - 1); }
+    else if (data.gallery && (k === "ArrowDown" || k === "PageDown")) { open(Math.min(n - 1, state.photo + 1)); }
+    else if (data.gallery && (k === "ArrowUp" || k === "PageUp")) { open(Math.max(0, state.photo - 1)); }
+    else if (data.gallery && k === "Escape") { close(); }
+    else { return; }
+    e.preventDefault();
+  });
+
+  function setOpacity(v) { document.body.style.setProperty("--alpha", String(v)); }
+  $("opacity").addEventListener("input", function (e) { setOpacity(e.target.value); });
+  setOpacity(data.alpha);
+  $("compare").addEventListener("change", function (e) {
+    state.compare = e.target.checked;
+    document.body.classList.toggle("no-compare", !state.compare);
+    state.preview = null;
+    render();
+  });
+  $("compare-toggle").hidden = data.labels.length < 2;
+  if (data.labels.length > 1) {
+    data.labels.forEach(function (label, m) { $("legend").appendChild(el("span", m ? "second" : "first", label)); });
+    $("legend").hidden = false;
+  }
+  window.addEventListener("resize", layout);
+
+  if (data.errors.length) {
+    var list = $("errors");
+    data.errors.forEach(function (line) { list.appendChild(el("li", "", "could not caption " + line)); });
+    list.hidden = false;
+  }
+  if (data.gallery) {
+    document.body.classList.add("gallery");
+    $("nav").hidden = false;
+    $("back").addEventListener("click", close);
+    $("prev").addEventListener("click", function () { open(Math.max(0, state.photo - 1)); });
+    $("next").addEventListener("click", function () { open(Math.min(photos.length - 1, state.photo + 1)); });
+    buildGrid();
+  } else if (photos.length) {
+    open(0);
+  }
+})();

@@ -1,0 +1,242 @@
+"""Self-critical sequence training (``train.objective=scst``): CIDEr-D of sampled captions as the reward.
+
+Rennie et al. 2017, with the baseline of Luo 2020 ("a better variant of SCST"). Each step takes a
+batch of B training images and samples K = ``train.scst_samples`` captions per image through the
+decoder's ``step`` (:func:`caption.decoding.sample`: the image keys are shared by its K samples;
+eval mode, so no dropout; at most ``train.scst_max_len`` tokens). A sample's reward is its CIDEr-D
+against the image's training references, on vocabulary ids with ``<end>`` kept in both (a caption
+cut short on "with a" then earns no ``a <end>`` n-grams; dropping ``<end>`` teaches such endings),
+with document frequencies counted once over all training references (:class:`CiderReward`). Its
+baseline is the mean reward of the image's other K-1 samples, or with ``scst_baseline=greedy``
+the reward of the image's greedy caption (decoded in eval mode under no_grad). The loss is
+-sum (r - b) log p(w_t) over every sampled token, ``<end>`` included, divided by the tokens of the
+global batch.
+
+The run starts from the weights and vocabulary of ``train.init_from`` (a cross-entropy run or a
+``.pt``), never from its optimizer, so the SCST learning rate (``train.lr``, ~10x below
+cross-entropy's) is what the first step uses; resuming an SCST run restores its own optimizer,
+scheduler, RNG and progress exactly, as cross-entropy does. Sampling goes through the model's
+forward (``Captioner.forward(run=...)``), so DistributedDataParallel averages the gradients.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch.utils.data import DataLoader, Dataset
+from tqdm import tqdm
+
+from caption.checkpoint import LAST, Loaded, load_checkpoint
+from caption.cider import CiderD, TfIdf
+from caption.config import Config, ConfigError
+from caption.data import ImageDataset, ImageRecord, collate_images
+from caption.decoding import DecodingOptions, Samples, SamplingOptions, decode, sample
+from caption.distributed import Dist, all_sum
+from caption.sampler import GlobalBatchSampler
+from caption.splits import SplitData
+from caption.vocab import END_ID, Vocabulary, tokenize
+
+OBJECTIVES = ("xent", "scst")
+BASELINES = ("mean", "greedy")
+
+# a caption that stops on one of these was cut short ("a dog runs on the"): logged as a rate
+FUNCTION_WORDS = frozenset(
+    "a an the and or but of with in on at to for from by into onto over under near through while as is are "
+    "his her their its some up down".split()
+)
+
+
+def check_objective(cfg: Config) -> None:
+    """ConfigError for an unknown objective or baseline, or SCST settings that cannot work."""
+    train = cfg.train
+    if train.objective not in OBJECTIVES:
+        raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got '{train.objective}'")
+    if train.objective != "scst":
+        return
+    if train.scst_baseline not in BASELINES:
+        raise ConfigError(f"train.scst_baseline must be one of {', '.join(BASELINES)}, got '{train.scst_baseline}'")
+    if train.scst_samples < (2 if train.scst_baseline == "mean" else 1):
+        raise ConfigError(f"train.scst_samples must be at least 2 with the mean baseline, got {train.scst_samples}")
+    if train.scst_max_len < 1 or not train.scst_temperature > 0:
+        raise ConfigError("train.scst_max_len must be >= 1 and train.scst_temperature > 0")
+    if not train.init_from:
+        raise ConfigError("train.objective=scst fine-tunes a trained captioner: set train.init_from to a "
+                          "cross-entropy run directory or .pt file")
+
+
+def load_init_from(cfg: Config) -> Loaded:
+    """The checkpoint ``train.init_from`` names (a run directory means its best.pt), refused when its
+    model differs from ``cfg.model`` in anything but dropout."""
+    loaded = load_checkpoint(cfg.train.init_from)
+    ours, theirs = (dataclasses.asdict(dataclasses.replace(m, dropout=0.0)) for m in (cfg.model, loaded.config.model))
+    differ = [key for key in ours if ours[key] != theirs[key]]
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"train.init_from {loaded.path}: its model.{key} is {theirs[key]!r}, this run's is "
+                          f"{ours[key]!r} (the model config must match)")
+    return loaded
+
+
+class CiderReward:
+    """CIDEr-D of vocabulary-id captions against the references of training image ``i``.
+
+    The references are tokenised once (``caption.vocab.tokenize``), mapped to ids (a word outside
+    the vocabulary gets an id of its own, so it matches nothing a caption can say), ``<end>``
+    appended; document frequencies and every image's reference vectors are computed once.
+    """
+
+    def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary):
+        oov: dict[str, int] = {}
+
+        def ids(text: str) -> tuple[int, ...]:
+            words = tokenize(text)
+            return tuple(vocab.stoi[w] if w in vocab.stoi else oov.setdefault(w, len(vocab) + len(oov))
+                         for w in words) + (END_ID,)
+
+        refs = [[ids(c) for c in r.captions] for r in records]
+        self.cider = CiderD(refs)
+        self.refs: list[tuple[TfIdf, ...]] = [self.cider.references(r) for r in refs]
+
+    def __call__(self, captions: Sequence[Sequence[int]], images: Sequence[int]) -> list[float]:
+        """CIDEr-D of ``captions[j]`` (ids, ``<end>`` included when emitted) against image ``images[j]``."""
+        return [self.cider.score(tuple(c), self.refs[i]) for c, i in zip(captions, images, strict=True)]
+
+
+def mean_of_others(rewards: torch.Tensor, samples: int) -> torch.Tensor:
+    """(B*K,) rewards, K consecutive per image -> each one's baseline: the mean of its image's other K-1."""
+    r = rewards.view(-1, samples)  # (B, K)
+    return ((r.sum(1, keepdim=True) - r) / (samples - 1)).view(-1)  # (B*K,)
+
+
+def ends_on_function_word(tokens: Sequence[int], vocab: Vocabulary) -> bool:
+    """Whether a caption's last word (before ``<end>``) is a function word such as "a" or "with"."""
+    words = [t for t in tokens if t != END_ID]
+    return bool(words) and vocab.itos[words[-1]] in FUNCTION_WORDS
+
+
+class _TrainingImages(Dataset):
+    """One item per training image: ``(features (L, D) or image (3, S, S), index)``, None if unreadable."""
+
+    def __init__(self, split: SplitData):
+        self.features = split.features
+        self.images = ImageDataset(split.records, split.transform) if split.features is None else None
+        bad = split.features.bad if split.features is not None else set()
+        self.bad = {i for i, r in enumerate(split.records) if r.image_id in bad}
+        self.n = len(split.records)
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, i: int):
+        if self.images is not None:
+            return self.images[i]
+        return None if i in self.bad else (self.features[i], i)
+
+
+@dataclass(frozen=True)
+class _Rollout:
+    samples: Samples
+    greedy: list[list[int]] | None  # each image's greedy caption (the greedy baseline), else None
+
+
+@dataclass(frozen=True)
+class ScstStep:
+    """One self-critical step of this process."""
+
+    loss: torch.Tensor  # what is back-propagated
+    rewards: torch.Tensor  # (N,) CIDEr-D of each sample, N = B*K
+    words: torch.Tensor  # (N,) words per sample (<end> not counted)
+    function_word_end: torch.Tensor  # (N,) 1.0 where a sample stops on a function word
+
+
+class SelfCritical:
+    """The SCST objective of a run: its training images, reward, sampling and loss."""
+
+    def __init__(self, cfg: Config, vocab: Vocabulary, split: SplitData):
+        t = cfg.train
+        self.vocab, self.baseline, self.samples = vocab, t.scst_baseline, t.scst_samples
+        self.options = SamplingOptions(samples=t.scst_samples, temperature=t.scst_temperature, max_len=t.scst_max_len,
+                                       suppress_unk=cfg.decode.suppress_unk)
+        self.greedy_options = DecodingOptions(beam_size=1, max_len=t.scst_max_len, suppress_unk=cfg.decode.suppress_unk)
+        self.dataset = _TrainingImages(split)
+        self.cached = split.features is not None
+        self.reward = CiderReward(split.records, vocab)
+
+    def _rollout(self, decoder: torch.nn.Module, features: torch.Tensor) -> _Rollout:
+        samples = sample(decoder, features, self.options, grad=True)
+        greedy = None
+        if self.baseline == "greedy":  # eval mode, no_grad (decode's own)
+            greedy = [r.tokens for r in decode(decoder, features.detach(), self.greedy_options)]
+        return _Rollout(samples, greedy)
+
+    def step(self, ddp_model: torch.nn.Module, inputs: torch.Tensor, index: torch.Tensor, dist: Dist) -> ScstStep:
+        """Sample, score and form the loss for B images ``inputs`` (training image positions ``index`` (B,))."""
+        out = ddp_model(inputs, features=self.cached, run=self._rollout)
+        samples, K = out.samples, self.samples
+        captions = samples.token_lists()
+        images = index.repeat_interleave(K).tolist()  # (N,)
+        device = samples.log_probs.device
+        rewards = torch.tensor(self.reward(captions, images), device=device)  # (N,)
+        if out.greedy is None:
+            baseline = mean_of_others(rewards, K)  # (N,)
+        else:
+            baseline = torch.tensor(self.reward(out.greedy, index.tolist()), device=device).repeat_interleave(K)
+        tokens = all_sum(samples.mask.sum().float(), dist) / dist.world  # normalised by the global batch
+        loss = -((rewards - baseline).unsqueeze(1) * samples.log_probs).sum() / tokens
+        words = (samples.lengths - (samples.tokens == END_ID).sum(1)).float()  # (N,)
+        ends = torch.tensor([float(ends_on_function_word(c, self.vocab)) for c in captions], device=device)
+        return ScstStep(loss, rewards, words, ends)
+
+
+def train_one_epoch(run, ddp_model: torch.nn.Module, on_step=None) -> float:
+    """One self-critical pass over the training images (the rest of it, when resumed mid-epoch);
+    returns the epoch's mean reward of this process. ``run`` is caption.train's _Run; the step,
+    checkpointing and progress accounting are cross-entropy's, per image instead of per caption."""
+    model, cfg, progress, dist, sc = run.model, run.cfg, run.progress, run.dist, run.scst
+    device = dist.device
+    sampler = GlobalBatchSampler(len(sc.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
+                                 skip=progress.batch)
+    loader = DataLoader(sc.dataset, batch_sampler=sampler, collate_fn=collate_images,
+                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
+                        pin_memory=device.type == "cuda")
+    model.train()
+    autocast = run.amp[0]
+    bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"scst epoch {progress.epoch + 1}", unit="batch",
+               disable=not dist.is_main, dynamic_ncols=True)
+    t0, seen = time.perf_counter(), 0
+    for batch in loader:
+        progress.batch += 1
+        if batch is None:  # every image of this batch was unreadable
+            bar.update(1)
+            continue
+        inputs, index = batch[0].to(device, non_blocking=True), batch[1]
+        with autocast:
+            step = sc.step(ddp_model, inputs, index, dist)
+        run.optimizer_step(step.loss)
+        n = len(step.rewards)
+        progress.loss_sum += float(step.rewards.sum())
+        progress.tokens += n
+        for key, values in (("sample_words", step.words), ("function_word_end", step.function_word_end)):
+            progress.stats[key] = progress.stats.get(key, 0.0) + float(values.sum())
+        seen += len(index) * dist.world
+        bar.set_postfix(reward=f"{float(step.rewards.mean()):.3f}", words=f"{float(step.words.mean()):.1f}",
+                        img_s=f"{seen / (time.perf_counter() - t0):.1f}")
+        bar.update(1)
+        if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
+            run.save(LAST)
+        if on_step is not None:
+            on_step(progress)
+    bar.close()
+    return progress.loss_sum / max(progress.tokens, 1.0)
+
+
+def epoch_scores(progress) -> dict[str, float]:
+    """The epoch's training columns of metrics.csv: mean reward, words per sample, the share of
+    samples that stop on a function word (this process's samples)."""
+    n = max(progress.tokens, 1.0)
+    return {"train_reward": round(progress.loss_sum / n, 4),
+            **{f"train_{key}": round(value / n, 4) for key, value in progress.stats.items()}}
