@@ -27,8 +27,7 @@ from dataclasses import dataclass
 from typing import Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
-from tqdm import tqdm
+from torch.utils.data import Dataset
 
 from caption.checkpoint import LAST, Loaded, load_checkpoint
 from caption.cider import CiderD, TfIdf
@@ -36,7 +35,6 @@ from caption.config import Config, ConfigError
 from caption.data import ImageDataset, ImageRecord, collate_images
 from caption.decoding import DecodingOptions, Samples, SamplingOptions, decode, sample
 from caption.distributed import Dist, all_sum
-from caption.sampler import GlobalBatchSampler
 from caption.splits import SplitData
 from caption.vocab import END_ID, Vocabulary, tokenize
 
@@ -198,15 +196,9 @@ def train_one_epoch(run, ddp_model: torch.nn.Module, on_step=None) -> float:
     checkpointing and progress accounting are cross-entropy's, per image instead of per caption."""
     model, cfg, progress, dist, sc = run.model, run.cfg, run.progress, run.dist, run.scst
     device = dist.device
-    sampler = GlobalBatchSampler(len(sc.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
-                                 skip=progress.batch)
-    loader = DataLoader(sc.dataset, batch_sampler=sampler, collate_fn=collate_images,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
-                        pin_memory=device.type == "cuda")
+    loader, bar = run.epoch_batches(sc.dataset, collate_images, "scst epoch")
     model.train()
     autocast = run.amp[0]
-    bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"scst epoch {progress.epoch + 1}", unit="batch",
-               disable=not dist.is_main, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     for batch in loader:
         progress.batch += 1

@@ -126,15 +126,9 @@ def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable |
     model, data, cfg, progress, dist = run.model, run.data.train, run.cfg, run.progress, run.dist
     device = dist.device
     groups = data.dataset.image_groups() if cfg.train.group_by_image else None
-    sampler = GlobalBatchSampler(len(data.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
-                                 skip=progress.batch, groups=groups)
-    loader = DataLoader(data.dataset, batch_sampler=sampler, collate_fn=collate_captions,
-                        num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
-                        pin_memory=device.type == "cuda")
+    loader, bar = run.epoch_batches(data.dataset, collate_captions, "epoch", groups)
     model.train()
     autocast = run.amp[0]
-    bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"epoch {progress.epoch + 1}", unit="batch",
-               disable=not dist.is_main, dynamic_ncols=True)
     t0, seen = time.perf_counter(), 0
     for batch in loader:
         progress.batch += 1
@@ -231,6 +225,18 @@ class _Run:
     amp: tuple  # (autocast, GradScaler or None), built once per fit
     progress: Progress
     scst: scst.SelfCritical | None = None  # train.objective=scst: the reward, sampling and loss
+
+    def epoch_batches(self, dataset, collate_fn, desc: str, groups: list[list[int]] | None = None):
+        """This epoch's loader over ``dataset`` (the rest of it, when resumed mid-epoch) and its progress bar."""
+        cfg, progress, dist = self.cfg, self.progress, self.dist
+        sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
+                                     skip=progress.batch, groups=groups)
+        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
+                            generator=torch.Generator().manual_seed(cfg.train.seed),
+                            pin_memory=dist.device.type == "cuda")
+        bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"{desc} {progress.epoch + 1}", unit="batch",
+                   disable=not dist.is_main, dynamic_ncols=True)
+        return loader, bar
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Back-propagate, clip, step (through the fp16 gradient scaler, if any), advance the schedule."""

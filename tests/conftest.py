@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
+from typing import Any
 
 import pytest
 import torch
@@ -54,3 +56,15 @@ def make_tiny_checkpoint(path, attention: str = "additive", seed: int = 0):
 def tiny_checkpoint(tmp_path_factory):
     """Path of a tiny untrained checkpoint file, shared by the whole test session."""
     return make_tiny_checkpoint(tmp_path_factory.mktemp("tiny_run") / "best.pt")
+
+
+@dataclass
+class FakeResult:
+    """Stand-in for caption.decoding.DecodingResult: the fields the overlays and the viewer read."""
+
+    words: list[str]
+    alphas: Any
+    caption: str
+    log_prob: float
+    alternatives: tuple = ()
+    init_alphas: Any = None

@@ -6,9 +6,7 @@ import base64
 import io
 import json
 import re
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -17,21 +15,9 @@ from PIL import Image
 
 from caption import viewer
 from caption.visualize import colormap_table
+from conftest import FakeResult
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-@dataclass
-class FakeResult:
-    """Stand-in for caption.decoding.DecodingResult: the fields the viewer reads."""
-
-    words: list[str]
-    alphas: Any
-    caption: str
-    log_prob: float
-    alternatives: tuple = ()
-    init_alphas: Any = None
-    extra: dict = field(default_factory=dict)
 
 
 def fake(words: list[str], gh: int = 3, gw: int = 5, shift: int = 0, **kw) -> FakeResult:

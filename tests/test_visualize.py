@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -20,16 +18,7 @@ from caption.visualize import (
     save_overlay,
     save_per_word,
 )
-
-
-@dataclass
-class FakeResult:
-    """Stand-in for caption.decoding's result: same fields."""
-
-    words: list[str]
-    alphas: Any
-    caption: str
-    log_prob: float
+from conftest import FakeResult
 
 
 def make_result(words: list[str], gh: int, gw: int, tensor: bool = True) -> FakeResult:
