@@ -35,6 +35,12 @@ def test_demo_reuses_its_seed_and_refuses_another(tiny_demo, capsys):
         demo.run_demo(run, seed=1, n=40, examples=2)
     demo.run_demo(run, seed=1, n=40, examples=2, overwrite=True)
     assert "training" in capsys.readouterr().out and load_config(run / "config.yaml").train.seed == 1
+    # a run directory written by another version of the project (a key this one does not know)
+    (run / "config.yaml").write_text((run / "config.yaml").read_text() + "future_key: 1\n")
+    with pytest.raises(RunDirError, match="already holds a run"):
+        demo.run_demo(run, seed=1, n=40, examples=2)
+    demo.run_demo(run, seed=1, n=40, examples=2, overwrite=True)
+    assert load_config(run / "config.yaml").train.seed == 1
 
 
 def test_demo_default_run_directory_per_seed(tiny_demo):

@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from caption.config import Config, load_config
+from caption.config import Config, ConfigError, load_config
 from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
 from caption.inference import DEMO_RUN_DIR
@@ -41,7 +41,12 @@ def demo_config(run_dir: Path, config: Path | None = None, seed: int = 0) -> Con
 def _same_run(cfg: Config, run_dir: Path) -> bool:
     """Whether ``run_dir`` was set up with exactly ``cfg`` (seed included)."""
     path = run_dir / "config.yaml"
-    return path.is_file() and load_config(path) == cfg
+    if not path.is_file():
+        return False
+    try:
+        return load_config(path) == cfg
+    except ConfigError:  # written by another version of the project: another run
+        return False
 
 
 def train_once(cfg: Config, run_dir: Path, device: str | None, overwrite: bool = False) -> None:
