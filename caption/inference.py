@@ -193,5 +193,4 @@ def load(checkpoint: str | os.PathLike[str] | None = None, device: str | torch.d
             raise CheckpointError(f"no trained model at {checkpoint} (the default): run `caption demo` first "
                                   "to train one, or pass a checkpoint file or run directory")
     dev = resolve_device(device)
-    loaded = load_checkpoint(checkpoint, dev)
-    return CaptionModel(loaded, dev, resolve_precision(precision or loaded.config.precision, dev))
+    return CaptionModel(load_checkpoint(checkpoint, dev), dev, precision)

@@ -29,7 +29,7 @@ from typing import Sequence
 import torch
 from torch.utils.data import Dataset
 
-from caption.checkpoint import LAST, Loaded, load_checkpoint
+from caption.checkpoint import Loaded, load_checkpoint
 from caption.cider import CiderD, TfIdf
 from caption.config import Config, ConfigError
 from caption.data import ImageDataset, ImageRecord, collate_images
@@ -194,17 +194,13 @@ def train_one_epoch(run, ddp_model: torch.nn.Module, on_step=None) -> float:
     """One self-critical pass over the training images (the rest of it, when resumed mid-epoch);
     returns the epoch's mean reward of this process. ``run`` is caption.train's _Run; the step,
     checkpointing and progress accounting are cross-entropy's, per image instead of per caption."""
-    model, cfg, progress, dist, sc = run.model, run.cfg, run.progress, run.dist, run.scst
+    model, progress, dist, sc = run.model, run.progress, run.dist, run.scst
     device = dist.device
     loader, bar = run.epoch_batches(sc.dataset, collate_images, "scst epoch")
     model.train()
     autocast = run.amp[0]
     t0, seen = time.perf_counter(), 0
     for batch in loader:
-        progress.batch += 1
-        if batch is None:  # every image of this batch was unreadable
-            bar.update(1)
-            continue
         inputs, index = batch[0].to(device, non_blocking=True), batch[1]
         with autocast:
             step = sc.step(ddp_model, inputs, index, dist)
@@ -217,11 +213,7 @@ def train_one_epoch(run, ddp_model: torch.nn.Module, on_step=None) -> float:
         seen += len(index) * dist.world
         bar.set_postfix(reward=f"{float(step.rewards.mean()):.3f}", words=f"{float(step.words.mean()):.1f}",
                         img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        bar.update(1)
-        if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-            run.save(LAST)
-        if on_step is not None:
-            on_step(progress)
+        run.step_done(bar, on_step)
     bar.close()
     return progress.loss_sum / max(progress.tokens, 1.0)
 

@@ -131,10 +131,6 @@ def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable |
     autocast = run.amp[0]
     t0, seen = time.perf_counter(), 0
     for batch in loader:
-        progress.batch += 1
-        if batch is None:  # every image of this batch was unreadable
-            bar.update(1)
-            continue
         inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
         rows = batch.rows.to(device, non_blocking=True)
         tokens = (captions[:, 1:] != 0).sum().float()
@@ -149,11 +145,7 @@ def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable |
         progress.tokens += float(tokens)
         seen += len(captions) * dist.world
         bar.set_postfix(loss=f"{loss.xent.item():.3f}", caps_s=f"{seen / (time.perf_counter() - t0):.0f}")
-        bar.update(1)
-        if cfg.train.checkpoint_every and progress.step % cfg.train.checkpoint_every == 0:
-            run.save(LAST)
-        if on_step is not None:
-            on_step(progress)
+        run.step_done(bar, on_step)
     bar.close()
     return progress.loss_sum / max(progress.tokens, 1.0)
 
@@ -236,7 +228,24 @@ class _Run:
                             pin_memory=dist.device.type == "cuda")
         bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"{desc} {progress.epoch + 1}", unit="batch",
                    disable=not dist.is_main, dynamic_ncols=True)
-        return loader, bar
+        return self._readable(loader, bar), bar
+
+    def _readable(self, loader, bar):
+        """The loader's batches, counted in ``progress.batch``; a batch whose images were all unreadable is skipped."""
+        for batch in loader:
+            self.progress.batch += 1
+            if batch is None:
+                bar.update(1)
+                continue
+            yield batch
+
+    def step_done(self, bar, on_step: Callable[[Progress], None] | None) -> None:
+        """After a training step: the progress bar, last.pt every ``train.checkpoint_every`` steps, ``on_step``."""
+        bar.update(1)
+        if self.cfg.train.checkpoint_every and self.progress.step % self.cfg.train.checkpoint_every == 0:
+            self.save(LAST)
+        if on_step is not None:
+            on_step(self.progress)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Back-propagate, clip, step (through the fp16 gradient scaler, if any), advance the schedule."""
