@@ -51,10 +51,10 @@ class DataConfig:
 class ModelConfig:
     """Encoder backbone, attention scorer and decoder sizes."""
 
-    encoder: str = "resnet101"  # resnet50|resnet101|resnet152|vgg16|mobilenet_v3_large|efficientnet_lite0|small
+    encoder: str = "resnet101"  # resnet50|resnet101|resnet152|vgg16|mobilenet_v3_large|efficientnet_lite0|efficientnet_lite1|efficientnet_lite2|small
     weights: str = "none"  # "DEFAULT" loads pretrained weights (hub for torchvision); "none" = random init
     grid: int = 14  # features are adaptive-pooled to grid x grid cells (L = grid**2)
-    stage: int = 32  # efficientnet_lite0 only: take the grid from the stride-16 or stride-32 stage
+    stage: int = 32  # efficientnet_lite* only: take the grid from the stride-16 or stride-32 stage
     fine_tune: bool = False  # unfreeze the top encoder blocks
     fine_tune_blocks: int = 2  # how many top blocks fine_tune unfreezes
     small_channels: int = 64  # width of the last layer of the "small" CNN

