@@ -21,10 +21,10 @@ import torch
 
 from caption.config import PRECISIONS, ModelConfig
 from caption.decoding import DecodingOptions, beam_search
-from caption.losses import caption_loss
 from caption.model import AttentionDecoder
 from caption.runtime import cpu_name, keep_freed_memory, resolve_precision
-from caption.train import adamw
+from caption.training.loop import adamw
+from caption.training.losses import caption_loss
 from caption.vocab import END_ID, START_ID
 
 

@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 
 from caption.config import PRECISIONS
-from caption.images import find_images
+from caption.data.images import find_images
 from caption.inference import load
 from caption.runtime import cpu_name, keep_freed_memory
 

@@ -5,9 +5,9 @@
     >>> result = model.caption("photo.jpg")          # DecodingResult
     >>> result.caption, result.alphas.shape          # the words and their (T, gh, gw) maps
 
-Every image goes through exactly the training preprocessing, :func:`caption.images.load_image`
+Every image goes through exactly the training preprocessing, :func:`caption.data.images.load_image`
 (EXIF orientation, any mode -> RGB, huge files shrunk while decoding) then
-:func:`caption.splits.transform_for` (whole-image square resize, normalisation): a mismatch
+:func:`caption.training.splits.transform_for` (whole-image square resize, normalisation): a mismatch
 here is what makes a captioner say the same thing for every image.
 """
 
@@ -22,11 +22,11 @@ from PIL import Image
 
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
 from caption.config import Config
+from caption.data.images import ImageError, load_image, prefetch, to_rgb
 from caption.decoding import DecodingOptions, DecodingResult, decode
-from caption.images import ImageError, load_image, prefetch, to_rgb
 from caption.model.fuse import fused_for_inference
 from caption.runtime import Precision, resolve_device, resolve_precision
-from caption.splits import transform_for
+from caption.training.splits import transform_for
 from caption.vocab import Vocabulary
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see README

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import TINY_WORDS, make_tiny_checkpoint, tiny_model_config
 
 from caption.config import DecodeConfig, EncoderConfig, ModelConfig, load_config
+from caption.data.shapes import generate_shapes
 from caption.decoding import DecodingOptions
-from caption.shapes import generate_shapes
 from caption.vocab import END_ID, Vocabulary
-from conftest import TINY_WORDS, make_tiny_checkpoint, tiny_model_config
 
 PACKAGE = Path(__file__).resolve().parents[1] / "caption"
 BOTTOM = {"caption.config", "caption.vocab", "caption.errors", "caption.fileio"}
@@ -85,7 +85,7 @@ def test_encoder_depends_on_its_encoder_config_alone():
 def test_feature_cache_is_not_reused_across_coord_features(tmp_path):
     """Two runs sharing one cache folder, differing only in model.coord_features (which widens the features)."""
     from caption.model import build_model
-    from caption.splits import split_data
+    from caption.training.splits import split_data
 
     data = tmp_path / "shapes"
     generate_shapes(data, n=10, seed=0, image_size=48)
@@ -219,11 +219,11 @@ def test_a_bad_choice_fails_before_anything_is_written(tmp_path, capsys, overrid
 
 def test_a_registered_task_metric_is_scored_and_selectable(monkeypatch):
     """A data set's own metric plugs in by name: check_config accepts its keys, score_results adds them."""
-    from caption import scoring
     from caption.config import ConfigError
-    from caption.data import ImageRecord
+    from caption.data.records import ImageRecord
     from caption.decoding import DecodingResult
-    from caption.splits import check_config
+    from caption.evaluation import scoring
+    from caption.training.splits import check_config
 
     class Length:
         keys = ("mean_tokens",)

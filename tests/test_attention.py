@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from caption.config import ConfigError
 from caption.decoding import DecodingOptions, decode
 from caption.model import SCORERS, AttentionDecoder, SoftAttention
-from conftest import tiny_model_config
 
 ALL = sorted(SCORERS)
 

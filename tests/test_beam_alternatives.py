@@ -3,11 +3,11 @@ with its own log-probability and maps, best first; asking for them never changes
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from caption.decoding import DecodingOptions, decode
 from caption.model import SCORERS, AttentionDecoder
 from caption.vocab import END_ID, START_ID
-from conftest import tiny_model_config
 
 
 def _decoder(name: str = "additive", vocab: int = 20) -> AttentionDecoder:

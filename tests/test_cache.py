@@ -13,10 +13,16 @@ from PIL import Image
 from torch import nn
 from torch.utils.data import DataLoader
 
-from caption.cache import FeatureStore, build_features, cache_key, open_or_build
 from caption.config import EncoderConfig, ModelConfig
-from caption.data import CaptionDataset, ImageRecord, collate_captions
-from caption.images import image_transform, preprocess
+from caption.data.datasets import CaptionDataset, collate_captions
+from caption.data.images import image_transform, preprocess
+from caption.data.records import ImageRecord
+from caption.training.cache import (
+    FeatureStore,
+    build_features,
+    cache_key,
+    open_or_build,
+)
 from caption.vocab import Vocabulary
 
 N_IMAGES = 7

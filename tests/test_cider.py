@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from pycocoevalcap.cider.cider import Cider
 
-from caption.cider import CiderD, ngram_counts
+from caption.evaluation.cider import CiderD, ngram_counts
 
 WORDS = "a the dog man woman runs on in grass with red ball two people water street".split()
 

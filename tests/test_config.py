@@ -2,7 +2,13 @@ import dataclasses
 
 import pytest
 
-from caption.config import Config, ConfigError, apply_overrides, load_config, save_config
+from caption.config import (
+    Config,
+    ConfigError,
+    apply_overrides,
+    load_config,
+    save_config,
+)
 
 
 def test_defaults_are_frozen():

@@ -12,12 +12,15 @@ from PIL import Image
 from torch.utils.data import DataLoader
 
 from caption.config import ConfigError, DataConfig
-from caption.data import (
-    CaptionDataset, ImageDataset, ImageRecord, collate_captions, collate_images, load_coco, load_karpathy,
-    load_split,
+from caption.data import datasets as data_module
+from caption.data.datasets import (
+    CaptionDataset,
+    ImageDataset,
+    collate_captions,
+    collate_images,
 )
-from caption import data as data_module
-from caption.images import image_transform
+from caption.data.images import image_transform
+from caption.data.records import ImageRecord, load_coco, load_karpathy, load_split
 from caption.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 
 CAPTIONS = {
@@ -204,7 +207,7 @@ def test_collate_pads_with_zero_and_keeps_lengths():
         None,
         (torch.ones(2, 3), torch.tensor([1, 6, 7, 8, 2]), 9),
     ]
-    from caption.data import CaptionItem
+    from caption.data.datasets import CaptionItem
 
     batch = collate_captions([None if i is None else CaptionItem(*i) for i in items])
     assert batch.inputs.shape == (2, 2, 3)

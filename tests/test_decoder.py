@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
-from caption.losses import caption_loss
 from caption.model import SCORERS, AttentionDecoder, build_model
 from caption.model.decoder import DecoderOutput
+from caption.training.losses import caption_loss
 from caption.vocab import END_ID, PAD_ID, START_ID
-from conftest import tiny_model_config
 
 
 def _captions():

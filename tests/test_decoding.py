@@ -2,12 +2,12 @@
 
 import pytest
 import torch
+from conftest import tiny_model_config
 
 from caption.decoding import DecodingOptions, beam_search, decode, greedy_search
-from caption.losses import caption_loss
 from caption.model import SCORERS, AttentionDecoder
+from caption.training.losses import caption_loss
 from caption.vocab import END, END_ID, START_ID
-from conftest import tiny_model_config
 
 SCORER_NAMES = sorted(SCORERS)
 

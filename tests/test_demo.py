@@ -7,7 +7,7 @@ import pytest
 from caption.commands import demo
 from caption.commands.main import main
 from caption.config import load_config, save_config
-from caption.run_dir import RunDirError
+from caption.training.run_dir import RunDirError
 
 
 @pytest.fixture

@@ -9,11 +9,11 @@ import subprocess
 import sys
 
 import torch
+from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
 
 from caption.checkpoint import read_checkpoint
 from caption.config import save_config
-from caption.train import fit
-from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from caption.training.loop import fit
 
 
 def _free_port() -> int:
@@ -72,11 +72,11 @@ def test_fine_tuning_from_an_epoch_under_ddp_averages_the_encoder_gradients(shap
 
 
 def test_only_rank_0_prints_the_run_directory(tmp_path, monkeypatch, capsys):
-    import caption.train
+    import caption.training.loop
     from caption.commands.main import main
     from caption.config import load_config
 
-    monkeypatch.setattr(caption.train, "fit", lambda cfg, run_dir, **kw: caption.train.FitResult(run_dir, 0.5, 1, []))
+    monkeypatch.setattr(caption.training.loop, "fit", lambda cfg, run_dir, **kw: caption.training.loop.FitResult(run_dir, 0.5, 1, []))
     save_config(load_config(None, ["name=tiny"]), tmp_path / "tiny.yaml")
     printed = {}
     for rank in ("1", "0"):

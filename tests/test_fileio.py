@@ -5,10 +5,15 @@ import json
 import os
 
 import pytest
+from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
 
 from caption.errors import CaptionError
-from caption.fileio import DiskFullError, atomic_write, atomic_write_json, atomic_write_text
-from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from caption.fileio import (
+    DiskFullError,
+    atomic_write,
+    atomic_write_json,
+    atomic_write_text,
+)
 
 
 def test_writes_create_folders_and_replace_the_old_file(tmp_path):
@@ -88,7 +93,7 @@ def test_train_on_a_full_disk_exits_with_one_line(shapes_dir, tmp_path, monkeypa
     import torch
 
     from caption.commands.main import main
-    from caption.train import fit
+    from caption.training.loop import fit
 
     run = tmp_path / "run"
     fit(tiny_config(shapes_dir, "train.epochs=1"), run, device="cpu", progress_bars=False)

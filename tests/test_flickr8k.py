@@ -51,10 +51,10 @@ def _slice(src: Path, dst: Path, n: int) -> None:
 
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="../shared/data/flickr8k is not beside the checkout")
 def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
-    from caption.config import load_config
-    from caption.commands.prepare import prepare
     from caption.commands.evaluate import evaluate_checkpoint
-    from caption.train import fit
+    from caption.commands.prepare import prepare
+    from caption.config import load_config
+    from caption.training.loop import fit
 
     _slice(FLICKR / "captions_flickr8k_train.json", tmp_path / "train.json", 200)
     _slice(FLICKR / "captions_flickr8k_dev.json", tmp_path / "dev.json", 40)

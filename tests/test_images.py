@@ -11,8 +11,14 @@ import torch
 import torchvision.transforms.functional as TF
 from PIL import Image, JpegImagePlugin
 
-from caption.images import (
-    IMAGE_EXTENSIONS, ImageError, find_images, image_transform, load_image, preprocess, to_rgb,
+from caption.data.images import (
+    IMAGE_EXTENSIONS,
+    ImageError,
+    find_images,
+    image_transform,
+    load_image,
+    preprocess,
+    to_rgb,
 )
 
 

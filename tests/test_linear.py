@@ -5,9 +5,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import caption.model.linear as lin
-from caption.model.deferred import DeferredLinear
-from caption.train import adamw
+import caption.model.ops.linear as lin
+from caption.model.ops.deferred import DeferredLinear
+from caption.training.loop import adamw
 
 
 def _grads(fn, *tensors):

@@ -14,8 +14,8 @@ from pathlib import Path
 import pytest
 from pycocoevalcap.meteor.meteor import Meteor
 
-from caption import metrics
-from caption.metrics import METRIC_KEYS, coco_scores, write_results
+from caption.evaluation import metrics
+from caption.evaluation.metrics import METRIC_KEYS, coco_scores, write_results
 
 HAS_JAVA = shutil.which("java") is not None
 NO_METEOR_KEYS = [k for k in METRIC_KEYS if k != "METEOR"]
@@ -210,8 +210,8 @@ def test_write_results_round_trips(tmp_path: Path) -> None:
 def test_repetition_scores_count_repeated_bigrams_and_distinct_captions():
     from pathlib import Path
 
-    from caption.data import ImageRecord
-    from caption.scoring import repeats_a_bigram, repetition_scores
+    from caption.data.records import ImageRecord
+    from caption.evaluation.scoring import repeats_a_bigram, repetition_scores
 
     assert repeats_a_bigram("a man in a black jacket and a black jacket")
     assert repeats_a_bigram("A little boy and a little girl.")  # tokenised: case and punctuation ignored

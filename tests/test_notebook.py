@@ -8,9 +8,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
 from conftest import make_tiny_checkpoint
+from PIL import Image
 
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "attention.ipynb"
 SCORERS = ("additive", "dot", "general", "concat")

@@ -14,25 +14,42 @@ import numpy as np
 import pytest
 import torch
 import yaml
+from conftest import tiny_model_config
 from PIL import Image
 
-from caption.cache import build_features, cache_key, open_or_build
 from caption.checkpoint import load_checkpoint
-from caption.config import Config, ConfigError, EncoderConfig, ModelConfig, from_dict, load_config, save_config, to_dict
-from caption.data import ImageRecord
-from caption.decoding import DecodingOptions, _log_probs, decode
+from caption.config import (
+    Config,
+    ConfigError,
+    EncoderConfig,
+    ModelConfig,
+    from_dict,
+    load_config,
+    save_config,
+    to_dict,
+)
+from caption.data.images import ImageError, image_transform, prefetch
+from caption.data.records import ImageRecord
+from caption.decoding import DecodingOptions, decode
+from caption.decoding.search import _log_probs
 from caption.errors import CaptionError
-from caption.images import ImageError, image_transform, prefetch
 from caption.inference import SHIPPED_MODEL, load
-from caption.losses import caption_loss
 from caption.model import SCORERS, AttentionDecoder, build_encoder
 from caption.model.attention import _chunked, _tanh_mlp, _tanh_mlp_reference
-from caption.model.deferred import DeferredLinear
 from caption.model.fuse import fused_for_inference
-from caption.runtime import (Capabilities, cpu_capabilities, cpu_flags, cpu_name, keep_freed_memory, probe,
-                             resolve_precision)
+from caption.model.ops.deferred import DeferredLinear
+from caption.runtime import (
+    Capabilities,
+    cpu_capabilities,
+    cpu_flags,
+    cpu_name,
+    keep_freed_memory,
+    probe,
+    resolve_precision,
+)
+from caption.training.cache import build_features, cache_key, open_or_build
+from caption.training.losses import caption_loss
 from caption.vocab import END_ID, START_ID
-from conftest import tiny_model_config
 
 BF16 = torch.autocast("cpu", dtype=torch.bfloat16)
 
@@ -341,7 +358,7 @@ def test_predict_reports_precision_and_device_on_stderr_only(tiny_checkpoint, tm
 
 def test_prepare_train_and_evaluate_report_the_precision_they_use(tmp_path, capsys):
     from caption.commands.main import main
-    from caption.shapes import generate_shapes
+    from caption.data.shapes import generate_shapes
 
     data = tmp_path / "shapes"
     generate_shapes(data, n=24, seed=1, image_size=48)

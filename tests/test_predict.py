@@ -20,7 +20,7 @@ from PIL import Image
 import caption
 from caption.checkpoint import CheckpointError
 from caption.commands.main import main
-from caption.images import ImageError
+from caption.data.images import ImageError
 
 JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid", "attention"}
 ALTERNATIVE_KEYS = {"caption", "tokens", "log_prob", "attention"}
@@ -168,7 +168,7 @@ def test_default_checkpoint_missing_says_run_demo(tmp_path, monkeypatch) -> None
 
 
 def test_visualize_is_a_lazy_attribute() -> None:
-    assert callable(caption.visualize.overlay)
+    assert callable(caption.viz.overlay.overlay)
     assert "load" in dir(caption)
     with pytest.raises(AttributeError):
         caption.no_such_thing  # noqa: B018

@@ -7,14 +7,14 @@ import dataclasses
 import time
 
 import pytest
+from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
 
 from caption.checkpoint import read_checkpoint
 from caption.commands.main import main
 from caption.commands.prepare import prepare
 from caption.config import save_config
-from caption.run_dir import RunDirError
-from caption.train import fit
-from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from caption.training.loop import fit
+from caption.training.run_dir import RunDirError
 
 
 def _files(run_dir) -> dict:

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import torch
-
-from caption.data import CaptionItem, collate_captions
-from caption.distributed import Dist
-from caption.model import build_model
-from caption.sampler import GlobalBatchSampler, batches_per_epoch, images_per_batch
 from conftest import tiny_model_config
+
+from caption.data.datasets import CaptionItem, collate_captions
+from caption.model import build_model
+from caption.training.distributed import Dist
+from caption.training.sampler import (
+    GlobalBatchSampler,
+    batches_per_epoch,
+    images_per_batch,
+)
 
 CPU = torch.device("cpu")
 

@@ -10,9 +10,9 @@ from test_train import _Killed, shapes_dir, tiny_config  # noqa: F401  (fixture 
 
 from caption.checkpoint import read_checkpoint
 from caption.config import ConfigError
-from caption.data import ImageRecord
-from caption.scst import CiderReward, ends_on_function_word, mean_of_others
-from caption.train import fit
+from caption.data.records import ImageRecord
+from caption.training.loop import fit
+from caption.training.scst import CiderReward, ends_on_function_word, mean_of_others
 from caption.vocab import END_ID, Vocabulary
 
 CACHED = ("model.fine_tune=false", "model.dropout=0.0")

@@ -9,14 +9,10 @@ import pytest
 from PIL import Image
 from pycocotools.coco import COCO
 
-from caption.shapes import (
-    COLORS,
-    SHAPES,
-    WORDS,
+from caption.data.shapes import COLORS, SHAPES, WORDS, generate_shapes, load_shapes
+from caption.evaluation.shapes import (
     ParsedCaption,
     content_correct,
-    generate_shapes,
-    load_shapes,
     parse_caption,
     pointing_hits,
     shapes_accuracy,

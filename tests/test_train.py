@@ -9,11 +9,16 @@ import pickle
 import pytest
 import torch
 
-from caption.checkpoint import CheckpointError, load_checkpoint, read_checkpoint, save_checkpoint
-from caption.config import Config, ConfigError, load_config
+from caption.checkpoint import (
+    CheckpointError,
+    load_checkpoint,
+    read_checkpoint,
+    save_checkpoint,
+)
 from caption.commands.prepare import prepare
-from caption.shapes import generate_shapes
-from caption.train import fit
+from caption.config import Config, ConfigError, load_config
+from caption.data.shapes import generate_shapes
+from caption.training.loop import fit
 from caption.vocab import Vocabulary, tokenize
 
 
@@ -82,7 +87,7 @@ def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(sh
 
 
 def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path, monkeypatch):
-    import caption.train
+    import caption.training.loop
 
     scalers = []
 
@@ -90,7 +95,7 @@ def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path,
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=4))
         return torch.autocast("cpu", enabled=False), scalers[-1]
 
-    monkeypatch.setattr(caption.train, "_autocast", fp16_on_cpu)
+    monkeypatch.setattr(caption.training.loop, "_autocast", fp16_on_cpu)
     cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2")
     fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
     assert len(scalers) == 1  # one scaler for the whole fit: its scale carries over from epoch to epoch
@@ -155,8 +160,8 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
 
 
 def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
-    from caption.commands.main import main
     from caption.commands.evaluate import evaluate_checkpoint
+    from caption.commands.main import main
 
     fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", device="cpu", progress_bars=False)
     scores = evaluate_checkpoint(tmp_path / "run", captions=str(shapes_dir / "captions_test.json"),
@@ -186,7 +191,7 @@ def test_select_metric_picks_the_best_checkpoint_and_is_checked_first(shapes_dir
 
 
 def test_cosine_schedule_warms_up_then_decays_to_its_floor(shapes_dir, tmp_path):
-    from caption.schedule import _cosine
+    from caption.training.schedule import _cosine
 
     assert [_cosine(s, 20, 4, 0.1) for s in (0, 3)] == [0.25, 1.0]
     assert _cosine(12, 20, 4, 0.1) == pytest.approx(0.55) and _cosine(20, 20, 4, 0.1) == pytest.approx(0.1)

@@ -11,11 +11,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FakeResult
 from PIL import Image
 
-from caption import viewer
-from caption.visualize import colormap_table
-from conftest import FakeResult
+from caption.viz import viewer
+from caption.viz.overlay import colormap_table
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -124,8 +124,8 @@ def test_flat_and_empty_maps() -> None:
 def test_viewer_assets_ship_in_the_wheel() -> None:
     """Every file the page is built from matches a package-data pattern of pyproject.toml."""
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
-    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["caption"]
+    patterns = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["caption.viz"]
     for name in ("viewer.html", "viewer.css", "viewer.js"):
         asset = Path("assets") / name
-        assert (ROOT / "caption" / asset).is_file()
+        assert (ROOT / "caption" / "viz" / asset).is_file()
         assert any(asset.match(p) for p in patterns), f"{asset} is not package data"

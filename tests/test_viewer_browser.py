@@ -14,12 +14,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from PIL import Image
-
-from caption import viewer
-from caption.commands.main import main
 from conftest import make_tiny_checkpoint
+from PIL import Image
 from test_viewer import fake
+
+from caption.commands.main import main
+from caption.viz import viewer
 
 CANVAS_HASH = """
 var c = arguments[0], d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, h = 7;

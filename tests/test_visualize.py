@@ -7,9 +7,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import FakeResult
 from PIL import Image
 
-from caption.visualize import (
+from caption.viz.overlay import (
     INIT_TITLE,
     attention_map,
     colormap_table,
@@ -18,7 +19,6 @@ from caption.visualize import (
     save_overlay,
     save_per_word,
 )
-from conftest import FakeResult
 
 
 def make_result(words: list[str], gh: int, gw: int, tensor: bool = True) -> FakeResult:

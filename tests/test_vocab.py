@@ -1,7 +1,15 @@
 import nltk
 import pytest
 
-from caption.vocab import END_ID, PAD_ID, SPECIALS, START_ID, UNK_ID, Vocabulary, tokenize
+from caption.vocab import (
+    END_ID,
+    PAD_ID,
+    SPECIALS,
+    START_ID,
+    UNK_ID,
+    Vocabulary,
+    tokenize,
+)
 
 
 def test_tokenize_needs_no_nltk_data(monkeypatch):

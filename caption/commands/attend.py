@@ -15,9 +15,16 @@ import re
 import sys
 from pathlib import Path
 
-from caption.commands.predict import EXIT_BAD_INPUT, EXIT_NO_MODEL, _add_model_args, _error, _load_model, _positive_int
+from caption.commands.predict import (
+    EXIT_BAD_INPUT,
+    EXIT_NO_MODEL,
+    _add_model_args,
+    _error,
+    _load_model,
+    _positive_int,
+)
 
-_WORD_FILE = re.compile(r"^\d{2,}_[A-Za-z0-9_-]+\.png$")  # visualize.save_per_word's file names
+_WORD_FILE = re.compile(r"^\d{2,}_[A-Za-z0-9_-]+\.png$")  # overlay.save_per_word's file names
 TITLE_CHARS = 80  # a gallery's title names its inputs up to this length
 
 
@@ -67,8 +74,8 @@ def _remove_stale_words(folder: Path, keep: list[Path]) -> None:
 
 def _single(args: argparse.Namespace, models: list) -> int:
     """One photo: overlay PNG and/or viewer page, per-word PNGs."""
-    from caption import viewer, visualize
-    from caption.images import ImageError
+    from caption.data.images import ImageError
+    from caption.viz import overlay, viewer
 
     image, out = args.images[0], Path(args.out)
     try:
@@ -82,12 +89,12 @@ def _single(args: argparse.Namespace, models: list) -> int:
         if out.suffix.lower() == ".html":
             written.append(viewer.write_html(results[0], image, out, **both))
         else:
-            written.append(visualize.save_overlay(results[0], image, out, **both))
+            written.append(overlay.save_overlay(results[0], image, out, **both))
             if args.html:
                 written.append(viewer.write_html(results[0], image, out.with_suffix(".html"), **both))
         if args.per_word:
             folder = out.parent / f"{out.stem}_words"
-            words = visualize.save_per_word(results[0], image, folder)
+            words = overlay.save_per_word(results[0], image, folder)
             _remove_stale_words(folder, words)
             written.extend(words)
     except OSError as err:
@@ -103,8 +110,8 @@ def _gallery(args: argparse.Namespace, models: list) -> int:
     """Several photos: caption them all (a progress bar on stderr), then write one gallery page."""
     from tqdm import tqdm
 
-    from caption import viewer
-    from caption.images import ImageError, find_images
+    from caption.data.images import ImageError, find_images
+    from caption.viz import viewer
 
     paths, errors = find_images(args.images)
     for line in errors:

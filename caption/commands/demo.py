@@ -51,8 +51,8 @@ def _same_run(cfg: Config, run_dir: Path) -> bool:
 
 def train_once(cfg: Config, run_dir: Path, device: str | None, overwrite: bool = False) -> None:
     """Train unless a finished run of this very config is there; resume an interrupted one."""
-    from caption.run_dir import holds_run
-    from caption.train import fit
+    from caption.training.loop import fit
+    from caption.training.run_dir import holds_run
 
     same = _same_run(cfg, run_dir) and not overwrite
     if same and (run_dir / DONE).is_file() and (run_dir / "best.pt").is_file():
@@ -72,12 +72,12 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, device: str | None =
     """Generate the shapes data with ``seed``, train the demo config with it, evaluate the test split with beam 3."""
     from caption.checkpoint import load_checkpoint
     from caption.commands.evaluate import evaluate_checkpoint
-    from caption.data import load_split
+    from caption.data.records import load_split
+    from caption.data.shapes import generate_shapes
     from caption.decoding import DecodingOptions
+    from caption.evaluation.scoring import caption_records
     from caption.runtime import resolve_device
-    from caption.scoring import caption_records
-    from caption.shapes import generate_shapes
-    from caption.splits import transform_for
+    from caption.training.splits import transform_for
 
     device = str(resolve_device(device))  # an unknown device fails before anything is written
     run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(seed)

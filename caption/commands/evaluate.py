@@ -8,16 +8,21 @@ from pathlib import Path
 import torch
 
 from caption.checkpoint import load_checkpoint
-from caption.data import load_coco, load_split
+from caption.data.records import load_coco, load_split
 from caption.decoding import DecodingOptions
 from caption.errors import CaptionError, DataError
+from caption.evaluation.metrics import write_results
+from caption.evaluation.scoring import (
+    caption_records,
+    repetition_scores,
+    score_results,
+    task_metric,
+)
 from caption.fileio import atomic_write_json
-from caption.metrics import write_results
 from caption.model import Captioner
 from caption.model.fuse import fused_for_inference
 from caption.runtime import resolve_device, resolve_precision
-from caption.scoring import caption_records, repetition_scores, score_results, task_metric
-from caption.splits import split_metric, transform_for
+from caption.training.splits import split_metric, transform_for
 
 
 def default_out_dir(checkpoint: str | Path) -> Path:

@@ -14,7 +14,6 @@ from pathlib import Path
 from caption.errors import CaptionError
 
 
-
 def _config(args: argparse.Namespace):
     from caption.config import load_config
 
@@ -38,7 +37,7 @@ def _run_dir(args: argparse.Namespace, cfg) -> Path:
 
 
 def cmd_shapes(args: argparse.Namespace) -> int:
-    from caption.shapes import generate_shapes
+    from caption.data.shapes import generate_shapes
 
     paths = generate_shapes(args.out, n=args.n, seed=args.seed, image_size=args.image_size)
     for name, path in paths.items():
@@ -58,8 +57,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from caption.config import apply_overrides, load_config
-    from caption.distributed import is_main_process
-    from caption.train import fit
+    from caption.training.distributed import is_main_process
+    from caption.training.loop import fit
 
     if args.resume:
         run_dir = Path(args.resume)
@@ -82,7 +81,6 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from caption.commands.evaluate import evaluate_checkpoint
-
     from caption.inference import default_checkpoint
 
     scores = evaluate_checkpoint(

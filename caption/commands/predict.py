@@ -96,7 +96,7 @@ def _record(path: Path, result, beam: int) -> str:
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from caption.images import ImageError, find_images
+    from caption.data.images import ImageError, find_images
 
     model = _load_model(args)
     if model is None:

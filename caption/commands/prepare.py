@@ -7,10 +7,10 @@ from pathlib import Path
 import torch
 
 from caption.config import Config, save_config
-from caption.data import load_split
+from caption.data.records import load_split
 from caption.model import build_model
 from caption.runtime import resolve_device
-from caption.splits import build_vocab, check_config, split_data, uses_cache
+from caption.training.splits import build_vocab, check_config, split_data, uses_cache
 
 
 def prepare(cfg: Config, run_dir: Path, *, splits: tuple[str, ...] | list[str] = ("train", "val"),

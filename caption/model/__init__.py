@@ -5,9 +5,20 @@ B batch (images), L grid cells (gh * gw), D feature dim, H hidden dim, A attenti
 E embedding dim, T caption length, V vocabulary size, K beams per image, N rows (B * K).
 """
 
-from caption.model.attention import SCORERS, Memory, SoftAttention, build_scorer, register_scorer
+from caption.model.attention import (
+    SCORERS,
+    Memory,
+    SoftAttention,
+    build_scorer,
+    register_scorer,
+)
 from caption.model.captioner import Captioner, build_model
-from caption.model.decoder import AttentionDecoder, DecoderOutput, DecoderState, StepOutput
+from caption.model.decoder import (
+    AttentionDecoder,
+    DecoderOutput,
+    DecoderState,
+    StepOutput,
+)
 from caption.model.encoder import BACKBONES, Encoder, build_encoder
 
 __all__ = [

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from caption.config import ConfigError
-from caption.model.linear import Linear, linear
+from caption.model.ops.linear import Linear, linear
 
 SCORERS: dict[str, type["Scorer"]] = {}
 

@@ -19,8 +19,8 @@ from torch import nn
 
 from caption.config import ConfigError, ModelConfig
 from caption.model.attention import AttentionPool, Memory, SoftAttention
-from caption.model.deferred import DeferredLinear
-from caption.model.linear import Linear
+from caption.model.ops.deferred import DeferredLinear
+from caption.model.ops.linear import Linear
 from caption.vocab import PAD_ID
 
 

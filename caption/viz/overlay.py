@@ -31,8 +31,8 @@ from matplotlib import colormaps
 from matplotlib.figure import Figure
 from PIL import Image
 
+from caption.data.images import load_image, to_rgb
 from caption.fileio import atomic_write
-from caption.images import load_image, to_rgb
 
 MAX_COLS = 5  # figure columns; rows grow with the caption length
 PANEL_INCHES = 2.6  # width of one figure panel
@@ -91,7 +91,7 @@ def init_map(result: AttentionResult) -> np.ndarray | None:
 
 
 def load_rgb(image: ImageSource, max_side: int | None = None) -> Image.Image:
-    """RGB and upright, as the model reads it (:func:`caption.images.load_image`), optionally downscaled."""
+    """RGB and upright, as the model reads it (:func:`caption.data.images.load_image`), optionally downscaled."""
     if isinstance(image, (str, os.PathLike)):
         return load_image(image, max_side)
     img = to_rgb(image)

@@ -32,6 +32,7 @@ from caption.errors import CaptionError
 from caption.fileio import atomic_write_json
 from caption.vocab import tokenize
 
+
 class MetricsError(CaptionError, RuntimeError):
     """Java (PTB tokenizer, METEOR) missing or failing; the message says how to score without it."""
 

@@ -29,22 +29,28 @@ from tqdm import tqdm
 
 from caption.checkpoint import BEST, LAST, load_state, read_checkpoint, save_checkpoint
 from caption.config import Config, ConfigError, save_config
-from caption.data import collate_captions
+from caption.data.datasets import collate_captions
+from caption.data.records import load_split
 from caption.decoding import DecodingOptions
-from caption.distributed import Dist, all_sum, setup_distributed
-from caption.run_dir import METRICS, claim_run_dir
-from caption.runtime import Precision, resolve_precision
-from caption.sampler import GlobalBatchSampler, batches_per_epoch
-from caption.schedule import Schedule
-from caption.scoring import caption_records, score_results
-from caption import scst
-from caption.losses import caption_loss
+from caption.evaluation.scoring import caption_records, score_results
 from caption.model import Captioner, build_model
-from caption.data import load_split
-from caption.splits import SplitData, TrainingData, build_vocab, check_config, load_training_data
+from caption.runtime import Precision, resolve_precision
+from caption.training import scst
+from caption.training.distributed import Dist, all_sum, setup_distributed
+from caption.training.losses import caption_loss
+from caption.training.run_dir import METRICS, claim_run_dir
+from caption.training.sampler import GlobalBatchSampler, batches_per_epoch
+from caption.training.schedule import Schedule
+from caption.training.splits import (
+    SplitData,
+    TrainingData,
+    build_vocab,
+    check_config,
+    load_training_data,
+)
 from caption.vocab import Vocabulary
 
-log = logging.getLogger("caption.train")
+log = logging.getLogger("caption.training.loop")
 
 
 @dataclass

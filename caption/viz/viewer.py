@@ -5,7 +5,7 @@ EXIF-upright, their own aspect ratio) and, per photo and model, the attention gr
 word of the caption and of the beam's runners-up. The page's script draws each heatmap on a
 canvas over the photo (bilinear, then min-max scaled and coloured with the PNG overlays'
 colormap), so a page costs a photo plus a few bytes per grid cell, not one image per word.
-The page's code lives in ``caption/assets/viewer.{html,css,js}``; nothing is fetched.
+The page's code lives in ``caption/viz/assets/viewer.{html,css,js}``; nothing is fetched.
 
 Page data (``<script id="data" type="application/json">``)::
 
@@ -33,7 +33,15 @@ import numpy as np
 from PIL import Image
 
 from caption.fileio import atomic_write
-from caption.visualize import AttentionResult, ImageSource, PathLike, colormap_table, init_map, load_rgb, word_maps
+from caption.viz.overlay import (
+    AttentionResult,
+    ImageSource,
+    PathLike,
+    colormap_table,
+    init_map,
+    load_rgb,
+    word_maps,
+)
 
 PHOTO_MAX_SIDE = 640  # long side of the embedded photos, in pixels
 JPEG_QUALITY = 80
@@ -81,7 +89,7 @@ def photo_entry(name: str, image: ImageSource, results: Sequence[AttentionResult
 
 
 def _asset(name: str) -> str:
-    return resources.files("caption").joinpath("assets", name).read_text(encoding="utf-8")
+    return resources.files("caption.viz").joinpath("assets", name).read_text(encoding="utf-8")
 
 
 def _script_json(data: Any) -> str:

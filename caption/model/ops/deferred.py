@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from caption.model.linear import Linear, mm_t
+from caption.model.ops.linear import Linear, mm_t
 
 
 class _Gather(torch.autograd.Function):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from caption.distributed import Dist
+from caption.training.distributed import Dist
 
 
 class GlobalBatchSampler(torch.utils.data.Sampler):

@@ -30,12 +30,13 @@ import torch
 from torch.utils.data import Dataset
 
 from caption.checkpoint import Loaded, load_checkpoint
-from caption.cider import CiderD, TfIdf
 from caption.config import Config, ConfigError
-from caption.data import ImageDataset, ImageRecord, collate_images
+from caption.data.datasets import ImageDataset, collate_images
+from caption.data.records import ImageRecord
 from caption.decoding import DecodingOptions, Samples, SamplingOptions, decode, sample
-from caption.distributed import Dist, all_sum
-from caption.splits import SplitData
+from caption.evaluation.cider import CiderD, TfIdf
+from caption.training.distributed import Dist, all_sum
+from caption.training.splits import SplitData
 from caption.vocab import END_ID, Vocabulary, tokenize
 
 OBJECTIVES = ("xent", "scst")

@@ -21,9 +21,10 @@ from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
 from caption.config import ConfigError
-from caption.data import ImageDataset, ImageRecord, collate_images
+from caption.data.datasets import ImageDataset, collate_images
+from caption.data.records import ImageRecord
 from caption.decoding import DecodingOptions, DecodingResult, decode
-from caption.metrics import coco_scores
+from caption.evaluation.metrics import coco_scores
 from caption.model import Captioner
 from caption.vocab import Vocabulary, tokenize
 
@@ -87,7 +88,7 @@ class TaskMetric(Protocol):
 
 
 # name -> factory(captions file) of a task metric; built-in ones as "module:attribute", imported on first use
-_TASK_METRICS: dict[str, Callable[[Path], TaskMetric] | str] = {"shapes": "caption.shapes:ShapesMetric"}
+_TASK_METRICS: dict[str, Callable[[Path], TaskMetric] | str] = {"shapes": "caption.evaluation.shapes:ShapesMetric"}
 
 
 def register_task_metric(name: str, factory: Callable[[Path], TaskMetric]) -> None:

@@ -26,7 +26,7 @@ try:
 except ImportError:  # not POSIX: no lock; the refusal still holds
     fcntl = None
 
-log = logging.getLogger("caption.run_dir")
+log = logging.getLogger("caption.training.run_dir")
 
 METRICS, TENSORBOARD, LOCK = "metrics.csv", "tb", ".lock"
 RUN_FILES = (LAST, BEST, METRICS)  # any of these beside config.yaml: the directory holds a run

@@ -14,20 +14,21 @@ from typing import Callable
 
 import torch
 
-from caption.cache import FeatureStore, open_or_build
 from caption.config import Config, ConfigError
+from caption.data.datasets import CaptionDataset
+from caption.data.images import image_transform
+from caption.data.records import ImageRecord, load_split
 from caption.errors import DataError
-from caption.data import CaptionDataset, ImageRecord, load_split
-from caption.distributed import Dist
-from caption.images import image_transform
-from caption.metrics import METRIC_KEYS
+from caption.evaluation.metrics import METRIC_KEYS
+from caption.evaluation.scoring import TaskMetric, task_metric, task_metric_keys
 from caption.model.check import check_model_config
 from caption.runtime import resolve_precision
-from caption.schedule import check_schedule
-from caption.scoring import TaskMetric, task_metric, task_metric_keys
+from caption.training.cache import FeatureStore, open_or_build
+from caption.training.distributed import Dist
+from caption.training.schedule import check_schedule
 from caption.vocab import Vocabulary
 
-log = logging.getLogger("caption.splits")
+log = logging.getLogger("caption.training.splits")
 
 
 @dataclass

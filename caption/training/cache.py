@@ -26,15 +26,16 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.config import EncoderConfig
-from caption.data import ImageDataset, ImageRecord, collate_images
+from caption.data.datasets import ImageDataset, collate_images
+from caption.data.images import ImageError, prefetch, preprocess
+from caption.data.records import ImageRecord
 from caption.errors import DataError
 from caption.fileio import atomic_write_json
-from caption.images import ImageError, prefetch, preprocess
 from caption.model import Encoder
 from caption.model.fuse import fused_for_inference
 from caption.runtime import Precision
 
-log = logging.getLogger("caption.cache")
+log = logging.getLogger("caption.training.cache")
 
 FORMAT_VERSION = 1
 _FP16_MAX = 65504.0
@@ -173,7 +174,7 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
     encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
     The encoder runs in ``precision`` (default fp32); the key should name it (:func:`cache_key`).
     Images are decoded by ``num_workers`` DataLoader processes, or with 0 by threads
-    (:func:`caption.images.prefetch`), while the encoder runs.
+    (:func:`caption.data.images.prefetch`), while the encoder runs.
     Unreadable images are recorded in ``bad`` (their features stay zero) and reported, not fatal.
     """
     if not records:
