@@ -22,7 +22,7 @@ import torch
 from caption.config import PRECISIONS, ModelConfig
 from caption.decoding import DecodingOptions, beam_search
 from caption.model import AttentionDecoder
-from caption.runtime import cpu_name, keep_freed_memory, resolve_precision
+from caption.runtime import cpu_name, keep_freed_memory, resolve_runtime
 from caption.training.loop import adamw
 from caption.training.losses import caption_loss
 from caption.vocab import END_ID, START_ID
@@ -49,10 +49,9 @@ def main() -> None:
     p.add_argument("--precision", default="auto", choices=PRECISIONS)
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the caption command does
-    precision = resolve_precision(args.precision, args.device)
-    device = precision.device
+    runtime = resolve_runtime(args.device, args.precision, args.threads)
+    precision, device = runtime.precision, runtime.device
     torch.manual_seed(0)
     B, L, D, T, V = args.batch, 196, 2048, 22, 9490
     hidden = D if args.attention == "dot" else 512

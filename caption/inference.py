@@ -1,45 +1,111 @@
-"""Caption your own images with a trained checkpoint: the library API behind ``predict``/``attend``.
+"""Caption your own images with a trained checkpoint, and the one inference path behind it.
 
     >>> import caption
     >>> model = caption.load("runs/shapes")          # a run directory or a .pt file
     >>> result = model.caption("photo.jpg")          # DecodingResult
     >>> result.caption, result.alphas.shape          # the words and their (T, gh, gw) maps
 
-Every image goes through exactly the training preprocessing, :func:`caption.data.images.load_image`
-(EXIF orientation, any mode -> RGB, huge files shrunk while decoding) then
-:func:`caption.training.splits.transform_for` (whole-image square resize, normalisation): a mismatch
-here is what makes a captioner say the same thing for every image.
+Everything that turns images into features or captions goes through two functions here:
+:func:`inference_encoder` builds the encoder as inference runs it (BatchNorm folded, channels-last,
+no gradients) and :func:`encode_images` is the batched loop (images decoded and resized in worker
+threads while the model computes, normalised, encoded under the runtime's precision). ``caption
+predict``/``attend`` (:class:`CaptionModel`), ``caption evaluate`` (:mod:`caption.evaluation.scoring`)
+and the feature cache (:mod:`caption.training.cache`) all use them. Every image goes through exactly
+the training preprocessing (:func:`caption.data.images.preprocess`): a mismatch here is what makes a
+captioner say the same thing for every image.
 """
 
 from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence, TypeAlias, Union
+from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeAlias, TypeVar, Union
 
 import torch
 from PIL import Image
+from torch import nn
 
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
 from caption.config import Config
-from caption.data.images import ImageError, load_image, prefetch, to_rgb
+from caption.data.images import ImageError, ImageTransform, load_image, prefetch, to_rgb, transform_for
 from caption.decoding import DecodingOptions, DecodingResult, decode
+from caption.model import Captioner
 from caption.model.fuse import fused_for_inference
-from caption.runtime import Precision, resolve_device, resolve_precision
-from caption.training.splits import transform_for
+from caption.runtime import Runtime, resolve_runtime
 from caption.vocab import Vocabulary
 
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see README
+SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see MODEL_CARD.md
 SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"  # from google-coral/test_data, Apache-2.0
 DEMO_RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
+Item = TypeVar("Item")
 
 
 def default_checkpoint() -> Path:
     """The checkpoint used when none is given (the one place that decides it): the model shipped in
     the package (Flickr8k, EfficientNet-Lite0 features), else the demo run."""
     return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else DEMO_RUN_DIR
+
+
+# ----------------------------------------------------------------------------- the inference path
+
+
+def inference_encoder(encoder: nn.Module, image_size: int) -> nn.Module:
+    """``encoder`` as inference runs it: an eval-mode, no-grad copy with every BatchNorm folded into
+    its convolution (:func:`caption.model.fuse.fused_for_inference`), channels-last like the original.
+    Training and checkpoints keep the original."""
+    return fused_for_inference(encoder, torch.zeros(1, 3, image_size, image_size))
+
+
+class EncodedBatch(NamedTuple):
+    """One batch of :func:`encode_images`: the inputs in order, the features of the readable ones."""
+
+    items: list  # this batch's inputs, in input order
+    results: list  # per item: its row of ``features`` (int) or its ImageError
+    features: torch.Tensor | None  # (B', L, D) for the B' readable items, None when none was
+
+    def rows(self) -> list[int]:
+        """Positions in ``items`` of the feature rows, in row order."""
+        return [i for i, r in enumerate(self.results) if not isinstance(r, ImageError)]
+
+
+def encode_images(encoder: nn.Module, items: Iterable[Item], pixels: Callable[[Item], torch.Tensor],
+                  transform: ImageTransform, runtime: Runtime, *, batch_size: int = 16) -> Iterator[EncodedBatch]:
+    """The batched loop from images to features: ``pixels(item)`` (uint8 (3, S, S), or an ImageError)
+    runs in worker threads ahead of the model; each batch of ``batch_size`` items is normalised, moved
+    to the runtime's device and encoded in its precision, without gradients. Unreadable items keep
+    their place in the batch as their ImageError."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    chunk: list = []
+    for loaded in prefetch(items, pixels, ahead=2 * batch_size):
+        chunk.append(loaded)
+        if len(chunk) == batch_size:
+            yield _encode_chunk(encoder, chunk, transform, runtime)
+            chunk = []
+    if chunk:
+        yield _encode_chunk(encoder, chunk, transform, runtime)
+
+
+def _encode_chunk(encoder: nn.Module, chunk: Sequence[tuple], transform: ImageTransform,
+                  runtime: Runtime) -> EncodedBatch:
+    """(item, uint8 pixels or ImageError) pairs -> their EncodedBatch."""
+    results: list = []
+    good: list[torch.Tensor] = []
+    for _, p in chunk:
+        results.append(p if isinstance(p, ImageError) else len(good))
+        if not isinstance(p, ImageError):
+            good.append(p)
+    features = None
+    if good:
+        images = transform.normalize(torch.stack(good)).to(runtime.device, non_blocking=True)  # (B', 3, S, S)
+        with torch.no_grad(), runtime.autocast():
+            features = encoder(images)  # (B', L, D)
+    return EncodedBatch([item for item, _ in chunk], results, features)
+
+
+# ----------------------------------------------------------------------------- the library API
 
 
 def _name(image: ImageInput) -> str:
@@ -53,29 +119,33 @@ class CaptionModel:
     """A loaded captioner that takes image files or PIL images and returns DecodingResults.
 
     ``config``/``vocab`` are the ones the checkpoint was trained with; ``grid`` (gh, gw) is the
-    encoder's attention grid, the shape of every ``result.alphas[t]``. ``precision`` (a
-    :class:`caption.runtime.Precision`, or auto/fp32/bf16/fp16; default: the checkpoint's
-    ``precision``) is what the encoder and the decoder compute in; log-probabilities and beam
-    scores are fp32 whatever it is.
+    encoder's attention grid, the shape of every ``result.alphas[t]``; ``runtime`` the device,
+    precision and threads it computes with (log-probabilities and beam scores are fp32 whatever
+    the precision). ``encoder`` is the inference copy of ``model.encoder``.
     """
 
-    def __init__(self, loaded: Loaded, device: str | torch.device = "cpu", precision: Precision | str | None = None):
-        self.device = torch.device(device)
-        if not isinstance(precision, Precision):
-            precision = resolve_precision(precision or loaded.config.precision, self.device)
-        self.precision: Precision = precision
-        self.model = loaded.model.to(self.device).eval()
+    def __init__(self, loaded: Loaded, runtime: Runtime):
+        self.runtime = runtime
+        self.model: Captioner = loaded.model.to(runtime.device).eval()
         self.config: Config = loaded.config
         self.vocab: Vocabulary = loaded.vocab
         self.path: Path = loaded.path
         self.transform = transform_for(self.config, self.model.encoder)
-        size = self.transform.image_size  # encoding runs a copy with BatchNorm folded into the convolutions
-        self._encoder = fused_for_inference(self.model.encoder, torch.zeros(1, 3, size, size))
+        self.encoder = inference_encoder(self.model.encoder, self.transform.image_size)
 
     def __repr__(self) -> str:
         m = self.config.model
-        return (f"CaptionModel({str(self.path)!r}, encoder={m.encoder}, attention={m.attention}, "
-                f"grid={self.grid}, vocab={len(self.vocab)}, device={self.device}, precision={self.precision.name})")
+        return (f"CaptionModel({str(self.path)!r}, encoder={m.encoder}, attention={m.attention}, grid={self.grid}, "
+                f"vocab={len(self.vocab)}, device={self.device}, precision={self.precision.name})")
+
+    @property
+    def device(self) -> torch.device:
+        return self.runtime.device
+
+    @property
+    def precision(self):
+        """The :class:`caption.runtime.Precision` it computes in."""
+        return self.runtime.precision
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -84,6 +154,10 @@ class CaptionModel:
     @property
     def image_size(self) -> int:
         return self.transform.image_size
+
+    def inference_captioner(self) -> Captioner:
+        """The inference encoder and the decoder as one Captioner (what scoring a split runs)."""
+        return Captioner(self.encoder, self.model.decoder)
 
     def options(self, beam: int | None = None, max_len: int | None = None,
                 alternatives: bool | None = None) -> DecodingOptions:
@@ -140,57 +214,36 @@ class CaptionModel:
 
     def iter_captions(
         self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
-        batch_size: int = 16, alternatives: bool | None = None,
+        batch_size: int = 16, alternatives: bool | None = None, *, options: DecodingOptions | None = None,
     ) -> Iterator[tuple[ImageInput, DecodingResult | ImageError]]:
-        """(input, result or ImageError) pairs in input order, produced one batch at a time.
+        """(input, result or ImageError) pairs in input order, produced one batch at a time
+        (:func:`encode_images`, then batched search). ``options`` replaces the run's decode settings."""
+        options = options or self.options(beam, max_len, alternatives)  # invalid options fail before any image is read
+        for batch in encode_images(self.encoder, images, self.pixels, self.transform, self.runtime,
+                                   batch_size=batch_size):
+            found = self.decode(batch.features, options) if batch.features is not None else []
+            for item, r in zip(batch.items, batch.results):
+                yield item, r if isinstance(r, ImageError) else found[r]
 
-        Worker threads decode and resize the next images while the model captions this batch.
-        """
-        if batch_size < 1:
-            raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-        options = self.options(beam, max_len, alternatives)  # invalid options fail before any image is read
-        chunk: list[tuple[ImageInput, torch.Tensor | ImageError]] = []
-        for loaded in prefetch(images, self.pixels, ahead=2 * batch_size):
-            chunk.append(loaded)
-            if len(chunk) == batch_size:
-                yield from zip((image for image, _ in chunk), self._caption_chunk(chunk, options))
-                chunk = []
-        if chunk:
-            yield from zip((image for image, _ in chunk), self._caption_chunk(chunk, options))
-
-    def _caption_chunk(self, chunk: Sequence[tuple[ImageInput, torch.Tensor | ImageError]],
-                       options: DecodingOptions) -> list[DecodingResult | ImageError]:
-        """(input, uint8 pixels or ImageError) pairs -> results: the loaded images go through the
-        encoder and batched search together."""
-        outcome: list = [p if isinstance(p, ImageError) else None for _, p in chunk]
-        rows = [i for i, (_, p) in enumerate(chunk) if not isinstance(p, ImageError)]
-        if rows:
-            pixels = torch.stack([chunk[i][1] for i in rows])  # (B, 3, S, S) uint8
-            for i, result in zip(rows, self._decode(self.transform.normalize(pixels), options)):
-                outcome[i] = result
-        return outcome
-
-    @torch.no_grad()
-    def _decode(self, batch: torch.Tensor, options: DecodingOptions) -> list[DecodingResult]:
-        """Encoder and search in the model's precision (log-probabilities and scores in fp32)."""
-        with self.precision.autocast():
-            features = self._encoder(batch.to(self.device))  # (B, L, D)
+    def decode(self, features: torch.Tensor, options: DecodingOptions) -> list[DecodingResult]:
+        """Captions of encoded images (B, L, D), searched in the runtime's precision."""
+        with torch.no_grad(), self.runtime.autocast():
             return decode(self.model.decoder, features, options, vocab=self.vocab, grid=self.grid)
 
 
 def load(checkpoint: str | os.PathLike[str] | None = None, device: str | torch.device | None = "cpu",
-         precision: str | None = None) -> CaptionModel:
+         precision: str | None = None, threads: int | None = None) -> CaptionModel:
     """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`).
 
     ``device=None`` picks CUDA when available; ``precision`` is auto, fp32, bf16 or fp16 (None:
-    the checkpoint's own ``precision``). Raises :class:`caption.checkpoint.CheckpointError` for a
-    missing, unreadable or mismatched checkpoint, and a CaptionError for a precision the device
-    cannot run (fp16 on a CPU).
+    the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default).
+    Raises :class:`caption.checkpoint.CheckpointError` for a missing, unreadable or mismatched
+    checkpoint, and a CaptionError for a device or precision this machine cannot run.
     """
     if checkpoint is None:
         checkpoint = default_checkpoint()
         if not Path(checkpoint).exists():
             raise CheckpointError(f"no trained model at {checkpoint} (the default): run `caption demo` first "
                                   "to train one, or pass a checkpoint file or run directory")
-    dev = resolve_device(device)
-    return CaptionModel(load_checkpoint(checkpoint, dev), dev, precision)
+    loaded = load_checkpoint(checkpoint)
+    return CaptionModel(loaded, resolve_runtime(device, precision or loaded.config.precision, threads))

@@ -1,5 +1,6 @@
-"""Where and how the model runs: the one place that turns ``--device`` into a ``torch.device``
-and ``--precision`` (auto, fp32, bf16, fp16) into a :class:`Precision` for that device.
+"""Where and how the model runs: :func:`resolve_runtime` turns ``--device``, ``--precision`` (auto,
+fp32, bf16, fp16) and ``--threads`` into one :class:`Runtime`, once per command or ``caption.load``
+call, which is then passed down to everything that computes.
 
 ``auto`` picks bf16 where the device computes it in hardware (a CUDA GPU with bf16; a CPU with
 AMX-BF16 or AVX512-BF16, read from the CPU's flags at run time) and fp32 everywhere else:
@@ -10,6 +11,7 @@ large, short-lived activation maps of a CNN (the command line and benchmarks cal
 
 from __future__ import annotations
 
+import dataclasses
 import platform
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,3 +177,47 @@ def resolve_precision(precision: str | None, device: str | torch.device | None =
     if requested == "bf16" and dev.type == "cuda" and not caps.bf16:
         raise CaptionError(f"precision bf16: {caps.name} has no bf16 ({caps.why}); use fp16, fp32 or auto")
     return Precision(requested, requested, dev, caps.why, caps.name)
+
+
+# ----------------------------------------------------------------------------- the runtime
+
+
+@dataclass(frozen=True)
+class Runtime:
+    """Where and how one command computes: the device and precision (:class:`Precision` holds
+    both) and the number of CPU threads. Resolved once (:func:`resolve_runtime`), passed down."""
+
+    precision: Precision
+    threads: int  # torch's intra-op threads
+
+    @property
+    def device(self) -> torch.device:
+        return self.precision.device
+
+    def autocast(self) -> torch.autocast:
+        """The autocast context of the precision (disabled for fp32)."""
+        return self.precision.autocast()
+
+    def on(self, device: torch.device) -> "Runtime":
+        """The same runtime on another device of the same kind (a torchrun process's own GPU)."""
+        return dataclasses.replace(self, precision=dataclasses.replace(self.precision, device=device))
+
+    def describe(self) -> str:
+        """One line for stderr: ``precision bf16 (auto: avx512_bf16), device cpu (AMD EPYC), 2 threads``."""
+        return f"{self.precision.describe()}, {self.threads} thread{'s' if self.threads != 1 else ''}"
+
+
+def resolve_runtime(device: str | torch.device | None = None, precision: str | None = None,
+                    threads: int | None = None,
+                    probe: Callable[[torch.device], Capabilities] = probe) -> Runtime:
+    """The runtime of one command: ``device`` (None: CUDA when available, else the CPU), ``precision``
+    (None: auto) for that device, and ``threads`` (None: PyTorch's own default, one per core).
+
+    Setting ``threads`` changes ``torch.set_num_threads`` for the process. Raises a CaptionError
+    for an unknown or absent device, a precision the device cannot run, or threads below 1.
+    """
+    if threads is not None:
+        if int(threads) < 1:
+            raise CaptionError(f"--threads {threads}: must be at least 1")
+        torch.set_num_threads(int(threads))
+    return Runtime(resolve_precision(precision, resolve_device(device), probe), torch.get_num_threads())

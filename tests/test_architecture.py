@@ -17,6 +17,7 @@ from conftest import TINY_WORDS, make_tiny_checkpoint, tiny_model_config
 from caption.config import DecodeConfig, EncoderConfig, ModelConfig, load_config
 from caption.data.shapes import generate_shapes
 from caption.decoding import DecodingOptions
+from caption.runtime import resolve_runtime
 from caption.vocab import END_ID, Vocabulary
 
 PACKAGE = Path(__file__).resolve().parents[1] / "caption"
@@ -97,7 +98,8 @@ def test_feature_cache_is_not_reused_across_coord_features(tmp_path):
         cfg = load_config(None, [*overrides, f"model.coord_features={coords}"])
         torch.manual_seed(cfg.train.seed)  # as training does: the same encoder weights in both runs
         model = build_model(cfg.model, len(vocab))
-        split = split_data(cfg, "train", vocab, model.encoder, tmp_path / f"run{coords}", progress=False)
+        split = split_data(cfg, "train", vocab, model.encoder, tmp_path / f"run{coords}",
+                           runtime=resolve_runtime("cpu", "fp32"), progress=False)
         assert split.features is not None and split.features.shape[2] == model.encoder.out_dim == 8 + 2 * coords
 
 
@@ -130,7 +132,7 @@ def _end_loving_checkpoint(path: Path, min_len: int) -> Path:
 
 
 def test_evaluate_honours_decode_min_len(tmp_path, monkeypatch):
-    from caption.commands.evaluate import evaluate_checkpoint
+    from caption.evaluation.evaluate import evaluate_checkpoint
 
     data = tmp_path / "shapes"
     generate_shapes(data, n=10, seed=0, image_size=48)
@@ -143,7 +145,7 @@ def test_evaluate_honours_decode_min_len(tmp_path, monkeypatch):
 
 
 def test_evaluate_writes_a_pt_files_results_under_the_working_directory(tmp_path, monkeypatch):
-    from caption.commands.evaluate import evaluate_checkpoint
+    from caption.evaluation.evaluate import evaluate_checkpoint
 
     data = tmp_path / "shapes"
     generate_shapes(data, n=10, seed=0, image_size=48)

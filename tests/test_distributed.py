@@ -40,7 +40,7 @@ def test_two_process_ddp_step_equals_single_process(shapes_dir, tmp_path):  # no
     # frozen (cached) encoder: BatchNorm statistics of a per-process half batch would differ on CPU
     cfg = tiny_config(shapes_dir, "train.epochs=1", "train.batch_size=160", "model.dropout=0.0",
                       "model.fine_tune=false")
-    fit(cfg, tmp_path / "single", device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "single", progress_bars=False)
     _torchrun_train(cfg, tmp_path, tmp_path / "ddp")
     single = read_checkpoint(tmp_path / "single" / "last.pt")
     ddp = read_checkpoint(tmp_path / "ddp" / "last.pt")
@@ -57,9 +57,9 @@ def test_fine_tuning_from_an_epoch_under_ddp_averages_the_encoder_gradients(shap
     # must then average its gradients too, so rank 0 ends with the single-process weights
     cfg = tiny_config(shapes_dir, "train.epochs=2", "train.batch_size=160", "model.dropout=0.0",
                       "model.fine_tune=false", "train.fine_tune_from_epoch=1")
-    fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "epoch1", device="cpu",
+    fit(dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=1)), tmp_path / "epoch1",
         progress_bars=False)
-    fit(cfg, tmp_path / "single", device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "single", progress_bars=False)
     proc = _torchrun_train(cfg, tmp_path, tmp_path / "ddp")
     before = read_checkpoint(tmp_path / "epoch1" / "last.pt")["model"]
     single = read_checkpoint(tmp_path / "single" / "last.pt")["model"]

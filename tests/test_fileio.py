@@ -96,7 +96,7 @@ def test_train_on_a_full_disk_exits_with_one_line(shapes_dir, tmp_path, monkeypa
     from caption.training.loop import fit
 
     run = tmp_path / "run"
-    fit(tiny_config(shapes_dir, "train.epochs=1"), run, device="cpu", progress_bars=False)
+    fit(tiny_config(shapes_dir, "train.epochs=1"), run, progress_bars=False)
     before = {p.name: p.read_bytes() for p in run.iterdir() if p.is_file()}
     capsys.readouterr()
     monkeypatch.setattr(torch, "save", lambda obj, f: _disk_full(f))

@@ -51,8 +51,8 @@ def _slice(src: Path, dst: Path, n: int) -> None:
 
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="../shared/data/flickr8k is not beside the checkout")
 def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
-    from caption.commands.evaluate import evaluate_checkpoint
-    from caption.commands.prepare import prepare
+    from caption.evaluation.evaluate import evaluate_checkpoint
+    from caption.training.splits import prepare
     from caption.config import load_config
     from caption.training.loop import fit
 
@@ -67,7 +67,7 @@ def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
     summary = prepare(cfg, tmp_path / "run")
     assert summary["train_cache"]["images"] == 200 and summary["val_cache"]["images"] == 40
     assert len(list((tmp_path / "cache").glob("*.f16"))) == 2
-    fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "run", progress_bars=False)
     rows = list(csv.DictReader((tmp_path / "run" / "metrics.csv").open()))
     assert len(rows) == 3 and float(rows[-1]["train_xent"]) < float(rows[0]["train_xent"])
     scores = evaluate_checkpoint(tmp_path / "run", split="val", beam=2, java=False, progress=False)

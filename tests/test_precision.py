@@ -46,6 +46,7 @@ from caption.runtime import (
     keep_freed_memory,
     probe,
     resolve_precision,
+    resolve_runtime,
 )
 from caption.training.cache import build_features, cache_key, open_or_build
 from caption.training.losses import caption_loss
@@ -287,7 +288,7 @@ def test_a_bf16_cache_is_its_own_file_close_to_the_fp32_one(tmp_path):
     transform = image_transform(16, encoder.mean, encoder.std)
     stores = {
         name: open_or_build(encoder, records, transform, tmp_path / "cache", EncoderConfig.of(cfg), 16, "train",
-                            precision=resolve_precision(name, "cpu"), batch_size=2, progress=False)
+                            runtime=resolve_runtime("cpu", name), batch_size=2, progress=False)
         for name in ("fp32", "bf16")
     }
     assert stores["fp32"].prefix != stores["bf16"].prefix and "-bf16-" in stores["bf16"].prefix.name

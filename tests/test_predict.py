@@ -168,7 +168,7 @@ def test_default_checkpoint_missing_says_run_demo(tmp_path, monkeypatch) -> None
 
 
 def test_visualize_is_a_lazy_attribute() -> None:
-    assert callable(caption.viz.overlay.overlay)
+    assert callable(caption.visualize.overlay) and callable(caption.viewer.write_html)
     assert "load" in dir(caption)
     with pytest.raises(AttributeError):
         caption.no_such_thing  # noqa: B018

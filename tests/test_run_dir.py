@@ -11,7 +11,7 @@ from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
 
 from caption.checkpoint import read_checkpoint
 from caption.commands.main import main
-from caption.commands.prepare import prepare
+from caption.training.splits import prepare
 from caption.config import save_config
 from caption.training.loop import fit
 from caption.training.run_dir import RunDirError
@@ -32,7 +32,7 @@ def test_train_refuses_a_directory_that_holds_a_run_unless_told(shapes_dir, tmp_
     cfg = tiny_config(shapes_dir, "train.epochs=1")
     run, config = tmp_path / "run", tmp_path / "tiny.yaml"
     save_config(cfg, config)
-    fit(cfg, run, device="cpu", progress_bars=False)
+    fit(cfg, run, progress_bars=False)
     before = _files(run)
     train = ["train", "--config", str(config), "--run-dir", str(run), "--device", "cpu"]
     for overrides in ([], ["model.hidden_dim=32"]):  # the same config or another one
@@ -52,7 +52,7 @@ def test_train_refuses_a_directory_that_holds_a_run_unless_told(shapes_dir, tmp_
 def test_a_prepared_directory_is_not_a_run(shapes_dir, tmp_path):  # noqa: F811
     cfg = tiny_config(shapes_dir, "train.epochs=1")
     prepare(cfg, tmp_path / "run")  # config.yaml and vocab.json, written before training
-    assert fit(cfg, tmp_path / "run", device="cpu", progress_bars=False).epochs == 1
+    assert fit(cfg, tmp_path / "run", progress_bars=False).epochs == 1
 
 
 def test_a_second_training_of_a_locked_directory_fails_at_once(shapes_dir, tmp_path):  # noqa: F811
@@ -66,13 +66,13 @@ def test_a_second_training_of_a_locked_directory_fails_at_once(shapes_dir, tmp_p
         for flags in ({}, {"resume": True}, {"overwrite": True}):
             start = time.perf_counter()
             with pytest.raises(RunDirError, match="in use by another training") as err:
-                fit(cfg, run, device="cpu", progress_bars=False, **flags)
+                fit(cfg, run, progress_bars=False, **flags)
             assert time.perf_counter() - start < 5 and "\n" not in str(err.value)
             refused.append(flags)
         assert _files(run) == before
 
-    fit(cfg, run, device="cpu", progress_bars=False, on_step=second_writer)
+    fit(cfg, run, progress_bars=False, on_step=second_writer)
     assert len(refused) == 3
     # the lock goes with the training that held it
     longer = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, epochs=2))
-    assert fit(longer, run, resume=True, device="cpu", progress_bars=False).epochs == 2
+    assert fit(longer, run, resume=True, progress_bars=False).epochs == 2

@@ -54,7 +54,7 @@ def test_function_word_endings():
 def xent_run(shapes_dir, tmp_path_factory):  # noqa: F811
     """A cross-entropy run at a high LR, for SCST runs to start from."""
     run = tmp_path_factory.mktemp("xent") / "run"
-    fit(tiny_config(shapes_dir, *CACHED, "train.epochs=2", "train.lr=0.003"), run, device="cpu", progress_bars=False)
+    fit(tiny_config(shapes_dir, *CACHED, "train.epochs=2", "train.lr=0.003"), run, progress_bars=False)
     return run
 
 
@@ -65,13 +65,13 @@ def _scst(shapes_dir, xent_run, *overrides):  # noqa: F811
 
 
 def test_scst_starts_from_the_run_not_its_optimizer(shapes_dir, xent_run, tmp_path):  # noqa: F811
-    frozen = fit(_scst(shapes_dir, xent_run, "train.lr=0.0"), tmp_path / "lr0", device="cpu", progress_bars=False)
+    frozen = fit(_scst(shapes_dir, xent_run, "train.lr=0.0"), tmp_path / "lr0", progress_bars=False)
     start, after = read_checkpoint(xent_run / "best.pt"), read_checkpoint(frozen.run_dir / "last.pt")
     for key, value in start["model"].items():  # LR 0: the weights are init_from's, unchanged
         assert torch.equal(after["model"][key], value), key
     assert after["vocab"] == start["vocab"]
     assert after["progress"]["step"] == 4  # 32 training images, 8 per step
-    run = fit(_scst(shapes_dir, xent_run), tmp_path / "scst", device="cpu", progress_bars=False)
+    run = fit(_scst(shapes_dir, xent_run), tmp_path / "scst", progress_bars=False)
     state = read_checkpoint(run.run_dir / "last.pt")
     assert {g["lr"] for g in state["optimizer"]["param_groups"] if g["name"] == "decoder"} == {1e-4}  # not 3e-3
     assert any(not torch.equal(state["model"][k], v) for k, v in start["model"].items())
@@ -90,11 +90,11 @@ def _kill_at_step_3(progress):
 def test_resume_is_exact(shapes_dir, xent_run, tmp_path, baseline):  # noqa: F811
     cfg = _scst(shapes_dir, xent_run, "train.epochs=2", "train.checkpoint_every=2", f"train.scst_baseline={baseline}",
                 "train.lr=1e-3")
-    fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "straight", progress_bars=False)
     with pytest.raises(_Killed):
-        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_3)
+        fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_3)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["progress"]["step"] == 2
-    fit(cfg, tmp_path / "resumed", resume=True, device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)
     a, b = (read_checkpoint(tmp_path / r / "last.pt") for r in ("straight", "resumed"))
     for key in a["model"]:
         assert torch.equal(a["model"][key], b["model"][key]), key
@@ -106,13 +106,13 @@ def test_bad_settings_fail_first(shapes_dir, xent_run, tmp_path):  # noqa: F811
     for override, match in (("train.objective=rl", "train.objective"), ("train.scst_baseline=zero", "baseline"),
                             ("train.scst_samples=1", "scst_samples"), ("train.init_from=", "init_from")):
         with pytest.raises(ConfigError, match=match):
-            fit(_scst(shapes_dir, xent_run, override), tmp_path / "bad", device="cpu", progress_bars=False)
+            fit(_scst(shapes_dir, xent_run, override), tmp_path / "bad", progress_bars=False)
         assert not (tmp_path / "bad").exists()
     with pytest.raises(ConfigError, match="hidden_dim"):
-        fit(_scst(shapes_dir, xent_run, "model.hidden_dim=32"), tmp_path / "other", device="cpu", progress_bars=False)
+        fit(_scst(shapes_dir, xent_run, "model.hidden_dim=32"), tmp_path / "other", progress_bars=False)
     assert not (tmp_path / "other" / "config.yaml").exists()
     with pytest.raises(ConfigError, match="objective"):  # switching objective is a new run, not a resume
-        fit(_scst(shapes_dir, xent_run), xent_run, resume=True, device="cpu", progress_bars=False)
+        fit(_scst(shapes_dir, xent_run), xent_run, resume=True, progress_bars=False)
 
 
 def test_two_processes_train_scst(shapes_dir, xent_run, tmp_path):  # noqa: F811
@@ -128,6 +128,6 @@ def test_two_processes_train_scst(shapes_dir, xent_run, tmp_path):  # noqa: F811
 
 
 def test_scst_under_bf16_autocast(shapes_dir, xent_run, tmp_path):  # noqa: F811
-    run = fit(_scst(shapes_dir, xent_run, "precision=bf16"), tmp_path / "bf16", device="cpu", progress_bars=False)
+    run = fit(_scst(shapes_dir, xent_run, "precision=bf16"), tmp_path / "bf16", progress_bars=False)
     (row,) = run.history
     assert 0.0 < row["train_reward"] < 10.0 and read_checkpoint(run.run_dir / "last.pt")["progress"]["step"] == 4

@@ -15,7 +15,7 @@ from caption.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from caption.commands.prepare import prepare
+from caption.training.splits import prepare
 from caption.config import Config, ConfigError, load_config
 from caption.data.shapes import generate_shapes
 from caption.training.loop import fit
@@ -46,7 +46,7 @@ def _weights(run_dir):
 
 
 def test_fit_writes_the_run_directory(shapes_dir, tmp_path):
-    result = fit(tiny_config(shapes_dir), tmp_path / "run", device="cpu", progress_bars=False)
+    result = fit(tiny_config(shapes_dir), tmp_path / "run", progress_bars=False)
     run = tmp_path / "run"
     for name in ("config.yaml", "vocab.json", "last.pt", "best.pt", "metrics.csv"):
         assert (run / name).is_file(), name
@@ -71,12 +71,12 @@ def _kill_at_step_7(progress):
                                      "train.group_by_image=true"])
 def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path, setting):
     cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2", setting, "train.warmup_steps=4")
-    fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "straight", progress_bars=False)
     with pytest.raises(_Killed):
-        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_7)
+        fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_7)
     state = read_checkpoint(tmp_path / "resumed" / "last.pt")
     assert state["progress"]["step"] == 6 and state["progress"]["epoch"] == 0 and state["progress"]["batch"] == 6
-    fit(cfg, tmp_path / "resumed", resume=True, device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)
     a, b = _weights(tmp_path / "straight"), _weights(tmp_path / "resumed")
     assert a.keys() == b.keys()
     for key in a:
@@ -91,21 +91,21 @@ def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path,
 
     scalers = []
 
-    def fp16_on_cpu(precision):  # what fp16 on CUDA gets, on the CPU
+    def fp16_on_cpu(runtime):  # what fp16 on CUDA gets, on the CPU
         scalers.append(torch.amp.GradScaler("cpu", init_scale=2.0 ** 8, growth_interval=4))
-        return torch.autocast("cpu", enabled=False), scalers[-1]
+        return scalers[-1]
 
-    monkeypatch.setattr(caption.training.loop, "_autocast", fp16_on_cpu)
+    monkeypatch.setattr(caption.training.loop, "grad_scaler", fp16_on_cpu)
     cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2")
-    fit(cfg, tmp_path / "straight", device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "straight", progress_bars=False)
     assert len(scalers) == 1  # one scaler for the whole fit: its scale carries over from epoch to epoch
     state = read_checkpoint(tmp_path / "straight" / "last.pt")
     steps = state["progress"]["step"]  # no overflow in fp32: the scale doubles every 4 steps
     assert state["scaler"]["scale"] == 2.0 ** (8 + steps // 4) and state["scaler"]["_growth_tracker"] == steps % 4
     with pytest.raises(_Killed):
-        fit(cfg, tmp_path / "resumed", device="cpu", progress_bars=False, on_step=_kill_at_step_7)
+        fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_7)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["scaler"]["_growth_tracker"] == 6 % 4
-    fit(cfg, tmp_path / "resumed", resume=True, device="cpu", progress_bars=False)
+    fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["scaler"] == state["scaler"]
     assert scalers[-1].state_dict() == state["scaler"]
 
@@ -113,11 +113,11 @@ def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path,
 def test_resume_needs_a_checkpoint_and_the_same_model(shapes_dir, tmp_path):
     cfg = tiny_config(shapes_dir, "train.epochs=1")
     with pytest.raises(FileNotFoundError, match="nothing to resume"):
-        fit(cfg, tmp_path / "none", resume=True, device="cpu", progress_bars=False)
-    fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+        fit(cfg, tmp_path / "none", resume=True, progress_bars=False)
+    fit(cfg, tmp_path / "run", progress_bars=False)
     other = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, hidden_dim=32))
     with pytest.raises(ValueError, match="differs"):
-        fit(other, tmp_path / "run", resume=True, device="cpu", progress_bars=False)
+        fit(other, tmp_path / "run", resume=True, progress_bars=False)
 
 
 def test_frozen_encoder_trains_from_the_cache_without_running_the_cnn(shapes_dir, tmp_path, monkeypatch):
@@ -134,12 +134,12 @@ def test_frozen_encoder_trains_from_the_cache_without_running_the_cnn(shapes_dir
         raise AssertionError("the CNN ran although features are cached")
 
     monkeypatch.setattr(Encoder, "forward", no_cnn)
-    result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    result = fit(cfg, tmp_path / "run", progress_bars=False)
     assert result.epochs == 1
 
 
 def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
-    fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", device="cpu", progress_bars=False)
+    fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", progress_bars=False)
     loaded = load_checkpoint(tmp_path / "run")  # a run directory means its best checkpoint
     assert loaded.path.name == "best.pt" and len(loaded.vocab) > 4
     # a checkpoint that would unpickle an arbitrary object is refused
@@ -160,10 +160,10 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
 
 
 def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
-    from caption.commands.evaluate import evaluate_checkpoint
+    from caption.evaluation.evaluate import evaluate_checkpoint
     from caption.commands.main import main
 
-    fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", device="cpu", progress_bars=False)
+    fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", progress_bars=False)
     scores = evaluate_checkpoint(tmp_path / "run", captions=str(shapes_dir / "captions_test.json"),
                                  images=str(shapes_dir / "images"), beam=2, java=False, progress=False)
     assert scores["images"] == 4 and {"content_accuracy", "pointing_accuracy", "CIDEr", "BLEU-4"} <= set(scores)
@@ -183,10 +183,10 @@ def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
 
 def test_select_metric_picks_the_best_checkpoint_and_is_checked_first(shapes_dir, tmp_path):
     with pytest.raises(ConfigError, match="train.select_metric: 'BLEU-9'.*content_accuracy"):
-        fit(tiny_config(shapes_dir, "train.select_metric=BLEU-9"), tmp_path / "bad", device="cpu", progress_bars=False)
+        fit(tiny_config(shapes_dir, "train.select_metric=BLEU-9"), tmp_path / "bad", progress_bars=False)
     assert not (tmp_path / "bad" / "last.pt").exists()  # refused before any training
     cfg = tiny_config(shapes_dir, "train.select_metric=content_accuracy", "train.epochs=1")
-    result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    result = fit(cfg, tmp_path / "run", progress_bars=False)
     assert result.best_score == result.history[0]["val_content_accuracy"]
 
 
@@ -196,7 +196,7 @@ def test_cosine_schedule_warms_up_then_decays_to_its_floor(shapes_dir, tmp_path)
     assert [_cosine(s, 20, 4, 0.1) for s in (0, 3)] == [0.25, 1.0]
     assert _cosine(12, 20, 4, 0.1) == pytest.approx(0.55) and _cosine(20, 20, 4, 0.1) == pytest.approx(0.1)
     cfg = tiny_config(shapes_dir, "train.lr_schedule=cosine", "train.warmup_steps=3", "train.min_lr_ratio=0.1")
-    result = fit(cfg, tmp_path / "run", device="cpu", progress_bars=False)
+    result = fit(cfg, tmp_path / "run", progress_bars=False)
     steps = result.history[-1]["step"]  # 2 epochs of 10 steps: the LR after the last one is the floor
     assert steps == 20 and result.history[-1]["lr"] == pytest.approx(0.1 * cfg.train.lr)
     assert result.history[0]["lr"] == pytest.approx(cfg.train.lr * _cosine(10, 20, 3, 0.1))

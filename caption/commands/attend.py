@@ -15,13 +15,13 @@ import re
 import sys
 from pathlib import Path
 
-from caption.commands.predict import (
+from caption.commands._common import (
     EXIT_BAD_INPUT,
     EXIT_NO_MODEL,
-    _add_model_args,
-    _error,
-    _load_model,
-    _positive_int,
+    add_model_args,
+    error,
+    load_model,
+    positive_int,
 )
 
 _WORD_FILE = re.compile(r"^\d{2,}_[A-Za-z0-9_-]+\.png$")  # overlay.save_per_word's file names
@@ -55,12 +55,12 @@ def _bad_options(args: argparse.Namespace) -> str | None:
 
 def _models(args: argparse.Namespace) -> list | None:
     """The model, and the --compare model when asked for; None after an error line."""
-    model = _load_model(args)
+    model = load_model(args)
     if model is None:
         return None
     if args.compare is None:
         return [model]
-    other = _load_model(args, "compare")
+    other = load_model(args, "compare", runtime=model.runtime)
     return None if other is None else [model, other]
 
 
@@ -81,7 +81,7 @@ def _single(args: argparse.Namespace, models: list) -> int:
     try:
         results = [m.caption(image, beam=args.beam, alternatives=True) for m in models]
     except ImageError as err:
-        _error(args, str(err))
+        error(args, str(err))
         return EXIT_BAD_INPUT
     both = {"compare": results[1], "labels": _labels(models)} if len(results) > 1 else {}
     written = []
@@ -98,7 +98,7 @@ def _single(args: argparse.Namespace, models: list) -> int:
             _remove_stale_words(folder, words)
             written.extend(words)
     except OSError as err:
-        _error(args, f"cannot write {getattr(err, 'filename', None) or out}: {err.strerror or err}")
+        error(args, f"cannot write {getattr(err, 'filename', None) or out}: {err.strerror or err}")
         return EXIT_BAD_INPUT
     print("\t".join([str(image)] + [r.caption for r in results]))
     for path in written:
@@ -115,7 +115,7 @@ def _gallery(args: argparse.Namespace, models: list) -> int:
 
     paths, errors = find_images(args.images)
     for line in errors:
-        _error(args, line)
+        error(args, line)
     streams = [m.iter_captions(paths, beam=args.beam, batch_size=args.batch_size, alternatives=True) for m in models]
     bar = tqdm(total=len(paths), desc="captioning", unit="img", file=sys.stderr, leave=False, disable=None)
     photos = []
@@ -130,20 +130,20 @@ def _gallery(args: argparse.Namespace, models: list) -> int:
         except ImageError as err:
             errors.append(str(err))
             with bar.external_write_mode(file=sys.stderr):
-                _error(args, str(err))
+                error(args, str(err))
             continue
         with bar.external_write_mode(file=sys.stdout):
             print("\t".join([str(path)] + [r.caption for r in results]), flush=True)
     bar.close()
     if not photos:
-        _error(args, f"no image could be captioned: {args.out} not written")
+        error(args, f"no image could be captioned: {args.out} not written")
         return EXIT_BAD_INPUT
     title = "Attention: " + ", ".join(args.images)
     title = title if len(title) <= TITLE_CHARS else title[: TITLE_CHARS - 1] + "\u2026"
     try:
         page = viewer.write_gallery(photos, args.out, title=title, labels=_labels(models), errors=errors)
     except OSError as err:
-        _error(args, f"cannot write {getattr(err, 'filename', None) or args.out}: {err.strerror or err}")
+        error(args, f"cannot write {getattr(err, 'filename', None) or args.out}: {err.strerror or err}")
         return EXIT_BAD_INPUT
     print(page)
     return EXIT_BAD_INPUT if errors else 0
@@ -152,7 +152,7 @@ def _gallery(args: argparse.Namespace, models: list) -> int:
 def cmd_attend(args: argparse.Namespace) -> int:
     problem = _bad_options(args)
     if problem is not None:
-        _error(args, problem)
+        error(args, problem)
         return EXIT_NO_MODEL
     models = _models(args)
     if models is None:
@@ -173,12 +173,12 @@ def add_attend_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True, metavar="OUT",
                    help="overlay figure (.png); an .html name writes the interactive viewer (one photo) or "
                         "the gallery page (a folder or several images)")
-    _add_model_args(p)
+    add_model_args(p)
     p.add_argument("--compare", default=None, metavar="CHECKPOINT",
                    help="a second model (checkpoint file or run directory): its caption and maps beside the first's")
     p.add_argument("--html", action="store_true", help="also write the interactive viewer next to OUT.png (.html)")
     p.add_argument("--per-word", action="store_true",
                    help="also write one PNG per word of the (first) model's caption into <OUT stem>_words/")
-    p.add_argument("--batch-size", type=_positive_int, default=16, metavar="N",
+    p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images per batch in a gallery (default 16)")
     p.set_defaults(func=cmd_attend)

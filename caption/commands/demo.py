@@ -8,9 +8,11 @@ config is never reused: it is refused unless ``overwrite`` is given.
 
 from __future__ import annotations
 
+import argparse
 import json
 from pathlib import Path
 
+from caption.commands._common import add_runtime_args, resolve
 from caption.config import Config, ConfigError, load_config
 from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
@@ -49,7 +51,7 @@ def _same_run(cfg: Config, run_dir: Path) -> bool:
         return False
 
 
-def train_once(cfg: Config, run_dir: Path, device: str | None, overwrite: bool = False) -> None:
+def train_once(cfg: Config, run_dir: Path, runtime, overwrite: bool = False) -> None:
     """Train unless a finished run of this very config is there; resume an interrupted one."""
     from caption.training.loop import fit
     from caption.training.run_dir import holds_run
@@ -62,38 +64,36 @@ def train_once(cfg: Config, run_dir: Path, device: str | None, overwrite: bool =
     resume = same and (run_dir / "last.pt").is_file()
     print(("resuming" if resume else "training") + f" {cfg.name} (seed {cfg.train.seed}) into {run_dir} "
           "(a few minutes on 2 CPU cores)")
-    result = fit(cfg, run_dir, resume=resume, overwrite=overwrite and holds_run(run_dir), device=device)
+    result = fit(cfg, run_dir, resume=resume, overwrite=overwrite and holds_run(run_dir), runtime=runtime)
     best = {f"best_val_{cfg.train.select_metric}": result.best_score}
     atomic_write_json(run_dir / DONE, {"epochs": result.epochs, **best})
 
 
-def run_demo(run_dir: Path | None = None, *, seed: int = 0, device: str | None = None, overwrite: bool = False,
+def run_demo(run_dir: Path | None = None, *, seed: int = 0, runtime=None, overwrite: bool = False,
              n: int = 5000, examples: int = 4) -> dict:
-    """Generate the shapes data with ``seed``, train the demo config with it, evaluate the test split with beam 3."""
+    """Generate the shapes data with ``seed``, train the demo config with it in ``runtime`` (default:
+    the CPU in the config's precision), evaluate the test split with beam 3."""
     from caption.checkpoint import load_checkpoint
-    from caption.commands.evaluate import evaluate_checkpoint
     from caption.data.records import load_split
     from caption.data.shapes import generate_shapes
-    from caption.decoding import DecodingOptions
-    from caption.evaluation.scoring import caption_records
-    from caption.runtime import resolve_device
-    from caption.training.splits import transform_for
+    from caption.evaluation.evaluate import evaluate
+    from caption.inference import CaptionModel
+    from caption.runtime import resolve_runtime
 
-    device = str(resolve_device(device))  # an unknown device fails before anything is written
     run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(seed)
     cfg = demo_config(run_dir, seed=seed)
+    runtime = runtime or resolve_runtime("cpu", cfg.precision)
     paths = generate_shapes(run_dir / "data", n=n, seed=seed, image_size=96)
-    train_once(cfg, run_dir, device, overwrite)
-    scores = evaluate_checkpoint(run_dir, split="test", beam=3, out_dir=run_dir / "eval", device=device)
+    train_once(cfg, run_dir, runtime, overwrite)
+    model = CaptionModel(load_checkpoint(run_dir), runtime)
+    scores = evaluate(model, checkpoint=run_dir, split="test", beam=3, out_dir=run_dir / "eval")
     print("\nheld-out test split, beam 3:")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}, indent=1))
-    loaded = load_checkpoint(run_dir, device)
     records = load_split(cfg.data, "test")[:examples]
-    results = caption_records(loaded.model, loaded.vocab, records, DecodingOptions.from_config(cfg.decode, beam_size=3),
-                              transform=transform_for(cfg, loaded.model.encoder), progress=False)
+    results = model.caption_batch([r.path for r in records], beam=3)
     print("\nexamples:")
-    for record in records:
-        print(f"{record.path}\t{results[record.image_id].caption}")
+    for record, result in zip(records, results):
+        print(f"{record.path}\t{result.caption}")
     print(f"\nrun directory: {run_dir}  (config.yaml, vocab.json, best.pt, last.pt, metrics.csv, tb/)")
     print(f"data:          {paths['images'].parent}")
     print(f"evaluation:    {run_dir / 'eval'}")
@@ -101,3 +101,18 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, device: str | None =
     print(f"  caption attend {records[0].path} --checkpoint {run_dir} --out attention.png --html")
     print(f"  caption evaluate --checkpoint {run_dir} --split test --beam 3")
     return scores
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    runtime = resolve(args, load_config(CONFIG).precision)  # an unknown device fails before anything is written
+    run_demo(Path(args.run_dir) if args.run_dir else None, seed=args.seed, runtime=runtime, overwrite=args.overwrite)
+    return 0
+
+
+def add_demo_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("demo", help="generate the shapes world, train, evaluate and caption a few images")
+    p.add_argument("--run-dir", default=None, help="run directory (default: runs/shapes; runs/shapes-seed<S> for --seed S)")
+    p.add_argument("--seed", type=int, default=0, help="drives data generation and training (default 0)")
+    p.add_argument("--overwrite", action="store_true", help="train anew into a run directory that holds another run")
+    add_runtime_args(p, "default: the demo config's (fp32)")
+    p.set_defaults(func=cmd_demo)

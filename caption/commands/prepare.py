@@ -2,36 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import argparse
+import json
 
-import torch
-
-from caption.config import Config, save_config
-from caption.data.records import load_split
-from caption.model import build_model
-from caption.runtime import resolve_device
-from caption.training.splits import build_vocab, check_config, split_data, uses_cache
+from caption.commands._common import add_runtime_args, resolve
+from caption.commands.train import add_config_args, load_command_config, run_dir_of
 
 
-def prepare(cfg: Config, run_dir: Path, *, splits: tuple[str, ...] | list[str] = ("train", "val"),
-            device: str | None = None) -> dict:
-    """Build what training needs before the first step; resumable and idempotent."""
-    check_config(cfg)
-    dev = resolve_device(device)
-    train_records = load_split(cfg.data, "train")  # a missing captions file fails before anything is written
-    run_dir = Path(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, run_dir / "config.yaml")
-    vocab = build_vocab(cfg, run_dir, train_records)
-    summary = {"run_dir": str(run_dir), "vocab": len(vocab), "train_images": len(train_records)}
-    if not uses_cache(cfg):
-        summary["cache"] = "none (the encoder is fine-tuned, so features cannot be cached)"
-        return summary
-    torch.manual_seed(cfg.train.seed)  # the same encoder weights as training builds
-    model = build_model(cfg.model, len(vocab)).to(dev)
-    for split in splits:
-        records = train_records if split == "train" else None
-        data = split_data(cfg, split, vocab, model.encoder, run_dir, records=records, device=dev)
-        summary[f"{split}_cache"] = {"path": str(data.features.prefix), "images": len(data.features),
-                                     "unreadable": len(data.features.bad)}
-    return summary
+def cmd_prepare(args: argparse.Namespace) -> int:
+    from caption.training.splits import prepare
+
+    cfg = load_command_config(args)
+    runtime = resolve(args, cfg.precision)
+    print(json.dumps(prepare(cfg, run_dir_of(args, cfg), runtime=runtime, splits=args.splits), indent=1))
+    return 0
+
+
+def add_prepare_command(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("prepare", help="build the vocabulary and the feature cache")
+    add_config_args(p)
+    p.add_argument("--splits", nargs="+", default=["train", "val"])
+    add_runtime_args(p, "the features are cached in it (default: the config's precision)")
+    p.set_defaults(func=cmd_prepare)

@@ -23,6 +23,8 @@ import torch
 from PIL import Image, ImageOps
 from torchvision.transforms import functional as TF
 
+from caption.config import Config
+
 IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm"})
 
 # Pillow refuses images above 2 * Image.MAX_IMAGE_PIXELS (~179 MP by default) with
@@ -165,6 +167,12 @@ class ImageTransform:
 def image_transform(image_size: int, mean: Sequence[float], std: Sequence[float]) -> ImageTransform:
     """The model's input transform: resize to image_size x image_size, ToTensor, Normalize."""
     return ImageTransform(image_size, mean, std)
+
+
+def transform_for(cfg: Config, encoder) -> ImageTransform:
+    """The one preprocessing used for training, caching and inference: ``data.image_size`` and the
+    normalisation of ``encoder`` (its ``mean``/``std``)."""
+    return image_transform(cfg.data.image_size, encoder.mean, encoder.std)
 
 
 def preprocess(path: str | Path, transform, *, pixels: bool = False) -> torch.Tensor:

@@ -14,65 +14,61 @@ import importlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Callable, Mapping, Protocol, Sequence
 
 import torch
-from torch.utils.data import DataLoader, Dataset
 from tqdm import tqdm
 
-from caption.config import ConfigError
-from caption.data.datasets import ImageDataset, collate_images
+from caption.config import Config, ConfigError
+from caption.data.images import ImageTransform, preprocess
 from caption.data.records import ImageRecord
 from caption.decoding import DecodingOptions, DecodingResult, decode
 from caption.evaluation.metrics import coco_scores
+from caption.inference import encode_images
 from caption.model import Captioner
+from caption.runtime import Runtime
 from caption.vocab import Vocabulary, tokenize
 
 
-class _FeatureDataset(Dataset):
-    """(features (L, D), index) for every image of a FeatureStore-backed split."""
-
-    def __init__(self, features, indices: Sequence[int]):
-        self.features, self.indices = features, list(indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
-        return self.features[self.indices[i]], i
+def _feature_batches(features, records: Sequence[ImageRecord], batch_size: int, runtime: Runtime):
+    """(record positions, cached features (B, L, D), records done) batches of a FeatureStore-backed split."""
+    rows = [features.index_of(r.image_id) for r in records]
+    for lo in range(0, len(rows), batch_size):
+        idx = list(range(lo, min(lo + batch_size, len(rows))))
+        yield idx, torch.stack([features[rows[i]] for i in idx]).to(runtime.device), len(idx)  # (B, L, D)
 
 
-def _batches(records, *, features, transform, batch_size: int, num_workers: int) -> Iterator[tuple[bool, torch.Tensor, torch.Tensor]]:
-    """(is_features, inputs, record indices) batches; unreadable images are skipped by the dataset."""
-    if features is not None:
-        dataset = _FeatureDataset(features, [features.index_of(r.image_id) for r in records])
-        for inputs, idx in DataLoader(dataset, batch_size=batch_size, num_workers=num_workers):
-            yield True, inputs, idx
-        return
-    loader = DataLoader(ImageDataset(records, transform), batch_size=batch_size, num_workers=num_workers,
-                        collate_fn=collate_images)
-    for batch in loader:
-        if batch is not None:
-            yield False, batch[0], batch[1]
+def _image_batches(encoder, records: Sequence[ImageRecord], transform: ImageTransform, batch_size: int,
+                   runtime: Runtime):
+    """The same batches with the images run through ``encoder`` by the one inference loop; an
+    unreadable image is left out (and counted as done)."""
+    for batch in encode_images(encoder, range(len(records)), lambda i: preprocess(records[i].path, transform, pixels=True),
+                               transform, runtime, batch_size=batch_size):
+        yield [batch.items[i] for i in batch.rows()], batch.features, len(batch.items)
 
 
 @torch.no_grad()
 def caption_records(
     model: Captioner, vocab: Vocabulary, records: Sequence[ImageRecord], options: DecodingOptions, *,
-    features=None, transform=None, batch_size: int = 32, device: str | torch.device = "cpu",
-    num_workers: int = 0, progress: bool = True,
+    runtime: Runtime, features=None, transform: ImageTransform | None = None, batch_size: int = 32,
+    progress: bool = True,
 ) -> dict[int, DecodingResult]:
-    """image_id -> DecodingResult for every readable image of ``records``."""
+    """image_id -> DecodingResult for every readable image of ``records``, decoded in ``runtime``.
+
+    ``features`` (a FeatureStore of cached grids) skips the encoder; otherwise each image goes
+    through ``model.encoder`` by the one inference loop (:func:`caption.inference.encode_images`).
+    """
     model.eval()
     results: dict[int, DecodingResult] = {}
     bar = tqdm(total=len(records), desc="captioning", unit="img", disable=not progress, leave=False)
-    for is_features, inputs, idx in _batches(records, features=features, transform=transform,
-                                            batch_size=batch_size, num_workers=num_workers):
-        inputs = inputs.to(device)
-        feats = inputs.float() if is_features else model.encode(inputs)  # (B, L, D)
-        for i, result in zip(idx.tolist(), decode(model.decoder, feats, options, vocab=vocab, grid=model.grid)):
-            results[records[i].image_id] = result
-        bar.update(len(idx))
+    batches = (_feature_batches(features, records, batch_size, runtime) if features is not None
+               else _image_batches(model.encoder, records, transform, batch_size, runtime))
+    for idx, feats, done in batches:
+        if feats is not None:
+            with runtime.autocast():
+                found = decode(model.decoder, feats, options, vocab=vocab, grid=model.grid)
+            results.update((records[i].image_id, result) for i, result in zip(idx, found))
+        bar.update(done)
     bar.close()
     return results
 
@@ -114,6 +110,14 @@ def task_metric_keys(name: str) -> tuple[str, ...]:
 def task_metric(name: str, captions_file: str | Path) -> TaskMetric | None:
     """The task metric ``name`` ('' = none) for the images of ``captions_file``."""
     return _factory(name)(Path(captions_file)) if name else None
+
+
+def split_metric(cfg: Config, split: str) -> TaskMetric | None:
+    """The task metric ``data.metric`` names, for the images of one split's captions file."""
+    path = {"train": cfg.data.train_captions, "val": cfg.data.val_captions, "test": cfg.data.test_captions}[split]
+    if cfg.data.metric and (cfg.data.format != "coco" or not path):
+        raise ConfigError(f"data.metric={cfg.data.metric} needs data.format coco and a {split} captions file")
+    return task_metric(cfg.data.metric, path)
 
 
 def repeats_a_bigram(caption: str) -> bool:

@@ -10,7 +10,6 @@ the array lazily in each process, so it pickles cheaply into DataLoader workers.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import hashlib
 import json
@@ -22,18 +21,16 @@ from typing import Sequence
 import numpy as np
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.config import EncoderConfig
-from caption.data.datasets import ImageDataset, collate_images
-from caption.data.images import ImageError, prefetch, preprocess
+from caption.data.images import ImageError, ImageTransform, preprocess
 from caption.data.records import ImageRecord
 from caption.errors import DataError
 from caption.fileio import atomic_write_json
+from caption.inference import encode_images, inference_encoder
 from caption.model import Encoder
-from caption.model.fuse import fused_for_inference
-from caption.runtime import Precision
+from caption.runtime import Runtime, resolve_runtime
 
 log = logging.getLogger("caption.training.cache")
 
@@ -164,21 +161,21 @@ def _matches(index: dict | None, header: dict) -> bool:
     return index is not None and all(index.get(k) == v for k, v in header.items()) and index.get("L") is not None
 
 
-def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform, path_prefix: str | Path, *,
-                   batch_size: int = 32, device: str | torch.device = "cpu", num_workers: int = 0,
-                   progress: bool = True, key: str | None = None, flush_every: int = 20,
-                   precision: Precision | None = None) -> FeatureStore:
+def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
+                   path_prefix: str | Path, *, runtime: Runtime | None = None, batch_size: int = 32,
+                   progress: bool = True, key: str | None = None, flush_every: int = 20) -> FeatureStore:
     """Encode every record's image once into ``<prefix>.f16`` / ``<prefix>.json``; resume if interrupted.
 
     ``key`` (default: the prefix's file name) identifies the encoder settings; with the image ids, the
     encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
-    The encoder runs in ``precision`` (default fp32); the key should name it (:func:`cache_key`).
-    Images are decoded by ``num_workers`` DataLoader processes, or with 0 by threads
-    (:func:`caption.data.images.prefetch`), while the encoder runs.
+    Images go through the one inference path (:func:`caption.inference.encode_images`, a captioning
+    :class:`Encoder` as its :func:`caption.inference.inference_encoder` copy) in ``runtime``'s device
+    and precision (default: the CPU in fp32); the key should name the precision (:func:`cache_key`).
     Unreadable images are recorded in ``bad`` (their features stay zero) and reported, not fatal.
     """
     if not records:
         raise ValueError("build_features needs at least one record")
+    runtime = runtime or resolve_runtime("cpu", "fp32")
     array_path, index_path = _paths(Path(path_prefix))
     array_path.parent.mkdir(parents=True, exist_ok=True)
     header = {
@@ -195,9 +192,8 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
     else:
         for stale in (array_path, index_path):
             stale.unlink(missing_ok=True)
-    runner = _for_inference(encoder, transform)
-    with precision.autocast() if precision is not None else contextlib.nullcontext():
-        _encode_remaining(runner, records, transform, state, batch_size, device, num_workers, progress, flush_every)
+    runner = inference_encoder(encoder, transform.image_size) if isinstance(encoder, Encoder) else encoder
+    _encode_remaining(runner, records, transform, state, runtime, batch_size, progress, flush_every)
     if state.array is None:
         raise DataError(f"none of the {len(records)} images could be read; no features were cached")
     state.save(complete=True)
@@ -208,78 +204,40 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
     return FeatureStore(path_prefix)
 
 
-def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transform, state: _Progress,
-                      batch_size: int, device, num_workers: int, progress: bool, flush_every: int) -> None:
+def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
+                      state: _Progress, runtime: Runtime, batch_size: int, progress: bool, flush_every: int) -> None:
     """Run the encoder over records[state.done:] in order, writing rows and flushing as it goes."""
     start, n = state.done, len(records)
-    loader = _image_batches(records[start:], transform, batch_size, device, num_workers)
     was_training = encoder.training
     encoder.eval()
     bar = tqdm(total=n, initial=start, desc="caching features", unit="img", disable=not progress)
+    positions = range(start, n)
     try:
-        with torch.no_grad():
-            for b, batch in enumerate(loader):
-                lo, hi = start + b * batch_size, min(start + (b + 1) * batch_size, n)
-                got: set[int] = set()
-                if batch is not None:
-                    images, idx = batch  # (B, 3, S, S), (B,)
-                    feats = encoder(images.to(device, non_blocking=True))  # (B, L, D)
-                    feats = feats.float().clamp_(-_FP16_MAX, _FP16_MAX).cpu().numpy().astype(np.float16)
-                    rows = (idx + start).numpy()
-                    state.ensure_array(n, feats.shape[1], feats.shape[2])[rows] = feats
-                    got = set(rows.tolist())
-                state.bad.extend(int(records[i].image_id) for i in range(lo, hi) if i not in got)
-                state.done = hi
-                bar.update(hi - lo)
-                if (b + 1) % flush_every == 0:
-                    state.save()
+        batches = encode_images(encoder, positions, lambda i: preprocess(records[i].path, transform, pixels=True),
+                                transform, runtime, batch_size=batch_size)
+        for b, batch in enumerate(batches):
+            if batch.features is not None:
+                feats = batch.features.float().clamp_(-_FP16_MAX, _FP16_MAX).cpu().numpy().astype(np.float16)
+                rows = [batch.items[i] for i in batch.rows()]
+                state.ensure_array(n, feats.shape[1], feats.shape[2])[rows] = feats  # (B', L, D)
+            state.bad.extend(int(records[i].image_id) for i, r in zip(batch.items, batch.results)
+                             if isinstance(r, ImageError))
+            state.done = batch.items[-1] + 1
+            bar.update(len(batch.items))
+            if (b + 1) % flush_every == 0:
+                state.save()
     finally:
         bar.close()
         encoder.train(was_training)
         state.save()  # also on errors and Ctrl-C: a rerun starts where this one stopped
 
 
-def _for_inference(encoder: nn.Module, transform) -> nn.Module:
-    """A captioning :class:`Encoder` runs as its fused copy (BatchNorm folded into the convolutions:
-    the same features, faster); any other module as it is."""
-    size = getattr(transform, "image_size", None)
-    if not isinstance(encoder, Encoder) or size is None:
-        return encoder
-    return fused_for_inference(encoder, torch.zeros(1, 3, size, size))
-
-
-def _image_batches(records: Sequence[ImageRecord], transform, batch_size: int, device, num_workers: int):
-    """``(images (B, 3, S, S), indices (B,))`` batches of the readable records (None when none is),
-    in order; images decoded by DataLoader worker processes, or by threads with ``num_workers=0``."""
-    if num_workers > 0 or not hasattr(transform, "pixels"):
-        return DataLoader(ImageDataset(records, transform), batch_size=batch_size, shuffle=False,
-                          num_workers=num_workers, collate_fn=collate_images,
-                          pin_memory=torch.device(device).type == "cuda")
-    return _threaded_batches(records, transform, batch_size)
-
-
-def _threaded_batches(records: Sequence[ImageRecord], transform, batch_size: int):
-    """The same batches, decoded and resized (uint8) in threads, normalised here a batch at a time."""
-    batch: list[tuple[int, torch.Tensor | ImageError]] = []
-    loaded = prefetch(enumerate(records), lambda item: preprocess(item[1].path, transform, pixels=True),
-                      ahead=2 * batch_size)
-    for (i, _), pixels in loaded:
-        batch.append((i, pixels))
-        if len(batch) == batch_size or i == len(records) - 1:
-            good = [(j, p) for j, p in batch if not isinstance(p, ImageError)]
-            batch = []
-            if not good:
-                yield None
-                continue
-            images = transform.normalize(torch.stack([p for _, p in good]))  # (B, 3, S, S)
-            yield images, torch.tensor([j for j, _ in good], dtype=torch.long)
-
-
-def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform, cache_dir: str | Path,
-                  encoder_cfg: EncoderConfig, image_size: int, split: str, precision: Precision | None = None,
-                  **kwargs) -> FeatureStore:
+def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
+                  cache_dir: str | Path, encoder_cfg: EncoderConfig, image_size: int, split: str,
+                  runtime: Runtime | None = None, **kwargs) -> FeatureStore:
     """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``), built or finished if needed,
-    by the encoder running in ``precision`` (default fp32)."""
-    key = cache_key(encoder_cfg, image_size, precision.name if precision is not None else "fp32")
+    by the encoder running in ``runtime`` (default: the CPU in fp32)."""
+    runtime = runtime or resolve_runtime("cpu", "fp32")
+    key = cache_key(encoder_cfg, image_size, runtime.precision.name)
     return build_features(encoder, records, transform, Path(cache_dir) / f"{split}-{key}", key=key,
-                          precision=precision, **kwargs)
+                          runtime=runtime, **kwargs)

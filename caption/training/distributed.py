@@ -13,7 +13,6 @@ import torch
 import torch.distributed as td
 from torch import nn
 
-from caption.runtime import resolve_device
 
 
 @dataclass
@@ -69,12 +68,13 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
-def setup_distributed(device: str | None = None) -> Dist:
-    """Join the torchrun process group (gloo on CPU, nccl on CUDA) or run as a single process."""
+def setup_distributed(device: torch.device) -> Dist:
+    """Join the torchrun process group (gloo on CPU, nccl on CUDA) or run as a single process on
+    ``device`` (the runtime's); a CUDA device without an index becomes this process's own GPU."""
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
     local = int(os.environ.get("LOCAL_RANK", "0"))
-    dev = resolve_device(device)
+    dev = torch.device(device)
     if dev.type == "cuda" and dev.index is None:
         dev = torch.device("cuda", local if world > 1 else torch.cuda.current_device())
         torch.cuda.set_device(dev)

@@ -4,9 +4,9 @@
 A run directory holds ``config.yaml`` (resolved), ``vocab.json``, ``last.pt`` and ``best.pt``
 (atomic writes), ``metrics.csv`` (one row per epoch) and TensorBoard logs under ``tb/``.
 ``fit(..., resume=True)`` continues exactly where ``last.pt`` left off: model, optimizer,
-scheduler, fp16 gradient scaler, epoch and step within the epoch (with the epoch's running loss),
+scheduler, fp16 gradient scaler, epoch and step within the epoch (with the epoch's running metric sums),
 and RNG states. A directory that already holds a run is refused unless resumed or overwritten,
-and locked while training (:mod:`caption.run_dir`). Under ``torchrun`` every process takes its
+and locked while training (:mod:`caption.training.run_dir`). Under ``torchrun`` every process takes its
 share of each global batch (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0
 logs and writes.
 """
@@ -27,27 +27,19 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from caption.checkpoint import BEST, LAST, load_state, read_checkpoint, save_checkpoint
+from caption.checkpoint import BEST, LAST, load_init_from, load_state, read_checkpoint, save_checkpoint
 from caption.config import Config, ConfigError, save_config
-from caption.data.datasets import collate_captions
 from caption.data.records import load_split
 from caption.decoding import DecodingOptions
 from caption.evaluation.scoring import caption_records, score_results
 from caption.model import Captioner, build_model
-from caption.runtime import Precision, resolve_precision
-from caption.training import scst
-from caption.training.distributed import Dist, all_sum, setup_distributed
-from caption.training.losses import caption_loss
+from caption.runtime import Runtime, resolve_runtime
+from caption.training.distributed import Dist, setup_distributed
+from caption.training.objectives import Objective, build_objective, check_objective
 from caption.training.run_dir import METRICS, claim_run_dir
 from caption.training.sampler import GlobalBatchSampler, batches_per_epoch
 from caption.training.schedule import Schedule
-from caption.training.splits import (
-    SplitData,
-    TrainingData,
-    build_vocab,
-    check_config,
-    load_training_data,
-)
+from caption.training.splits import SplitData, TrainingData, build_vocab, check_config, load_training_data
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.training.loop")
@@ -62,9 +54,27 @@ class Progress:
     step: int = 0  # optimizer steps done in total
     best_score: float = -math.inf
     bad_epochs: int = 0  # epochs since the best validation score
-    loss_sum: float = 0.0  # this epoch so far (this process): sum of the loss per token x tokens (scst: of rewards)
-    tokens: float = 0.0  # ... and the tokens it was taken over (scst: the samples)
-    stats: dict = dataclasses.field(default_factory=dict)  # scst: sums of sample_words, function_word_end
+    sums: dict = dataclasses.field(default_factory=dict)  # this epoch so far (this process): metric -> [sum, count]
+
+    def add(self, metrics: dict[str, tuple[float, float]]) -> None:
+        """Add one step's metric sums and counts (StepResult.metrics)."""
+        for name, (total, count) in metrics.items():
+            acc = self.sums.setdefault(name, [0.0, 0.0])
+            acc[0], acc[1] = acc[0] + total, acc[1] + count
+
+    def means(self) -> dict[str, float]:
+        """The epoch's ``train_<metric>`` columns so far."""
+        return {f"train_{name}": round(total / max(count, 1.0), 4) for name, (total, count) in self.sums.items()}
+
+    @classmethod
+    def from_dict(cls, state: dict, objective: str) -> "Progress":
+        """A saved Progress; one written before ``sums`` (an epoch's ``loss_sum``/``tokens``/``stats``) is read too."""
+        state = dict(state)
+        if "loss_sum" in state:
+            total, count = state.pop("loss_sum"), state.pop("tokens")
+            name = "reward" if objective == "scst" else "xent"
+            state["sums"] = {name: [total, count], **{k: [v, count] for k, v in state.pop("stats", {}).items()}}
+        return cls(**state)
 
 
 def _rng_state() -> dict:
@@ -100,60 +110,36 @@ def adamw(params, **kwargs) -> torch.optim.AdamW:
     return torch.optim.AdamW(params, fused=fused, **kwargs)
 
 
-def _batches_per_epoch(cfg: Config, data: TrainingData) -> int:
-    dataset = data.train.dataset
-    if cfg.train.objective == "scst":  # batches of images
-        return batches_per_epoch(len(dataset.records), cfg.train.batch_size)
-    return batches_per_epoch(len(dataset), cfg.train.batch_size,
-                             len(dataset.records) if cfg.train.group_by_image else None)
-
-
 def _fine_tuning(cfg: Config, epoch: int) -> bool:
     start = cfg.train.fine_tune_from_epoch
     return cfg.model.fine_tune or (start >= 0 and epoch >= start)
 
 
-def _autocast(precision: Precision):
-    """The autocast context of the run's precision (``cfg.precision``, resolved for the device),
-    and a GradScaler for fp16 (bf16 has fp32's range and needs none).
-
-    Called once per fit: the scaler's scale and growth tracker carry over from epoch to epoch
-    and are saved in every checkpoint.
-    """
-    scaler = torch.amp.GradScaler(precision.device.type) if precision.name == "fp16" else None
-    return precision.autocast(), scaler
+def grad_scaler(runtime: Runtime) -> torch.amp.GradScaler:
+    """The run's gradient scaler: enabled for fp16 only (bf16 has fp32's range and needs none), a
+    pass-through otherwise. Built once per fit: its scale carries over from epoch to epoch and is
+    saved in every checkpoint."""
+    return torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.name == "fp16")
 
 
-def train_one_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None = None) -> float:
-    """One pass over the training captions (the rest of it, when resumed mid-epoch); returns the
-    epoch's mean loss per token of this process (``train.objective=scst``: caption.scst's epoch)."""
-    if run.scst is not None:
-        return scst.train_one_epoch(run, ddp_model, on_step)
-    model, data, cfg, progress, dist = run.model, run.data.train, run.cfg, run.progress, run.dist
-    device = dist.device
-    groups = data.dataset.image_groups() if cfg.train.group_by_image else None
-    loader, bar = run.epoch_batches(data.dataset, collate_captions, "epoch", groups)
-    model.train()
-    autocast = run.amp[0]
+def run_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None = None) -> dict[str, float]:
+    """One pass over the objective's items (the rest of it, when resumed mid-epoch); returns the
+    epoch's ``train_<metric>`` means of this process."""
+    objective, progress, dist = run.objective, run.progress, run.dist
+    loader, bar = run.epoch_batches()
+    run.model.train()
     t0, seen = time.perf_counter(), 0
     for batch in loader:
-        inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
-        rows = batch.rows.to(device, non_blocking=True)
-        tokens = (captions[:, 1:] != 0).sum().float()
-        counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)
-        with autocast:
-            out = ddp_model(inputs, captions, features=data.features is not None, rows=rows)
-            # normalised by the global batch, so averaging over ranks gives the single-process gradient
-            loss = caption_loss(out, cfg.train.alpha_c, token_count=counts[0] / dist.world,
-                                image_count=counts[1] / dist.world)
-        run.optimizer_step(loss.total)
-        progress.loss_sum += loss.xent.item() * float(tokens)
-        progress.tokens += float(tokens)
-        seen += len(captions) * dist.world
-        bar.set_postfix(loss=f"{loss.xent.item():.3f}", caps_s=f"{seen / (time.perf_counter() - t0):.0f}")
+        with run.runtime.autocast():
+            result = objective.step(ddp_model, batch, dist)
+        run.optimizer_step(result.loss)
+        progress.add(result.metrics)
+        seen += result.items * dist.world
+        shown = {name: f"{total / max(count, 1.0):.3f}" for name, (total, count) in result.metrics.items()}
+        bar.set_postfix(**shown, **{f"{objective.unit}s_s": f"{seen / (time.perf_counter() - t0):.1f}"})
         run.step_done(bar, on_step)
     bar.close()
-    return progress.loss_sum / max(progress.tokens, 1.0)
+    return progress.means()
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -174,11 +160,11 @@ def _tensorboard(run_dir: Path):
     return SummaryWriter(str(run_dir / "tb"))
 
 
-def validate(model: Captioner, vocab: Vocabulary, data: SplitData, cfg: Config, device: torch.device) -> dict:
+def validate(model: Captioner, vocab: Vocabulary, data: SplitData, cfg: Config, runtime: Runtime) -> dict:
     """Decoded (not teacher-forced) captions of the val split, scored without METEOR for speed."""
     options = DecodingOptions.from_config(cfg.decode, beam_size=cfg.train.val_beam)
-    results = caption_records(model, vocab, data.records, options, features=data.features, transform=data.transform,
-                              batch_size=max(cfg.train.batch_size, 32), device=device, progress=False)
+    results = caption_records(model, vocab, data.records, options, runtime=runtime, features=data.features,
+                              transform=data.transform, batch_size=max(cfg.train.batch_size, 32), progress=False)
     return score_results(results, data.records, java=False, metric=data.metric).scores
 
 
@@ -190,19 +176,22 @@ class FitResult:
     history: list  # per-epoch metric rows
 
 
-def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False, device: str | None = None,
-        on_step: Callable[[Progress], None] | None = None, progress_bars: bool = True) -> FitResult:
+def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bool = False,
+        runtime: Runtime | None = None, on_step: Callable[[Progress], None] | None = None,
+        progress_bars: bool = True) -> FitResult:
     """Train ``cfg`` into ``run_dir``, continue its run with ``resume`` or start it over with
-    ``overwrite``; see the module docstring."""
+    ``overwrite``, computing in ``runtime`` (default: CUDA when available, else the CPU, in
+    ``cfg.precision``); see the module docstring."""
     run_dir = Path(run_dir)
     check_config(cfg)  # a bad setting fails before anything is written
-    scst.check_objective(cfg)
-    dist = setup_distributed(device)
+    check_objective(cfg)
+    runtime = runtime or resolve_runtime(None, cfg.precision)
+    dist = setup_distributed(runtime.device)
     with claim_run_dir(run_dir, resume=resume, overwrite=overwrite, lock=dist.is_main):  # before any write
         state = read_checkpoint(run_dir / LAST) if resume else None
         if state is not None:
             _check_resumable(state, cfg, run_dir)
-        run = _prepare(cfg, run_dir, dist, state, progress_bars)
+        run = _prepare(cfg, run_dir, dist, runtime.on(dist.device), state, progress_bars)
         history = _train_epochs(run, on_step)
     dist.close()
     return FitResult(run_dir, run.progress.best_score, run.progress.epoch, history)
@@ -215,25 +204,26 @@ class _Run:
     cfg: Config
     run_dir: Path
     dist: Dist
+    runtime: Runtime
     vocab: Vocabulary
     model: Captioner
     data: TrainingData
+    objective: Objective
     optim: torch.optim.Optimizer
     sched: Schedule
-    amp: tuple  # (autocast, GradScaler or None), built once per fit
+    scaler: torch.amp.GradScaler  # enabled for fp16 only (bf16 has fp32's range); its state is checkpointed
     progress: Progress
-    scst: scst.SelfCritical | None = None  # train.objective=scst: the reward, sampling and loss
 
-    def epoch_batches(self, dataset, collate_fn, desc: str, groups: list[list[int]] | None = None):
-        """This epoch's loader over ``dataset`` (the rest of it, when resumed mid-epoch) and its progress bar."""
-        cfg, progress, dist = self.cfg, self.progress, self.dist
-        sampler = GlobalBatchSampler(len(dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
-                                     skip=progress.batch, groups=groups)
-        loader = DataLoader(dataset, batch_sampler=sampler, collate_fn=collate_fn, num_workers=cfg.data.num_workers,
-                            generator=torch.Generator().manual_seed(cfg.train.seed),
+    def epoch_batches(self):
+        """This epoch's loader over the objective's items (the rest of it, when resumed mid-epoch) and its progress bar."""
+        cfg, progress, dist, objective = self.cfg, self.progress, self.dist, self.objective
+        sampler = GlobalBatchSampler(len(objective.dataset), cfg.train.batch_size, cfg.train.seed, progress.epoch, dist,
+                                     skip=progress.batch, groups=objective.groups)
+        loader = DataLoader(objective.dataset, batch_sampler=sampler, collate_fn=objective.collate,
+                            num_workers=cfg.data.num_workers, generator=torch.Generator().manual_seed(cfg.train.seed),
                             pin_memory=dist.device.type == "cuda")
-        bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"{desc} {progress.epoch + 1}", unit="batch",
-                   disable=not dist.is_main, dynamic_ncols=True)
+        bar = tqdm(total=sampler.total, initial=progress.batch, desc=f"{cfg.train.objective} epoch {progress.epoch + 1}",
+                   unit="batch", disable=not dist.is_main, dynamic_ncols=True)
         return self._readable(loader, bar), bar
 
     def _readable(self, loader, bar):
@@ -254,35 +244,29 @@ class _Run:
             on_step(self.progress)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
-        """Back-propagate, clip, step (through the fp16 gradient scaler, if any), advance the schedule."""
-        optim, scaler = self.optim, self.amp[1]
-        optim.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.unscale_(optim)
-        else:
-            loss.backward()
+        """Back-propagate, clip, step (through the gradient scaler: a pass-through unless fp16), advance the schedule."""
+        self.optim.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.unscale_(self.optim)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.train.grad_clip)
-        scaler.step(optim) if scaler is not None else optim.step()
-        if scaler is not None:
-            scaler.update()
+        self.scaler.step(self.optim)
+        self.scaler.update()
         self.sched.after_step()
         self.progress.step += 1
 
     def save(self, name: str) -> None:
         if self.dist.is_main:
-            scaler = self.amp[1]
             save_checkpoint(self.run_dir / name, self.model, self.cfg, self.vocab, optimizer=self.optim.state_dict(),
-                            scheduler=self.sched.state_dict(), scaler=None if scaler is None else scaler.state_dict(),
+                            scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
                             progress=dataclasses.asdict(self.progress), rng=_rng_state())
 
 
-def _prepare(cfg: Config, run_dir: Path, dist: Dist, state: dict | None, progress_bars: bool) -> _Run:
-    """Config, vocabulary, model, data, optimizer, scheduler and scaler; restored from ``state`` if any."""
-    dev = dist.device
+def _prepare(cfg: Config, run_dir: Path, dist: Dist, runtime: Runtime, state: dict | None,
+             progress_bars: bool) -> _Run:
+    """Config, vocabulary, model, data, objective, optimizer, scheduler and scaler; restored from ``state`` if any."""
     torch.manual_seed(cfg.train.seed)
     random.seed(cfg.train.seed)
-    init = scst.load_init_from(cfg) if state is None and cfg.train.init_from else None  # checked before writing
+    init = load_init_from(cfg) if state is None and cfg.train.init_from else None  # checked before writing
     if dist.is_main:
         save_config(cfg, run_dir / "config.yaml")
     train_records = load_split(cfg.data, "train")
@@ -294,22 +278,26 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, state: dict | None, progres
             vocab.save(run_dir / "vocab.json")
     else:
         vocab = build_vocab(cfg, run_dir, train_records, write=dist.is_main)
-    model = build_model(cfg.model, len(vocab)).to(dev)  # seeded: a frozen encoder is the same every run
+    model = build_model(cfg.model, len(vocab)).to(runtime.device)  # seeded: a frozen encoder is the same every run
     if init is not None:
         load_state(model, init.model.state_dict(), init.path)
-    data = load_training_data(cfg, run_dir, model.encoder, vocab, train_records=train_records, device=dev, dist=dist,
-                              progress=progress_bars)
+    data = load_training_data(cfg, run_dir, model.encoder, vocab, runtime=runtime, train_records=train_records,
+                              dist=dist, progress=progress_bars)
+    objective = build_objective(cfg, vocab, data.train)
     optim = _optimizer(model, cfg)
-    sched = Schedule(optim, cfg.train, steps_per_epoch=_batches_per_epoch(cfg, data))
-    amp = _autocast(resolve_precision(cfg.precision, dev))
-    progress = _restore(state, model, optim, sched, amp[1], run_dir / LAST) if state is not None else Progress()
-    objective = scst.SelfCritical(cfg, vocab, data.train) if cfg.train.objective == "scst" else None
-    return _Run(cfg, run_dir, dist, vocab, model, data, optim, sched, amp, progress, objective)
+    steps = batches_per_epoch(len(objective.dataset), cfg.train.batch_size,
+                              len(objective.groups) if objective.groups is not None else None)
+    sched = Schedule(optim, cfg.train, steps_per_epoch=steps)
+    scaler = grad_scaler(runtime)
+    progress = Progress()
+    if state is not None:
+        progress = _restore(state, model, optim, sched, scaler, run_dir / LAST, cfg.train.objective)
+    return _Run(cfg, run_dir, dist, runtime, vocab, model, data, objective, optim, sched, scaler, progress)
 
 
 def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list[dict]:
     """Epochs until ``train.epochs`` or early stopping; returns their metric rows."""
-    cfg, model, progress, dist, dev = run.cfg, run.model, run.progress, run.dist, run.dist.device
+    cfg, model, progress, dist = run.cfg, run.model, run.progress, run.dist
     history: list[dict] = []
     writer = _tensorboard(run.run_dir) if dist.is_main else None
     ddp_model = None
@@ -317,18 +305,15 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
         while progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience:
             model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
             ddp_model = dist.wrap(model, ddp_model)  # again when fine_tune changed which parameters train
-            loss = train_one_epoch(run, ddp_model, on_step)
-            with run.amp[0]:  # decoded in the run's precision (beam scores stay fp32)
-                scores = validate(model, run.vocab, run.data.val, cfg, dev) if dist.is_main else {}
+            train = run_epoch(run, ddp_model, on_step)
+            scores = validate(model, run.vocab, run.data.val, cfg, run.runtime) if dist.is_main else {}
             # the val score that picks best.pt, drives the LR plateau and early stopping
             score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
             run.sched.after_epoch(score)
             improved = score > progress.best_score
             progress.best_score, progress.bad_epochs = ((score, 0) if improved
                                                         else (progress.best_score, progress.bad_epochs + 1))
-            train = {"train_xent": round(loss, 4)} if run.scst is None else scst.epoch_scores(progress)
-            progress.epoch, progress.batch, progress.loss_sum, progress.tokens = progress.epoch + 1, 0, 0.0, 0.0
-            progress.stats = {}
+            progress.epoch, progress.batch, progress.sums = progress.epoch + 1, 0, {}
             row = {"epoch": progress.epoch, "step": progress.step, **train,
                    "lr": run.optim.param_groups[0]["lr"], **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
             history.append(row)
@@ -345,15 +330,15 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
     return history
 
 
-def _restore(state: dict, model: Captioner, optim, sched, scaler, path: Path) -> Progress:
+def _restore(state: dict, model: Captioner, optim, sched, scaler, path: Path, objective: str) -> Progress:
     """Model, optimizer, scheduler, gradient scaler and RNG states from a checkpoint; where training stood."""
     load_state(model, state["model"], path)
     optim.load_state_dict(state["optimizer"])
     sched.load_state_dict(state["scheduler"])
-    if scaler is not None and state.get("scaler") is not None:  # else fp16 starts here: a fresh scale
+    if state.get("scaler"):  # else fp16 starts here: a fresh scale
         scaler.load_state_dict(state["scaler"])
     _set_rng_state(state["rng"])
-    return Progress(**state["progress"])
+    return Progress.from_dict(state["progress"], objective)
 
 
 def _log_epoch(run_dir: Path, writer, row: dict, improved: bool) -> None:

@@ -21,25 +21,22 @@ forward (``Captioner.forward(run=...)``), so DistributedDataParallel averages th
 
 from __future__ import annotations
 
-import dataclasses
-import time
 from dataclasses import dataclass
 from typing import Sequence
 
 import torch
 from torch.utils.data import Dataset
 
-from caption.checkpoint import Loaded, load_checkpoint
 from caption.config import Config, ConfigError
 from caption.data.datasets import ImageDataset, collate_images
 from caption.data.records import ImageRecord
 from caption.decoding import DecodingOptions, Samples, SamplingOptions, decode, sample
 from caption.evaluation.cider import CiderD, TfIdf
 from caption.training.distributed import Dist, all_sum
+from caption.training.objectives import StepResult
 from caption.training.splits import SplitData
 from caption.vocab import END_ID, Vocabulary, tokenize
 
-OBJECTIVES = ("xent", "scst")
 BASELINES = ("mean", "greedy")
 
 # a caption that stops on one of these was cut short ("a dog runs on the"): logged as a rate
@@ -49,13 +46,9 @@ FUNCTION_WORDS = frozenset(
 )
 
 
-def check_objective(cfg: Config) -> None:
-    """ConfigError for an unknown objective or baseline, or SCST settings that cannot work."""
+def check(cfg: Config) -> None:
+    """ConfigError for SCST settings that cannot work (``train.objective=scst``)."""
     train = cfg.train
-    if train.objective not in OBJECTIVES:
-        raise ConfigError(f"train.objective must be one of {', '.join(OBJECTIVES)}, got '{train.objective}'")
-    if train.objective != "scst":
-        return
     if train.scst_baseline not in BASELINES:
         raise ConfigError(f"train.scst_baseline must be one of {', '.join(BASELINES)}, got '{train.scst_baseline}'")
     if train.scst_samples < (2 if train.scst_baseline == "mean" else 1):
@@ -65,19 +58,6 @@ def check_objective(cfg: Config) -> None:
     if not train.init_from:
         raise ConfigError("train.objective=scst fine-tunes a trained captioner: set train.init_from to a "
                           "cross-entropy run directory or .pt file")
-
-
-def load_init_from(cfg: Config) -> Loaded:
-    """The checkpoint ``train.init_from`` names (a run directory means its best.pt), refused when its
-    model differs from ``cfg.model`` in anything but dropout."""
-    loaded = load_checkpoint(cfg.train.init_from)
-    ours, theirs = (dataclasses.asdict(dataclasses.replace(m, dropout=0.0)) for m in (cfg.model, loaded.config.model))
-    differ = [key for key in ours if ours[key] != theirs[key]]
-    if differ:
-        key = differ[0]
-        raise ConfigError(f"train.init_from {loaded.path}: its model.{key} is {theirs[key]!r}, this run's is "
-                          f"{ours[key]!r} (the model config must match)")
-    return loaded
 
 
 class CiderReward:
@@ -142,18 +122,12 @@ class _Rollout:
     greedy: list[list[int]] | None  # each image's greedy caption (the greedy baseline), else None
 
 
-@dataclass(frozen=True)
-class ScstStep:
-    """One self-critical step of this process."""
-
-    loss: torch.Tensor  # what is back-propagated
-    rewards: torch.Tensor  # (N,) CIDEr-D of each sample, N = B*K
-    words: torch.Tensor  # (N,) words per sample (<end> not counted)
-    function_word_end: torch.Tensor  # (N,) 1.0 where a sample stops on a function word
-
-
 class SelfCritical:
-    """The SCST objective of a run: its training images, reward, sampling and loss."""
+    """The SCST objective of a run (:class:`caption.training.objectives.Objective`): one item per
+    training image; its reward, sampling and loss."""
+
+    unit = "image"
+    check = staticmethod(check)
 
     def __init__(self, cfg: Config, vocab: Vocabulary, split: SplitData):
         t = cfg.train
@@ -162,6 +136,7 @@ class SelfCritical:
                                        suppress_unk=cfg.decode.suppress_unk)
         self.greedy_options = DecodingOptions(beam_size=1, max_len=t.scst_max_len, suppress_unk=cfg.decode.suppress_unk)
         self.dataset = _TrainingImages(split)
+        self.collate, self.groups = collate_images, None
         self.cached = split.features is not None
         self.reward = CiderReward(split.records, vocab)
 
@@ -172,8 +147,11 @@ class SelfCritical:
             greedy = [r.tokens for r in decode(decoder, features.detach(), self.greedy_options)]
         return _Rollout(samples, greedy)
 
-    def step(self, ddp_model: torch.nn.Module, inputs: torch.Tensor, index: torch.Tensor, dist: Dist) -> ScstStep:
-        """Sample, score and form the loss for B images ``inputs`` (training image positions ``index`` (B,))."""
+    def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
+        """Sample, score and form the loss for a batch of B training images: ``batch`` is (inputs,
+        their positions among the training images (B,)). Metrics: the mean reward (CIDEr-D) of
+        the samples, their words (``<end>`` not counted) and the share that stop on a function word."""
+        inputs, index = batch[0].to(dist.device, non_blocking=True), batch[1]
         out = ddp_model(inputs, features=self.cached, run=self._rollout)
         samples, K = out.samples, self.samples
         captions = samples.token_lists()
@@ -187,41 +165,8 @@ class SelfCritical:
         tokens = all_sum(samples.mask.sum().float(), dist) / dist.world  # normalised by the global batch
         loss = -((rewards - baseline).unsqueeze(1) * samples.log_probs).sum() / tokens
         words = (samples.lengths - (samples.tokens == END_ID).sum(1)).float()  # (N,)
-        ends = torch.tensor([float(ends_on_function_word(c, self.vocab)) for c in captions], device=device)
-        return ScstStep(loss, rewards, words, ends)
-
-
-def train_one_epoch(run, ddp_model: torch.nn.Module, on_step=None) -> float:
-    """One self-critical pass over the training images (the rest of it, when resumed mid-epoch);
-    returns the epoch's mean reward of this process. ``run`` is caption.train's _Run; the step,
-    checkpointing and progress accounting are cross-entropy's, per image instead of per caption."""
-    model, progress, dist, sc = run.model, run.progress, run.dist, run.scst
-    device = dist.device
-    loader, bar = run.epoch_batches(sc.dataset, collate_images, "scst epoch")
-    model.train()
-    autocast = run.amp[0]
-    t0, seen = time.perf_counter(), 0
-    for batch in loader:
-        inputs, index = batch[0].to(device, non_blocking=True), batch[1]
-        with autocast:
-            step = sc.step(ddp_model, inputs, index, dist)
-        run.optimizer_step(step.loss)
-        n = len(step.rewards)
-        progress.loss_sum += float(step.rewards.sum())
-        progress.tokens += n
-        for key, values in (("sample_words", step.words), ("function_word_end", step.function_word_end)):
-            progress.stats[key] = progress.stats.get(key, 0.0) + float(values.sum())
-        seen += len(index) * dist.world
-        bar.set_postfix(reward=f"{float(step.rewards.mean()):.3f}", words=f"{float(step.words.mean()):.1f}",
-                        img_s=f"{seen / (time.perf_counter() - t0):.1f}")
-        run.step_done(bar, on_step)
-    bar.close()
-    return progress.loss_sum / max(progress.tokens, 1.0)
-
-
-def epoch_scores(progress) -> dict[str, float]:
-    """The epoch's training columns of metrics.csv: mean reward, words per sample, the share of
-    samples that stop on a function word (this process's samples)."""
-    n = max(progress.tokens, 1.0)
-    return {"train_reward": round(progress.loss_sum / n, 4),
-            **{f"train_{key}": round(value / n, 4) for key, value in progress.stats.items()}}
+        ends = sum(ends_on_function_word(c, self.vocab) for c in captions)
+        n = float(len(captions))
+        metrics = {"reward": (float(rewards.sum()), n), "sample_words": (float(words.sum()), n),
+                   "function_word_end": (float(ends), n)}
+        return StepResult(loss, metrics, len(index))

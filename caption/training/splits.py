@@ -1,6 +1,6 @@
 """From a config to training-ready data: records, vocabulary, feature cache, datasets.
 
-Shared by ``caption prepare`` and ``fit``. The vocabulary is counted on the training split
+Shared by ``caption prepare`` (:func:`prepare`) and ``fit``. The vocabulary is counted on the training split
 only. With an encoder that is never fine-tuned, every image's feature grid is computed once
 into the cache and training reads it without running the CNN.
 """
@@ -14,15 +14,16 @@ from typing import Callable
 
 import torch
 
-from caption.config import Config, ConfigError
+from caption.config import Config, ConfigError, save_config
 from caption.data.datasets import CaptionDataset
-from caption.data.images import image_transform
+from caption.data.images import transform_for
 from caption.data.records import ImageRecord, load_split
 from caption.errors import DataError
 from caption.evaluation.metrics import METRIC_KEYS
-from caption.evaluation.scoring import TaskMetric, task_metric, task_metric_keys
+from caption.evaluation.scoring import TaskMetric, split_metric, task_metric_keys
+from caption.model import build_encoder
 from caption.model.check import check_model_config
-from caption.runtime import resolve_precision
+from caption.runtime import Runtime, resolve_runtime
 from caption.training.cache import FeatureStore, open_or_build
 from caption.training.distributed import Dist
 from caption.training.schedule import check_schedule
@@ -69,11 +70,6 @@ def cache_dir(cfg: Config, run_dir: Path) -> Path:
     return Path(cfg.data.cache_dir) if cfg.data.cache_dir else run_dir / "cache"
 
 
-def transform_for(cfg: Config, encoder) -> Callable:
-    """The one preprocessing used for training, caching and inference."""
-    return image_transform(cfg.data.image_size, encoder.mean, encoder.std)
-
-
 def build_vocab(cfg: Config, run_dir: Path, train_records: list[ImageRecord], write: bool = True) -> Vocabulary:
     """``run_dir/vocab.json`` if present, else counted on the training captions only (min_freq)."""
     path = run_dir / "vocab.json"
@@ -88,17 +84,9 @@ def build_vocab(cfg: Config, run_dir: Path, train_records: list[ImageRecord], wr
     return vocab
 
 
-def split_metric(cfg: Config, split: str) -> TaskMetric | None:
-    """The task metric ``data.metric`` names, for the images of one split's captions file."""
-    path = {"train": cfg.data.train_captions, "val": cfg.data.val_captions, "test": cfg.data.test_captions}[split]
-    if cfg.data.metric and (cfg.data.format != "coco" or not path):
-        raise ConfigError(f"data.metric={cfg.data.metric} needs data.format coco and a {split} captions file")
-    return task_metric(cfg.data.metric, path)
-
-
 def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Module, run_dir: Path, *,
-               records: list[ImageRecord] | None = None, device: torch.device | str = "cpu",
-               dist: Dist | None = None, progress: bool = True) -> SplitData:
+               runtime: Runtime, records: list[ImageRecord] | None = None, dist: Dist | None = None,
+               progress: bool = True) -> SplitData:
     """Records, dataset and (for a frozen encoder) the feature cache of one split."""
     records = load_split(cfg.data, split) if records is None else records
     if not records:
@@ -106,20 +94,18 @@ def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Mod
     transform = transform_for(cfg, encoder)
     features = None
     if uses_cache(cfg):
-        features = _cached(cfg, split, records, encoder, transform, run_dir, device, dist, progress)
+        features = _cached(cfg, split, records, encoder, transform, run_dir, runtime, dist, progress)
     dataset = CaptionDataset(records, vocab, transform=None if features is not None else transform,
                              features=features, max_len=cfg.data.max_caption_len,
                              keep_images=cfg.data.keep_images)
     return SplitData(records, dataset, features, transform, split_metric(cfg, split))
 
 
-def _cached(cfg, split, records, encoder, transform, run_dir, device, dist, progress) -> FeatureStore:
+def _cached(cfg, split, records, encoder, transform, run_dir, runtime, dist, progress) -> FeatureStore:
     """Rank 0 builds (or finishes) the cache first; the other ranks then open it."""
     def build(show: bool) -> FeatureStore:
         return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), encoder.config, cfg.data.image_size,
-                             split, precision=resolve_precision(cfg.precision, device),
-                             batch_size=max(cfg.train.batch_size, 32), device=device,
-                             num_workers=cfg.data.num_workers, progress=show)
+                             split, runtime=runtime, batch_size=max(cfg.train.batch_size, 32), progress=show)
 
     if dist is None or not dist.active:
         return build(progress)
@@ -131,10 +117,36 @@ def _cached(cfg, split, records, encoder, transform, run_dir, device, dist, prog
 
 
 def load_training_data(cfg: Config, run_dir: Path, encoder: torch.nn.Module, vocab: Vocabulary, *,
-                       train_records: list[ImageRecord] | None = None, device: torch.device | str = "cpu",
+                       runtime: Runtime, train_records: list[ImageRecord] | None = None,
                        dist: Dist | None = None, progress: bool = True) -> TrainingData:
-    """Train and val data for ``vocab``, caching features with ``encoder`` when it stays frozen."""
-    train = split_data(cfg, "train", vocab, encoder, run_dir, records=train_records, device=device, dist=dist,
+    """Train and val data for ``vocab``, caching features with ``encoder`` (in ``runtime``) when it stays frozen."""
+    train = split_data(cfg, "train", vocab, encoder, run_dir, runtime=runtime, records=train_records, dist=dist,
                        progress=progress)
-    val = split_data(cfg, "val", vocab, encoder, run_dir, device=device, dist=dist, progress=progress)
+    val = split_data(cfg, "val", vocab, encoder, run_dir, runtime=runtime, dist=dist, progress=progress)
     return TrainingData(vocab, train, val)
+
+
+def prepare(cfg: Config, run_dir: Path, *, runtime: Runtime | None = None, splits: tuple[str, ...] | list[str] = ("train", "val"),
+            progress: bool = True) -> dict:
+    """What training needs before its first step: the vocabulary (training split only) and, for a
+    frozen encoder, the feature cache of ``splits`` built in ``runtime`` (default: CUDA when available,
+    else the CPU, in ``cfg.precision``); resumable and idempotent."""
+    runtime = runtime or resolve_runtime(None, cfg.precision)
+    check_config(cfg)
+    train_records = load_split(cfg.data, "train")  # a missing captions file fails before anything is written
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, run_dir / "config.yaml")
+    vocab = build_vocab(cfg, run_dir, train_records)
+    summary = {"run_dir": str(run_dir), "vocab": len(vocab), "train_images": len(train_records)}
+    if not uses_cache(cfg):
+        summary["cache"] = "none (the encoder is fine-tuned, so features cannot be cached)"
+        return summary
+    torch.manual_seed(cfg.train.seed)  # the same encoder weights as training builds
+    encoder = build_encoder(cfg.model).to(runtime.device)
+    for split in splits:
+        records = train_records if split == "train" else None
+        data = split_data(cfg, split, vocab, encoder, run_dir, runtime=runtime, records=records, progress=progress)
+        summary[f"{split}_cache"] = {"path": str(data.features.prefix), "images": len(data.features),
+                                     "unreadable": len(data.features.bad)}
+    return summary

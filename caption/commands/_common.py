@@ -1,0 +1,93 @@
+"""What the ``caption`` subcommands share: exit codes, the one-line error, option types, the
+runtime options (``--device``, ``--precision``, ``--threads``) and the one stderr line that reports
+them, and loading a model for ``predict``/``attend``. Heavy imports (torch) happen inside the
+functions so that ``caption --help`` stays fast."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from caption.config import PRECISIONS  # no torch import
+
+EXIT_BAD_INPUT = 1  # some image could not be captioned (the others were)
+EXIT_NO_MODEL = 2  # no usable checkpoint, or a bad option: nothing was done
+
+
+def positive_int(text: str) -> int:
+    """argparse type: an integer of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {value}")
+    return value
+
+
+def error(args: argparse.Namespace, message: str) -> None:
+    """One line on stderr, ``caption <command>: error: ...``, whatever the message holds."""
+    line = " ".join(str(message).split())
+    print(f"caption {args.command}: error: {line}", file=sys.stderr, flush=True)
+
+
+def add_runtime_args(p: argparse.ArgumentParser, what: str) -> None:
+    """``--device``, ``--precision`` and ``--threads``; ``what`` says where the precision's default comes from."""
+    p.add_argument("--device", default=None, help="cpu, cuda, cuda:1, ... (default: cuda when available)")
+    p.add_argument("--precision", default=None, choices=PRECISIONS,
+                   help=f"auto (bf16 where the device computes it in hardware, else fp32), fp32, bf16 or fp16 "
+                        f"(not on a CPU); {what}")
+    p.add_argument("--threads", type=positive_int, default=None, metavar="N",
+                   help="CPU threads for PyTorch (default: its own, one per core)")
+
+
+def report(args: argparse.Namespace, runtime) -> None:
+    """The one stderr line every command prints: the device, precision and threads it runs with."""
+    print(f"caption {args.command}: {runtime.describe()}", file=sys.stderr, flush=True)
+
+
+def resolve(args: argparse.Namespace, precision: str | None, quiet: bool = False):
+    """The command's :class:`caption.runtime.Runtime` (``--precision`` wins over ``precision``),
+    reported on stderr unless ``quiet``."""
+    from caption.runtime import resolve_runtime
+
+    runtime = resolve_runtime(args.device, args.precision or precision, args.threads)
+    if not quiet:
+        report(args, runtime)
+    return runtime
+
+
+def add_model_args(p: argparse.ArgumentParser) -> None:
+    """The options of a command that captions with a checkpoint."""
+    p.add_argument("--checkpoint", default=None, metavar="PATH",
+                   help="checkpoint file or run directory (default: the shipped Flickr8k model)")
+    p.add_argument("--beam", type=positive_int, default=None, metavar="K",
+                   help="beam size; 1 = greedy (default: the run's decode.beam_size)")
+    add_runtime_args(p, "default: the checkpoint's precision (auto for the shipped model)")
+
+
+def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None):
+    """The CaptionModel of ``--checkpoint`` (default: inference.default_checkpoint()), or None after an
+    error line; its runtime line goes to stderr. ``flag="compare"`` loads ``--compare`` instead (no
+    default) in ``runtime``, the first model's."""
+    from caption.checkpoint import CheckpointError, load_checkpoint
+    from caption.errors import CaptionError
+    from caption.inference import CaptionModel, default_checkpoint
+
+    given = getattr(args, flag)
+    path = Path(given) if given is not None else default_checkpoint()
+    try:
+        loaded = load_checkpoint(path)
+    except CheckpointError as err:
+        if given is None and not path.exists():
+            error(args, f"no trained model at {path} (the default checkpoint): run `caption demo` first, "
+                        "or pass --checkpoint PATH")
+        else:
+            error(args, f"--{flag} {path}: {err}" if given is not None else str(err))
+        return None
+    try:
+        return CaptionModel(loaded, runtime or resolve(args, loaded.config.precision))
+    except CaptionError as err:  # an unknown or absent --device, fp16 on a CPU
+        error(args, str(err))
+        return None

@@ -1,0 +1,68 @@
+"""Evaluate a loaded captioner on a split (or any COCO captions file): caption every image once by
+the one inference path, score it, and write the captions and scores."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from caption.data.records import load_coco, load_split
+from caption.decoding import DecodingOptions
+from caption.errors import CaptionError, DataError
+from caption.evaluation.metrics import write_results
+from caption.evaluation.scoring import caption_records, repetition_scores, score_results, split_metric, task_metric
+from caption.fileio import atomic_write_json
+from caption.inference import CaptionModel
+
+
+def default_out_dir(checkpoint: str | Path) -> Path:
+    """Where results go without ``out_dir``: ``<run dir>/eval`` for a run directory, else
+    ``runs/eval/<file stem>`` under the working directory (never beside a packaged ``.pt``)."""
+    checkpoint = Path(checkpoint)
+    return checkpoint / "eval" if checkpoint.is_dir() else Path("runs") / "eval" / checkpoint.stem
+
+
+def evaluate(model: CaptionModel, *, checkpoint: str | Path, split: str = "test", captions: str | None = None,
+             images: str | None = None, beam: int | None = None, length_penalty: float | None = None,
+             no_repeat_ngram: int | None = None, out_dir: str | Path | None = None, java: bool | None = None,
+             progress: bool = True) -> dict:
+    """Scores (BLEU-1..4, METEOR, ROUGE-L, CIDEr, + the data set's own metric) and files in ``out_dir``.
+
+    Decoding follows the run's ``decode`` config, with ``beam``, ``length_penalty`` and
+    ``no_repeat_ngram`` overriding it when given. The scores also carry how many captions repeat a
+    bigram (``repeated_bigram_rate``, beside the same rate over the references), how many are
+    distinct and ``mean_words``, the mean caption length (beam search favours short captions).
+    Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json`` into
+    ``out_dir`` (default: :func:`default_out_dir` of ``checkpoint``).
+    """
+    cfg = model.config
+    if captions:
+        if not images:
+            raise CaptionError("--captions needs --images (the folder its file_name entries are in)")
+        records, name, metric = load_coco(captions, images), Path(captions).stem, task_metric(cfg.data.metric, captions)
+    else:
+        records, name, metric = load_split(cfg.data, split), split, split_metric(cfg, split)
+    options = DecodingOptions.from_config(cfg.decode, beam_size=beam, length_penalty=length_penalty,
+                                          no_repeat_ngram=no_repeat_ngram)
+    results = caption_records(model.inference_captioner(), model.vocab, records, options, runtime=model.runtime,
+                              transform=model.transform, batch_size=32, progress=progress)
+    if not results:
+        raise DataError(f"none of the {len(records)} images could be read")
+    evaluation = score_results(results, records, java=java, metric=metric)
+    words = sum(len(caption.split()) for caption in evaluation.captions.values()) / len(results)
+    scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size,
+              "length_penalty": options.length_penalty, "no_repeat_ngram": options.no_repeat_ngram,
+              "mean_words": round(words, 2), **repetition_scores(evaluation.captions, records)}
+    out = Path(out_dir) if out_dir else default_out_dir(checkpoint)
+    write_results(evaluation.captions, out / f"captions_{name}.json")
+    atomic_write_json(out / f"scores_{name}.json", scores, indent=1)
+    return scores
+
+
+def evaluate_checkpoint(checkpoint: str | Path, *, device: str | None = None, precision: str | None = None,
+                        threads: int | None = None, **kwargs) -> dict:
+    """:func:`evaluate` of the checkpoint file or run directory ``checkpoint`` (:func:`caption.load`
+    with ``device``, ``precision`` and ``threads``); ``kwargs`` are :func:`evaluate`'s."""
+    from caption.inference import load
+
+    return evaluate(load(checkpoint, device=device, precision=precision, threads=threads), checkpoint=checkpoint,
+                    **kwargs)
