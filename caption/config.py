@@ -122,15 +122,38 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """Caption generation settings (see caption.decoding.DecodingOptions)."""
+    """How captions are generated: the one options type of :mod:`caption.decoding` (exported there
+    as ``DecodingOptions``). ``temperature`` 0 searches (greedy for ``beam_size`` 1, else batched
+    beam search); above 0 it samples ``samples`` captions per image from softmax(logits / temperature)."""
 
     beam_size: int = 3
-    max_len: int = 20
-    min_len: int = 0
+    max_len: int = 20  # most words emitted per caption, <end> included
+    min_len: int = 0  # <end> is suppressed before this many words
     length_penalty: float = 0.0  # final score = log_prob / len**length_penalty
     suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
     no_repeat_ngram: int = 0  # never emit an n-gram of this many words twice in one caption (0: off)
     alternatives: bool = False  # beam search also returns its K-1 runners-up (`caption attend` and predict --json ask)
+    temperature: float = 0.0  # 0: search; > 0: sample from softmax(logits / temperature)
+    samples: int = 1  # sampling: captions per image
+
+    def __post_init__(self) -> None:
+        checks = {"beam_size": self.beam_size >= 1, "max_len": self.max_len >= 1, "min_len": self.min_len >= 0,
+                  "no_repeat_ngram": self.no_repeat_ngram >= 0, "temperature": self.temperature >= 0,
+                  "samples": self.samples >= 1}
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"config key 'decode.{bad[0]}' has an invalid value {getattr(self, bad[0])!r}")
+
+    @property
+    def sampling(self) -> bool:
+        return self.temperature > 0
+
+    def with_overrides(self, **overrides: Any) -> "DecodeConfig":
+        """These options with ``overrides`` (a None value keeps the option as it is)."""
+        unknown = sorted(set(overrides) - {f.name for f in dataclasses.fields(self)})
+        if unknown:
+            raise TypeError(f"unknown decoding option(s): {', '.join(unknown)}")
+        return dataclasses.replace(self, **{key: value for key, value in overrides.items() if value is not None})
 
 
 @dataclass(frozen=True)

@@ -162,7 +162,7 @@ class CaptionModel:
     def options(self, beam: int | None = None, max_len: int | None = None,
                 alternatives: bool | None = None) -> DecodingOptions:
         """The run's ``decode`` settings, with ``beam``/``max_len``/``alternatives`` overridden when given."""
-        return DecodingOptions.from_config(self.config.decode, beam_size=beam, max_len=max_len,
+        return self.config.decode.with_overrides(beam_size=beam, max_len=max_len,
                                            alternatives=alternatives)
 
     def load_rgb(self, image: ImageInput) -> Image.Image:

@@ -62,7 +62,7 @@ def keep_freed_memory() -> bool:
     By default every block above a few MB (a CNN's activation maps: 77 MB for one EfficientNet-Lite0
     layer at batch 16 in fp32) is mapped fresh and unmapped when freed, so each batch pays a page
     fault per 4 KB touched: on 2 CPU threads that cost as much system time as the convolutions'
-    own time (README, Benchmark). Process-wide, so the ``caption`` command and the benchmarks call
+    own time (benchmarks/README.md). Process-wide, so the ``caption`` command and the benchmarks call
     it at start; returns False where there is no glibc (nothing changes).
     """
     import ctypes

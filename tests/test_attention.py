@@ -129,15 +129,15 @@ def test_memory_keys_are_the_true_keys():
 
 
 def test_tanh_scores_gradient_matches_autograd_of_tanh():
-    from caption.model.attention import _TanhScores
+    from caption.model.ops.tanh_scores import ChunkedTanhScores
 
     for K in (1, 3):
         keys = torch.randn(3, 5, 4, dtype=torch.double, requires_grad=True)
         query = torch.randn(3, K, 4, dtype=torch.double, requires_grad=True)
         v = torch.randn(4, dtype=torch.double, requires_grad=True)
         ref = torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)) @ v  # (B, K, L)
-        torch.testing.assert_close(_TanhScores.apply(keys, query, v), ref)
-        assert torch.autograd.gradcheck(_TanhScores.apply, (keys, query, v))
+        torch.testing.assert_close(ChunkedTanhScores.apply(keys, query, v), ref)
+        assert torch.autograd.gradcheck(ChunkedTanhScores.apply, (keys, query, v))
 
 
 @pytest.mark.parametrize("name", ALL)

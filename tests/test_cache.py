@@ -17,6 +17,8 @@ from caption.config import EncoderConfig, ModelConfig
 from caption.data.datasets import CaptionDataset, collate_captions
 from caption.data.images import image_transform, preprocess
 from caption.data.records import ImageRecord
+from caption.model import build_encoder
+from caption.runtime import resolve_runtime
 from caption.training.cache import (
     FeatureStore,
     build_features,
@@ -185,3 +187,34 @@ def test_open_or_build_names_the_split(records, tmp_path):
     cfg = EncoderConfig.of(ModelConfig(encoder="small", grid=2))
     store = open_or_build(_encoder(), records, TRANSFORM, tmp_path, cfg, 8, "val", batch_size=BATCH, progress=False)
     assert store.prefix == tmp_path / f"val-{cache_key(cfg, 8)}" and len(store) == N_IMAGES
+
+
+def test_precision_that_changes_features_changes_the_cache_key():
+    spec = EncoderConfig.of(ModelConfig(encoder="efficientnet_lite0", weights="DEFAULT", grid=7))
+    assert cache_key(spec, 224) == cache_key(spec, 224, "fp32") == "efficientnet_lite0-DEFAULT-224-g7-6a7805ac"
+    bf16 = cache_key(spec, 224, "bf16")
+    assert bf16.startswith("efficientnet_lite0-DEFAULT-224-g7-bf16-") and bf16 != cache_key(spec, 224, "fp16")
+
+
+def test_a_bf16_cache_is_its_own_file_close_to_the_fp32_one(tmp_path):
+    rng = np.random.default_rng(0)
+    records = []
+    for i in range(5):
+        path = tmp_path / f"{i}.png"
+        Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(path)
+        records.append(ImageRecord(i, path, ("a thing",)))
+    records.append(ImageRecord(9, tmp_path / "missing.png", ("gone",)))
+    cfg = ModelConfig(encoder="small", grid=2, small_channels=16)
+    encoder = build_encoder(cfg)
+    transform = image_transform(16, encoder.mean, encoder.std)
+    stores = {
+        name: open_or_build(encoder, records, transform, tmp_path / "cache", EncoderConfig.of(cfg), 16, "train",
+                            runtime=resolve_runtime("cpu", name), batch_size=2, progress=False)
+        for name in ("fp32", "bf16")
+    }
+    assert stores["fp32"].prefix != stores["bf16"].prefix and "-bf16-" in stores["bf16"].prefix.name
+    assert stores["fp32"].bad == stores["bf16"].bad == {9}
+    for i in range(5):
+        torch.testing.assert_close(stores["bf16"][i], stores["fp32"][i], atol=0.05, rtol=0.05)
+    direct = build_features(encoder, records[:5], transform, tmp_path / "direct", batch_size=5, progress=False)
+    torch.testing.assert_close(direct[3], stores["fp32"][3])  # threads or not, the same features

@@ -60,10 +60,17 @@ def test_no_end_before_the_cap_returns_live_hypotheses():
         assert all(len(r.tokens) == 6 and not r.finished and END_ID not in r.tokens for r in results)
 
 
-def test_beam_larger_than_vocabulary():
-    decoder = _random_decoder(vocab=6)  # 4 specials + 2 words
-    results = decode(decoder, torch.randn(3, 9, 16), DecodingOptions(beam_size=12, max_len=5))
-    assert len(results) == 3 and all(len(r.tokens) >= 1 for r in results)
+def test_beam_larger_than_vocabulary_is_exhaustive():
+    """K = 12 beams over 2 words: every prefix stays live, so the pick is the brute-force best."""
+    torch.manual_seed(0)
+    decoder = _random_decoder(vocab=6)  # 4 specials + words 4, 5
+    feats = torch.randn(3, 9, 16)
+    results = decode(decoder, feats, DecodingOptions(beam_size=12, max_len=4))
+    assert len(results) == 3
+    for i, r in enumerate(results):
+        _, log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5), 4)
+        assert r.tokens == seq and set(r.tokens) <= {4, 5, END_ID}
+        assert r.log_prob == pytest.approx(log_prob, abs=1e-4)
 
 
 def _repeats_an_ngram(seq, n):

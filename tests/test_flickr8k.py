@@ -51,10 +51,10 @@ def _slice(src: Path, dst: Path, n: int) -> None:
 
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="../shared/data/flickr8k is not beside the checkout")
 def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
-    from caption.evaluation.evaluate import evaluate_checkpoint
-    from caption.training.splits import prepare
     from caption.config import load_config
+    from caption.evaluation.evaluate import evaluate_checkpoint
     from caption.training.loop import fit
+    from caption.training.splits import prepare
 
     _slice(FLICKR / "captions_flickr8k_train.json", tmp_path / "train.json", 200)
     _slice(FLICKR / "captions_flickr8k_dev.json", tmp_path / "dev.json", 40)
@@ -73,3 +73,22 @@ def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
     scores = evaluate_checkpoint(tmp_path / "run", split="val", beam=2, java=False, progress=False)
     assert scores["images"] == 40 and {"BLEU-4", "CIDEr", "ROUGE-L"} <= set(scores)
     assert (tmp_path / "run" / "eval" / "captions_val.json").is_file()
+    # the run shipped as a small file: decoder in fp16, encoder rebuilt from its package
+    from caption.commands.main import main
+    from caption.inference import load
+
+    assert main(["export", str(tmp_path / "run"), "--out", str(tmp_path / "small.pt")]) == 0
+    data = torch.load(tmp_path / "small.pt", weights_only=True)
+    assert data["encoder"] == "from_config" and all(v.dtype == torch.float16 for v in data["model"].values())
+    full, small = load(tmp_path / "run", precision="fp32"), load(tmp_path / "small.pt", precision="fp32")
+    photos = sorted((FLICKR / "images").iterdir())[:4]
+    pairs = list(zip(full.caption_batch(photos, beam=1), small.caption_batch(photos, beam=1)))
+    same = [(a, b) for a, b in pairs if a.tokens == b.tokens]  # fp16 weights may flip a near-tie
+    assert len(same) >= 3 and all(abs(a.log_prob - b.log_prob) < 0.05 for a, b in same)
+
+
+def test_export_refuses_a_model_whose_encoder_it_cannot_rebuild(tiny_checkpoint, tmp_path, capsys):
+    from caption.commands.main import main
+
+    assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "x.pt")]) == 2
+    assert "frozen, pretrained encoder" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()

@@ -82,6 +82,26 @@ def test_fallback_without_onednn_gives_the_same_numbers(monkeypatch):
     torch.testing.assert_close(lin.mm_t(x, w), x @ w.t())
 
 
+@pytest.mark.parametrize("broken", ["missing", "schema"])
+def test_a_torch_without_the_private_op_falls_back_to_f_linear(monkeypatch, broken):
+    """Another torch version may lack torch.ops.mkldnn._linear_pointwise or change its arguments:
+    oneDNN is then reported unavailable and every product (and its gradient) is F.linear's."""
+    def gone(*args):
+        raise AttributeError("no such op") if broken == "missing" else TypeError("schema changed")
+
+    monkeypatch.setattr(lin, "_linear_pointwise", gone)
+    lin.onednn_available.cache_clear()
+    try:
+        assert not lin.onednn_available()
+        layer, x = lin.Linear(6, 4), torch.randn(3, 6, requires_grad=True)
+        out = layer(x)
+        torch.testing.assert_close(out, torch.nn.functional.linear(x, layer.weight, layer.bias))
+        out.sum().backward()
+        torch.testing.assert_close(layer.weight.grad, torch.ones(3, 4).t() @ x.detach())
+    finally:
+        lin.onednn_available.cache_clear()
+
+
 def test_linear_module_is_a_drop_in_for_nn_linear():
     """Same parameters and state dict: checkpoints saved with nn.Linear load unchanged."""
     ref = nn.Linear(6, 4)

@@ -11,10 +11,10 @@ from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
 
 from caption.checkpoint import read_checkpoint
 from caption.commands.main import main
-from caption.training.splits import prepare
 from caption.config import save_config
 from caption.training.loop import fit
 from caption.training.run_dir import RunDirError
+from caption.training.splits import prepare
 
 
 def _files(run_dir) -> dict:

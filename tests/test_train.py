@@ -15,10 +15,10 @@ from caption.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from caption.training.splits import prepare
 from caption.config import Config, ConfigError, load_config
 from caption.data.shapes import generate_shapes
 from caption.training.loop import fit
+from caption.training.splits import prepare
 from caption.vocab import Vocabulary, tokenize
 
 
@@ -160,8 +160,8 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
 
 
 def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
-    from caption.evaluation.evaluate import evaluate_checkpoint
     from caption.commands.main import main
+    from caption.evaluation.evaluate import evaluate_checkpoint
 
     fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", progress_bars=False)
     scores = evaluate_checkpoint(tmp_path / "run", captions=str(shapes_dir / "captions_test.json"),

@@ -1,15 +1,13 @@
-"""Caption generation through the decoder's ``prepare``/``init_state``/``step`` only."""
+"""Caption generation through the decoder's ``prepare``/``init_state``/``step`` only.
 
-from caption.decoding.search import (
-    DecodingOptions,
-    DecodingResult,
-    Samples,
-    SamplingOptions,
-    beam_search,
-    decode,
-    greedy_search,
-    sample,
-)
+``DecodingOptions`` (the ``decode`` section of a config, :class:`caption.config.DecodeConfig`) is
+the one options type; :func:`decode` picks the strategy from it: greedy search and sampling share
+one loop (:mod:`caption.decoding.search`), beam search is batched (:mod:`caption.decoding.beam`).
+"""
 
-__all__ = ["DecodingOptions", "DecodingResult", "Samples", "SamplingOptions", "beam_search", "decode",
-           "greedy_search", "sample"]
+from caption.config import DecodeConfig as DecodingOptions
+from caption.decoding.beam import beam_search
+from caption.decoding.results import DecodingResult, Samples
+from caption.decoding.search import decode, greedy_search, sample
+
+__all__ = ["DecodingOptions", "DecodingResult", "Samples", "beam_search", "decode", "greedy_search", "sample"]

@@ -6,7 +6,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from caption.data.records import load_coco, load_split
-from caption.decoding import DecodingOptions
 from caption.errors import CaptionError, DataError
 from caption.evaluation.metrics import write_results
 from caption.evaluation.scoring import caption_records, repetition_scores, score_results, split_metric, task_metric
@@ -41,7 +40,7 @@ def evaluate(model: CaptionModel, *, checkpoint: str | Path, split: str = "test"
         records, name, metric = load_coco(captions, images), Path(captions).stem, task_metric(cfg.data.metric, captions)
     else:
         records, name, metric = load_split(cfg.data, split), split, split_metric(cfg, split)
-    options = DecodingOptions.from_config(cfg.decode, beam_size=beam, length_penalty=length_penalty,
+    options = cfg.decode.with_overrides(beam_size=beam, length_penalty=length_penalty,
                                           no_repeat_ngram=no_repeat_ngram)
     results = caption_records(model.inference_captioner(), model.vocab, records, options, runtime=model.runtime,
                               transform=model.transform, batch_size=32, progress=progress)

@@ -7,7 +7,8 @@ Every scorer has the same two halves:
   once per word; K is the number of beams per image, so beam search never copies the keys.
 
 and ``reference_score(query, features)``, the same scores written as the textbook formula with
-plain torch ops, next to the fast path it specifies (tests keep them equal).
+plain torch ops, next to the fast path it specifies (tests keep them equal). The additive and
+concat scorers' v^T tanh(k_i + q) is :func:`caption.model.ops.tanh_scores.tanh_scores`.
 
 ``SoftAttention`` owns what is common: masking padded cells, the softmax over L, and blending
 the cells with those weights into the context vector (B, D).
@@ -25,6 +26,7 @@ from torch import nn
 
 from caption.config import ConfigError
 from caption.model.ops.linear import Linear, linear
+from caption.model.ops.tanh_scores import plain_tanh_scores, tanh_scores
 
 SCORERS: dict[str, type["Scorer"]] = {}
 
@@ -68,81 +70,6 @@ class Scorer(nn.Module):
         return self.score(query, keys)  # (B, K, L)
 
 
-class _TanhScores(torch.autograd.Function):
-    """v . tanh(k_l + q_k) for keys k (B, L, A), queries q (B, K, A), v (A,) -> (B, K, L).
-
-    Fast path of the tanh-MLP scorers (``reference_score`` is the plain formula). The
-    (B, K, L, A) intermediate is the largest tensor of a decoding step, and each pass over it is
-    memory-bound, so it is formed a few images at a time in one reused cache-sized buffer, and
-    the backward pass recomputes it instead of storing one per word. tanh goes through
-    tanh(y) = 2 sigmoid(2y) - 1 because PyTorch's CPU sigmoid is faster than its tanh; the 2 lands
-    on the small query (2q) and on the keys through ``add``'s ``alpha``, so sigmoid's input
-    2k + 2q takes one pass over the buffer (README, Benchmark).
-    """
-
-    @staticmethod
-    def _chunk(B: int, K: int, L: int, A: int) -> int:
-        return max(1, min(B, (1 << 19) // max(1, K * L * A)))  # ~2 MB of fp32 per chunk
-
-    @staticmethod
-    def _sigmoid(keys: torch.Tensor, query2: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
-        """sigmoid(2k + 2q) for keys k (b, L, A) and query2 = 2q (b, K, A), into out (b, K, L, A)."""
-        return torch.add(query2.unsqueeze(2), keys.unsqueeze(1), alpha=2, out=out).sigmoid_()
-
-    @staticmethod
-    def forward(ctx, keys: torch.Tensor, query: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        (B, L, A), K = keys.shape, query.shape[1]
-        query2, v_ = query.to(keys.dtype) * 2, v.to(keys.dtype)  # (B, K, A), (A,): one dtype under autocast
-        out = keys.new_empty(B, K, L)
-        step = _TanhScores._chunk(B, K, L, A)
-        buf = keys.new_empty(min(step, B), K, L, A)
-        for i in range(0, B, step):
-            s = _TanhScores._sigmoid(keys[i : i + step], query2[i : i + step], buf[: min(step, B - i)])
-            torch.matmul(s, v_, out=out[i : i + step])  # (b, K, L)
-        ctx.save_for_backward(keys, query2, v)
-        return out.mul_(2).sub_(v_.sum())  # v . (2 s - 1)
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        keys, query2, v = ctx.saved_tensors
-        (B, L, A), K = keys.shape, query2.shape[1]
-        g_keys, g_query = torch.empty_like(keys), torch.empty_like(query2)
-        g_v = torch.zeros_like(v)
-        v4 = 4 * v
-        step = _TanhScores._chunk(B, K, L, A)
-        buf = keys.new_empty(min(step, B), K, L, A)
-        for i in range(0, B, step):
-            s = _TanhScores._sigmoid(keys[i : i + step], query2[i : i + step], buf[: min(step, B - i)])
-            g = grad[i : i + step]  # (b, K, L)
-            g_v += 2 * (g.reshape(1, -1) @ s.view(-1, A)).view(-1) - g.sum()  # d/dv of v . (2s - 1)
-            # dL/dk = dL/dq = g v (1 - tanh^2) = g 4v s (1 - s); with K == 1 it lands in g_keys directly
-            pre = s if K > 1 else g_keys[i : i + step].unsqueeze(1)  # (b, K, L, A)
-            torch.addcmul(s, s, s, value=-1, out=pre).mul_(g.unsqueeze(-1)).mul_(v4)
-            if K > 1:
-                torch.sum(pre, 1, out=g_keys[i : i + step])  # (b, L, A)
-            torch.sum(pre, 2, out=g_query[i : i + step])  # (b, K, A)
-        return g_keys, g_query, g_v
-
-
-def _chunked(keys: torch.Tensor) -> bool:
-    """Whether ``_TanhScores`` pays: on a CPU, in fp32 and in bf16 alike, where it was measured
-    faster than the plain formula (README, Benchmark); CUDA takes the plain formula."""
-    return keys.device.type == "cpu"
-
-
-def _tanh_mlp(keys: torch.Tensor, query: torch.Tensor, v: nn.Linear) -> torch.Tensor:
-    """v^T tanh(k_i + q) + b from keys (B, L, A) and queries (B, K, A) -> (B, K, L)."""
-    if not _chunked(keys):
-        return _tanh_mlp_reference(keys, query.to(keys.dtype), v)  # (B, K, L)
-    scores = _TanhScores.apply(keys, query, v.weight.view(-1))  # (B, K, L)
-    return scores if v.bias is None else scores + v.bias
-
-
-def _tanh_mlp_reference(keys: torch.Tensor, query: torch.Tensor, v: nn.Linear) -> torch.Tensor:
-    """The same with plain torch ops: keys (B, L, A), queries (B, K, A) -> (B, K, L)."""
-    return F.linear(torch.tanh(keys.unsqueeze(1) + query.unsqueeze(2)), v.weight, v.bias).squeeze(-1)
-
-
 @register_scorer("additive")
 class AdditiveScorer(Scorer):
     """Bahdanau: v^T tanh(W_q q + W_k a_i); keys k_i = W_k a_i + b_k."""
@@ -157,12 +84,12 @@ class AdditiveScorer(Scorer):
         return self.w_k(features)  # (B, L, A)
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
-        return _tanh_mlp(keys, self.w_q(query), self.v)  # (B, K, L)
+        return tanh_scores(keys, self.w_q(query), self.v)  # (B, K, L)
 
     def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         q = F.linear(query, self.w_q.weight, self.w_q.bias)  # (B, K, A)
         k = F.linear(features, self.w_k.weight, self.w_k.bias)  # (B, L, A)
-        return _tanh_mlp_reference(k, q, self.v)  # (B, K, L)
+        return plain_tanh_scores(k, q, self.v)  # (B, K, L)
 
 
 @register_scorer("concat")
@@ -183,7 +110,7 @@ class ConcatScorer(Scorer):
 
     def score(self, query: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         q = linear(query, self.w.weight[:, self.key_dim :], self.w.bias)  # (B, K, A)
-        return _tanh_mlp(keys, q, self.v)  # (B, K, L)
+        return tanh_scores(keys, q, self.v)  # (B, K, L)
 
     def reference_score(self, query: torch.Tensor, features: torch.Tensor) -> torch.Tensor:
         (B, K, H), L = query.shape, features.shape[1]

@@ -3,8 +3,8 @@
 In eval mode a BatchNorm is a per-channel scale and shift, so it can be folded into the
 preceding convolution's weights and bias; a symmetric "same" zero padding done by a separate
 ``ZeroPad2d`` (EfficientNet-Lite's static padding) can move into the convolution itself. Each
-removes one pass over a large activation map: on EfficientNet-Lite0 (2 CPU threads, README,
-Benchmark) that is about a quarter of the encoder's time. The result is a copy for no-grad
+removes one pass over a large activation map: on EfficientNet-Lite0 (2 CPU threads,
+benchmarks/README.md) that is about a quarter of the encoder's time. The result is a copy for no-grad
 inference (feature caching, ``caption predict``); training and checkpoints keep the original.
 """
 

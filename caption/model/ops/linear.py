@@ -2,7 +2,7 @@
 
 PyTorch sends a CPU fp32 ``F.linear`` to MKL's sgemm. At the decoder's shapes (a few dozen
 rows per word against a 2560 x 2048 LSTM weight, or 160 beam rows against the 512 x 9490 output
-layer) oneDNN, which PyTorch also ships, runs the same product faster (README, Benchmark;
+layer) oneDNN, which PyTorch also ships, runs the same product faster (benchmarks/README.md;
 ``benchmarks/decoder.py``). ``linear`` sends CPU fp32 products to oneDNN's linear kernel
 (``torch.ops.mkldnn._linear_pointwise``, the one TorchInductor uses) and everything else
 (CUDA, bf16/fp16, autocast, a build without oneDNN, oneDNN switched off through
@@ -21,17 +21,27 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def _linear_pointwise(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    """x @ w.T + b by ``torch.ops.mkldnn._linear_pointwise``: the one call of that private op.
+
+    It is the op TorchInductor uses for CPU linear layers; its schema (input, weight, bias,
+    post-op name, post-op scalars, post-op algorithm) was checked on the CPU builds of torch 2.13.0
+    and 2.14.1. :func:`onednn_available` tries it once on a small product; if it is missing, raises
+    or disagrees with ``F.linear`` (another torch version), every product goes to ``F.linear``.
+    """
+    return torch.ops.mkldnn._linear_pointwise(x, w, b, "none", [], "")
+
+
 @functools.lru_cache(maxsize=1)
 def onednn_available() -> bool:
-    """True when this PyTorch build runs oneDNN's fp32 linear op and it agrees with ``F.linear``."""
-    op = getattr(getattr(torch.ops, "mkldnn", None), "_linear_pointwise", None)
-    if op is None or not torch.backends.mkldnn.is_available():
+    """True when this PyTorch build runs :func:`_linear_pointwise` and it agrees with ``F.linear``."""
+    if not torch.backends.mkldnn.is_available():
         return False
     try:
         gen = torch.Generator().manual_seed(0)
         x, w, b = (torch.randn(*shape, generator=gen) for shape in ((5, 7), (3, 7), (3,)))
-        return bool(torch.allclose(op(x, w, b, "none", [], ""), F.linear(x, w, b), atol=1e-5))
-    except (RuntimeError, TypeError):  # the op's schema changed: use F.linear
+        return bool(torch.allclose(_linear_pointwise(x, w, b), F.linear(x, w, b), atol=1e-5))
+    except (AttributeError, RuntimeError, TypeError):  # no such op, or its schema changed: use F.linear
         return False
 
 
@@ -61,7 +71,7 @@ def _dense(m: torch.Tensor) -> torch.Tensor:
 
 def _mm_t(x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None = None) -> torch.Tensor:
     """x (M, in) @ w (out, in)^T + b through oneDNN."""
-    return torch.ops.mkldnn._linear_pointwise(_dense(x), _dense(w), b, "none", [], "")
+    return _linear_pointwise(_dense(x), _dense(w), b)
 
 
 def mm_t(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

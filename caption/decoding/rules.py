@@ -1,0 +1,50 @@
+"""What every decoding strategy shares: eval mode for the decoder, and the words a step may not emit."""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Iterator
+
+import torch
+from torch import nn
+
+from caption.config import DecodeConfig
+from caption.vocab import END_ID, PAD_ID, START_ID, UNK_ID
+
+
+@contextlib.contextmanager
+def eval_mode(module: nn.Module, grad: bool = False) -> Iterator[None]:
+    """Decode without dropout (and without autograd unless ``grad``), then restore the caller's mode."""
+    was_training = module.training
+    module.eval()
+    try:
+        with torch.enable_grad() if grad else torch.no_grad():
+            yield
+    finally:
+        module.train(was_training)
+
+
+def banned_words(vocab_size: int, t: int, options: DecodeConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, V) bool, True for the words step ``t`` may not emit: <pad>/<start>, <unk> (when
+    suppressed), <end> before ``min_len``, and words that would repeat an n-gram of ``tokens``
+    (N, t), each row's words so far."""
+    banned = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=tokens.device)  # (N, V)
+    banned[:, [PAD_ID, START_ID]] = True
+    if options.suppress_unk:
+        banned[:, UNK_ID] = True
+    if t < options.min_len:
+        banned[:, END_ID] = True
+    n = options.no_repeat_ngram
+    if n and tokens.shape[1] >= n:  # a complete n-gram exists (n = 1 bans every word already said)
+        grams = tokens.unfold(1, n, 1)  # (N, W, n), every n-gram said so far
+        prefix = tokens[:, tokens.shape[1] - n + 1 :]  # (N, n-1), the words the next one would follow
+        seen = (grams[:, :, : n - 1] == prefix.unsqueeze(1)).all(-1)  # (N, W), n-grams that start like that
+        rows, at = seen.nonzero(as_tuple=True)  # (M,) each
+        banned[rows, grams[rows, at, n - 1]] = True
+    return banned
+
+
+def log_probs(logits: torch.Tensor, t: int, options: DecodeConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """(N, V) fp32 log-softmax of the logits, -inf at the words :func:`banned_words` rules out."""
+    banned = banned_words(logits.shape[1], t, options, tokens)
+    return torch.log_softmax(logits.float(), dim=-1).masked_fill_(banned, float("-inf"))

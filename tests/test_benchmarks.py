@@ -1,0 +1,45 @@
+"""The benchmarks print one JSON line naming their precision, device and CPU."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from caption.runtime import (
+    cpu_name,
+)
+
+# ----------------------------------------------------------------------------- benchmarks
+
+
+def _benchmark(monkeypatch, capsys, script: str, *args: str) -> dict:
+    import runpy
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(root / "benchmarks" / script), run_name="__main__")
+    torch.set_num_threads(1)
+    return json.loads(capsys.readouterr().out)
+
+
+def test_predict_benchmark_reports_images_per_s_precision_device_and_cpu(tiny_checkpoint, tmp_path, monkeypatch,
+                                                                         capsys):
+    for i in range(3):
+        Image.new("RGB", (40 + i, 30), (10 * i, 90, 200)).save(tmp_path / f"{i}.jpg")
+    out = _benchmark(monkeypatch, capsys, "predict.py", "--folder", str(tmp_path), "--images", "3", "--threads", "1",
+                     "--batch-size", "2", "--checkpoint", str(tiny_checkpoint), "--precision", "fp32", "bf16")
+    assert out["images"] == 3 and out["beam"] == 3 and out["cpu"] == cpu_name()
+    runs = [(r["precision"], r["device"], r["unreadable"]) for r in out["runs"]]
+    assert runs == [("fp32", "cpu", 0), ("bf16", "cpu", 0)]
+    assert all(r["images_per_s"] > 0 for r in out["runs"])
+
+
+def test_decoder_benchmark_names_its_precision(monkeypatch, capsys):
+    out = _benchmark(monkeypatch, capsys, "decoder.py", "--threads", "1", "--batch", "2", "--beam", "2",
+                     "--repeats", "1", "--precision", "bf16")
+    assert (out["precision"], out["requested"], out["device"], out["cpu"]) == ("bf16", "bf16", "cpu", cpu_name())
+    assert out["train_captions_per_s"] > 0 and out["beam_images_per_s"] > 0
