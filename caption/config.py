@@ -110,6 +110,7 @@ class TrainConfig:
     early_stop_patience: int = 6  # stop after this many epochs without a better val score
     select_metric: str = "CIDEr"  # val score (greedy) that picks best.pt, e.g. content_accuracy on shapes
     val_beam: int = 1  # decoding used for model selection (1 = greedy)
+    val_every_steps: int = 0  # also validate (and keep best.pt) every N optimizer steps within an epoch; 0: at epoch ends only
     seed: int = 0
     checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: at epoch ends only)
     objective: str = "xent"  # "xent" (cross-entropy, teacher forcing) or "scst" (self-critical: CIDEr-D of samples)
@@ -157,6 +158,27 @@ class DecodeConfig:
 
 
 @dataclass(frozen=True)
+class GuideConfig:
+    """Captions guided by the encoder's own ImageNet classifier (EfficientNet-Lite encoders at stage
+    32; :mod:`caption.decoding.guide`): when the top class is confident and an object, the caption
+    must name it (constrained beam search). Thresholds chosen on dev: MODEL_CARD.md."""
+
+    enabled: bool = True  # off: plain search (also --no-guide, guide=False); off anyway for encoders without a head
+    threshold: float = 0.5  # the top class's probability at or above which its name is required
+    kinds: str = "animal,plant,food,thing"  # the kinds of class that are required (not person, clothing, scenery, structure)
+    within: int = 0  # the name must start within the caption's first N words (0: anywhere)
+    person_penalty: float = 0.0  # taken off a guided caption's log-probability per person word (man, girl, people, ...)
+    top_labels: int = 3  # classifier labels reported with each caption (predict --json, the viewer)
+
+    def __post_init__(self) -> None:
+        checks = {"threshold": 0.0 <= self.threshold <= 1.0, "within": self.within >= 0,
+                  "person_penalty": self.person_penalty >= 0, "top_labels": self.top_labels >= 1}
+        bad = [key for key, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"config key 'guide.{bad[0]}' has an invalid value {getattr(self, bad[0])!r}")
+
+
+@dataclass(frozen=True)
 class Config:
     """The whole resolved configuration of a run."""
 
@@ -168,6 +190,7 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     decode: DecodeConfig = field(default_factory=DecodeConfig)
+    guide: GuideConfig = field(default_factory=GuideConfig)
 
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import csv
+
 import dataclasses
 import json
 import pickle
@@ -84,6 +86,27 @@ def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(sh
     # the resumed epoch's train_xent covers the whole epoch, not only the part after the resume
     straight, resumed = ((tmp_path / run / "metrics.csv").read_text() for run in ("straight", "resumed"))
     assert resumed == straight and len(straight.splitlines()) == 3
+
+
+def test_validation_every_n_steps_selects_mid_epoch_and_resumes_exactly(shapes_dir, tmp_path):
+    """train.val_every_steps=4 with 10-step epochs: rows at steps 4, 8, 10 (epoch end), 12, 16, 20;
+    best.pt is the best of all six; a run killed after step 7 and resumed writes the same rows."""
+    cfg = tiny_config(shapes_dir, "train.val_every_steps=4", "train.epochs=2", "train.checkpoint_every=3")
+    result = fit(cfg, tmp_path / "straight", progress_bars=False)
+    rows = list(csv.DictReader((tmp_path / "straight" / "metrics.csv").open()))
+    assert [int(r["step"]) for r in rows] == [4, 8, 10, 12, 16, 20]
+    assert [r["epoch"] for r in rows] == ["0.4", "0.8", "1", "1.2", "1.6", "2"]
+    best = max(float(r["val_CIDEr"]) for r in rows)
+    assert result.best_score == pytest.approx(best, abs=1e-4) and len(result.history) == 6
+    best_step = read_checkpoint(tmp_path / "straight" / "best.pt")["progress"]["step"]
+    assert best_step == int(next(r["step"] for r in rows if float(r["val_CIDEr"]) == best))
+    with pytest.raises(_Killed):
+        fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_7)
+    fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)
+    straight, resumed = ((tmp_path / run / "metrics.csv").read_text() for run in ("straight", "resumed"))
+    assert resumed == straight
+    for key, value in _weights(tmp_path / "straight").items():
+        assert torch.equal(value, _weights(tmp_path / "resumed")[key]), key
 
 
 def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path, monkeypatch):

@@ -21,7 +21,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 import torch
 from torch.utils.data import DataLoader
@@ -53,6 +53,7 @@ class Progress:
     step: int = 0  # optimizer steps done in total
     best_score: float = -math.inf
     bad_epochs: int = 0  # epochs since the best validation score
+    improved_in_epoch: bool = False  # a validation within this epoch (train.val_every_steps) set a new best
     sums: dict = dataclasses.field(default_factory=dict)  # this epoch so far (this process): metric -> [sum, count]
 
     def add(self, metrics: dict[str, tuple[float, float]]) -> None:
@@ -212,6 +213,8 @@ class _Run:
     sched: Schedule
     scaler: torch.amp.GradScaler  # enabled for fp16 only (bf16 has fp32's range); its state is checkpointed
     progress: Progress
+    history: list = dataclasses.field(default_factory=list)  # this fit's metric rows
+    writer: Any = None  # the TensorBoard writer (rank 0), open while epochs run
 
     def epoch_batches(self):
         """This epoch's loader over the objective's items (the rest of it, when resumed mid-epoch) and its progress bar."""
@@ -235,12 +238,43 @@ class _Run:
             yield batch
 
     def step_done(self, bar, on_step: Callable[[Progress], None] | None) -> None:
-        """After a training step: the progress bar, last.pt every ``train.checkpoint_every`` steps, ``on_step``."""
+        """After a training step: the progress bar, a validation every ``train.val_every_steps`` steps,
+        last.pt every ``train.checkpoint_every`` steps, ``on_step``."""
         bar.update(1)
-        if self.cfg.train.checkpoint_every and self.progress.step % self.cfg.train.checkpoint_every == 0:
+        every, step = self.cfg.train.val_every_steps, self.progress.step
+        validated = every and step % every == 0 and self.progress.batch < bar.total  # the epoch's end validates anyway
+        if validated:
+            _, improved, row = self.validate(fraction=self.progress.batch / bar.total)
+            self.progress.improved_in_epoch |= improved
+            self.save(LAST)  # best.pt, last.pt, then the metrics row (as at an epoch's end)
+            self.log(row, improved)
+            self.model.train()
+        elif self.cfg.train.checkpoint_every and step % self.cfg.train.checkpoint_every == 0:
             self.save(LAST)
         if on_step is not None:
             on_step(self.progress)
+
+    def validate(self, fraction: float = 1.0) -> tuple[float, bool, dict]:
+        """Score the val split (rank 0; every rank gets the score) and keep best.pt when it is the best
+        so far; returns (score, improved, the metrics row at ``fraction`` of the current epoch)."""
+        cfg, progress, dist = self.cfg, self.progress, self.dist
+        scores = validate(self.model, self.vocab, self.data.val, cfg, self.runtime) if dist.is_main else {}
+        # the val score that picks best.pt, drives the LR plateau and early stopping
+        score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
+        improved = score > progress.best_score
+        progress.best_score = max(score, progress.best_score)
+        epoch = progress.epoch + 1 if fraction == 1.0 else round(progress.epoch + fraction, 3)
+        row = {"epoch": epoch, "step": progress.step, **progress.means(), "lr": self.optim.param_groups[0]["lr"],
+               **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
+        if improved:
+            self.save(BEST)
+        return score, improved, row
+
+    def log(self, row: dict, improved: bool) -> None:
+        """A metrics row: history, metrics.csv, TensorBoard and one printed line (rank 0)."""
+        self.history.append(row)
+        if self.dist.is_main:
+            _log_epoch(self.run_dir, self.writer, row, improved)
 
     def optimizer_step(self, loss: torch.Tensor) -> None:
         """Back-propagate, clip, step (through the gradient scaler: a pass-through unless fp16), advance the schedule."""
@@ -297,36 +331,25 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, runtime: Runtime, state: di
 def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list[dict]:
     """Epochs until ``train.epochs`` or early stopping; returns their metric rows."""
     cfg, model, progress, dist = run.cfg, run.model, run.progress, run.dist
-    history: list[dict] = []
-    writer = _tensorboard(run.run_dir) if dist.is_main else None
+    run.writer = _tensorboard(run.run_dir) if dist.is_main else None
     ddp_model = None
     try:
         while progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience:
             model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
             ddp_model = dist.wrap(model, ddp_model)  # again when fine_tune changed which parameters train
-            train = run_epoch(run, ddp_model, on_step)
-            scores = validate(model, run.vocab, run.data.val, cfg, run.runtime) if dist.is_main else {}
-            # the val score that picks best.pt, drives the LR plateau and early stopping
-            score = dist.broadcast_float(float(scores[cfg.train.select_metric]) if dist.is_main else 0.0)
+            run_epoch(run, ddp_model, on_step)
+            # best.pt (when improved), then last.pt, then metrics.csv: when a write fails (a full disk),
+            # resuming from the last.pt that stayed redoes the epoch and writes all of them again
+            score, improved, row = run.validate()
             run.sched.after_epoch(score)
-            improved = score > progress.best_score
-            progress.best_score, progress.bad_epochs = ((score, 0) if improved
-                                                        else (progress.best_score, progress.bad_epochs + 1))
-            progress.epoch, progress.batch, progress.sums = progress.epoch + 1, 0, {}
-            row = {"epoch": progress.epoch, "step": progress.step, **train,
-                   "lr": run.optim.param_groups[0]["lr"], **{f"val_{k}": round(v, 4) for k, v in scores.items()}}
-            history.append(row)
-            if dist.is_main:
-                # best.pt, last.pt, then metrics.csv: when a write fails (a full disk), resuming from the
-                # last.pt that stayed redoes the epoch and writes all three again
-                if improved:
-                    run.save(BEST)
-                run.save(LAST)
-                _log_epoch(run.run_dir, writer, row, improved)
+            progress.bad_epochs = 0 if improved or progress.improved_in_epoch else progress.bad_epochs + 1
+            progress.epoch, progress.batch, progress.sums, progress.improved_in_epoch = progress.epoch + 1, 0, {}, False
+            run.save(LAST)
+            run.log(row, improved)
     finally:
-        if writer is not None:
-            writer.close()
-    return history
+        if run.writer is not None:
+            run.writer.close()
+    return run.history
 
 
 def _restore(state: dict, model: Captioner, optim, sched, scaler, path: Path, objective: str) -> Progress:
@@ -344,8 +367,8 @@ def _log_epoch(run_dir: Path, writer, row: dict, improved: bool) -> None:
     _append_csv(run_dir / METRICS, row)
     if writer is not None:
         for key, value in row.items():
-            if key != "epoch":
-                writer.add_scalar(key, value, row["epoch"])
+            if key not in ("epoch", "step"):
+                writer.add_scalar(key, value, row["step"])  # x: optimizer steps (validations may fall mid-epoch)
         writer.flush()
     summary = ", ".join(f"{k}={v}" for k, v in row.items())
     tqdm.write(f"{summary}{'  (best)' if improved else ''}")
