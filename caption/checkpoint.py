@@ -11,14 +11,15 @@ from __future__ import annotations
 import dataclasses
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
-from caption.config import Config, ConfigError, from_dict, to_dict
+from caption.config import Config, ConfigError, EncoderConfig, from_dict, to_dict
 from caption.errors import CaptionError
 from caption.fileio import atomic_write
 from caption.model import Captioner, build_model
+from caption.model.ensemble import EnsembleDecoder
 from caption.vocab import Vocabulary
 
 BEST, LAST = "best.pt", "last.pt"
@@ -87,8 +88,14 @@ class Loaded:
     model: Captioner
     config: Config
     vocab: Vocabulary
-    path: Path
+    path: Path  # the checkpoint file (an ensemble's first member's)
     state: dict  # the whole checkpoint dict (optimizer, epoch, ... when present)
+    members: tuple[Path, ...] = ()  # an ensemble's checkpoint files, in order (empty for one model)
+
+    @property
+    def name(self) -> str:
+        """How commands and pages name it: the file name, or the members' joined by '+'."""
+        return "+".join(p.name for p in self.members) if self.members else self.path.name
 
 
 def load_state(model: torch.nn.Module, state_dict: dict, path: Path | str) -> None:
@@ -137,6 +144,44 @@ def load_init_from(cfg: Config) -> Loaded:
         raise ConfigError(f"train.init_from {loaded.path}: its model.{key} is {theirs[key]!r}, this run's is "
                           f"{ours[key]!r} (the model config must match)")
     return loaded
+
+
+def load_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Loaded:
+    """One checkpoint (:func:`load_checkpoint`), or several as an ensemble: the members' decoders as
+    one :class:`EnsembleDecoder` over the first member's encoder, with its config and vocabulary.
+    Members must share the encoder (its config, weights and image size) and the vocabulary."""
+    loaded = [load_checkpoint(p, device) for p in paths]
+    if not loaded:
+        raise CheckpointError("no checkpoint given")
+    if len(loaded) == 1:
+        return loaded[0]
+    first = loaded[0]
+    for other in loaded[1:]:
+        _check_member(first, other)
+    model = Captioner(first.model.encoder, EnsembleDecoder([m.model.decoder for m in loaded]))
+    return Loaded(model, first.config, first.vocab, first.path, {}, tuple(m.path for m in loaded))
+
+
+def _encoder_spec(loaded: Loaded) -> dict:
+    """What an ensemble's members must share to read the same features."""
+    return {**dataclasses.asdict(EncoderConfig.of(loaded.config.model)), "image_size": loaded.config.data.image_size}
+
+
+def _check_member(first: Loaded, other: Loaded) -> None:
+    """CheckpointError unless ``other`` can join ``first`` in an ensemble."""
+    ours, theirs = _encoder_spec(first), _encoder_spec(other)
+    differ = [key for key in ours if ours[key] != theirs[key]]
+    if differ:
+        key = differ[0]
+        raise CheckpointError(f"ensemble: {other.path} has {key}={theirs[key]!r}, {first.path} has {ours[key]!r}; "
+                              "members must share one encoder, image size and grid")
+    if other.vocab.itos != first.vocab.itos:
+        raise CheckpointError(f"ensemble: {other.path} and {first.path} have different vocabularies "
+                              f"({len(other.vocab)} and {len(first.vocab)} words); members must share one")
+    a, b = first.model.encoder.state_dict(), other.model.encoder.state_dict()
+    if any(not torch.equal(a[k], b[k].to(a[k].device)) for k in a):
+        raise CheckpointError(f"ensemble: {other.path} was trained with other encoder weights than {first.path} "
+                              "(a fine-tuned or randomly initialised encoder); members must share one")
 
 
 def _offline(cfg: Config) -> Config:

@@ -25,7 +25,7 @@ import torch
 from PIL import Image
 from torch import nn
 
-from caption.checkpoint import CheckpointError, Loaded, load_checkpoint
+from caption.checkpoint import CheckpointError, Loaded, load_checkpoints
 from caption.config import Config
 from caption.data.images import ImageError, ImageTransform, load_image, prefetch, to_rgb, transform_for
 from caption.decoding import DecodingOptions, DecodingResult, decode
@@ -130,6 +130,7 @@ class CaptionModel:
         self.config: Config = loaded.config
         self.vocab: Vocabulary = loaded.vocab
         self.path: Path = loaded.path
+        self.name: str = loaded.name  # the file name, or an ensemble's members' joined by '+'
         self.transform = transform_for(self.config, self.model.encoder)
         self.encoder = inference_encoder(self.model.encoder, self.transform.image_size)
 
@@ -231,9 +232,12 @@ class CaptionModel:
             return decode(self.model.decoder, features, options, vocab=self.vocab, grid=self.grid)
 
 
-def load(checkpoint: str | os.PathLike[str] | None = None, device: str | torch.device | None = "cpu",
-         precision: str | None = None, threads: int | None = None) -> CaptionModel:
-    """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`).
+def load(checkpoint: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
+         device: str | torch.device | None = "cpu", precision: str | None = None,
+         threads: int | None = None) -> CaptionModel:
+    """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`),
+    or from a list of them: an ensemble of their decoders over the first one's encoder
+    (:func:`caption.checkpoint.load_checkpoints`; members must share the encoder and vocabulary).
 
     ``device=None`` picks CUDA when available; ``precision`` is auto, fp32, bf16 or fp16 (None:
     the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default).
@@ -245,5 +249,6 @@ def load(checkpoint: str | os.PathLike[str] | None = None, device: str | torch.d
         if not Path(checkpoint).exists():
             raise CheckpointError(f"no trained model at {checkpoint} (the default): run `caption demo` first "
                                   "to train one, or pass a checkpoint file or run directory")
-    loaded = load_checkpoint(checkpoint)
+    paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
+    loaded = load_checkpoints(paths)
     return CaptionModel(loaded, resolve_runtime(device, precision or loaded.config.precision, threads))
