@@ -60,6 +60,7 @@ class ModelConfig:
     small_channels: int = 64  # width of the last layer of the "small" CNN
     coord_features: bool = False  # append each cell's (x, y) in [-1, 1] to its feature (CoordConv-style)
     attention: str = "additive"  # additive|dot|general|concat
+    blend: str = "soft"  # soft: each word reads the attention-weighted mean of the cells; hard: one cell drawn from the weights
     embed_dim: int = 512
     hidden_dim: int = 512
     attention_dim: int = 512
@@ -119,6 +120,12 @@ class TrainConfig:
     scst_baseline: str = "mean"  # scst: a sample's baseline, "mean" reward of the image's other K-1 samples or "greedy"
     scst_max_len: int = 16  # scst: most tokens per sampled caption, <end> included
     scst_temperature: float = 1.0  # scst: sample from softmax(logits / temperature)
+    # model.blend=hard (Xu et al. 2015, sec. 4.1; arctic-captions' capgen.py defaults): the caption loss with
+    # sampled cells, plus REINFORCE on the cell choices with the per-word log-likelihood as the reward
+    hard_reinforce: float = 0.1  # λ_r (capgen.py's /10)
+    hard_entropy: float = 0.0  # λ_e, bonus on the entropy of the attention weights (capgen.py's default 0)
+    hard_baseline_decay: float = 0.9  # reward baseline b <- decay * b + (1 - decay) * mean reward
+    hard_expect_prob: float = 0.5  # per batch, the chance of reading the expectation (soft) instead of a sample
 
 
 @dataclass(frozen=True)
@@ -136,11 +143,12 @@ class DecodeConfig:
     alternatives: bool = False  # beam search also returns its K-1 runners-up (`caption attend` and predict --json ask)
     temperature: float = 0.0  # 0: search; > 0: sample from softmax(logits / temperature)
     samples: int = 1  # sampling: captions per image
+    hard_test: str = "argmax"  # model.blend=hard: read the most likely cell ("argmax") or the expectation ("expect")
 
     def __post_init__(self) -> None:
         checks = {"beam_size": self.beam_size >= 1, "max_len": self.max_len >= 1, "min_len": self.min_len >= 0,
                   "no_repeat_ngram": self.no_repeat_ngram >= 0, "temperature": self.temperature >= 0,
-                  "samples": self.samples >= 1}
+                  "samples": self.samples >= 1, "hard_test": self.hard_test in ("argmax", "expect")}
         bad = [key for key, ok in checks.items() if not ok]
         if bad:
             raise ConfigError(f"config key 'decode.{bad[0]}' has an invalid value {getattr(self, bad[0])!r}")

@@ -17,6 +17,7 @@ captioner say the same thing for every image.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeAlias, TypeVar, Union
@@ -159,6 +160,12 @@ class CaptionModel:
     def inference_captioner(self) -> Captioner:
         """The inference encoder and the decoder as one Captioner (what scoring a split runs)."""
         return Captioner(self.encoder, self.model.decoder)
+
+    def with_decode(self, **overrides) -> "CaptionModel":
+        """This model with its run's ``decode`` settings changed (a None value keeps the setting);
+        every caption it makes afterwards uses them."""
+        self.config = dataclasses.replace(self.config, decode=self.config.decode.with_overrides(**overrides))
+        return self
 
     def options(self, beam: int | None = None, max_len: int | None = None,
                 alternatives: bool | None = None) -> DecodingOptions:

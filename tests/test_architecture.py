@@ -113,7 +113,8 @@ def test_encoder_depends_on_its_encoder_config_alone():
 
     reference = features(base)
     others = {"fine_tune": True, "fine_tune_blocks": 1, "attention": "dot", "embed_dim": 7, "hidden_dim": 9,
-              "attention_dim": 5, "dropout": 0.1, "gate": "none", "deep_output": True, "init_state": "zeros"}
+              "attention_dim": 5, "dropout": 0.1, "gate": "none", "deep_output": True, "init_state": "zeros",
+              "blend": "hard"}
     encoder_fields = {f.name for f in dataclasses.fields(EncoderConfig)}
     assert set(others) | encoder_fields == {f.name for f in dataclasses.fields(ModelConfig)}
     for field, value in others.items():

@@ -29,7 +29,7 @@ def test_shapes_sum_to_one_and_gradients(name, query_dim):
     memory = att.prepare(feats)
     assert att.scorer(query, memory.keys).shape == (B, L)
     assert att.scorer(query.view(B, 1, -1).expand(B, 4, -1), memory.keys).shape == (B, 4, L)
-    context, alpha = att(query, memory)
+    context, alpha, _ = att(query, memory)
     assert context.shape == (B, D) and alpha.shape == (B, L)
     torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
     (context.square().sum() + alpha[:, 0].sum()).backward()
@@ -44,7 +44,7 @@ def test_padded_cells_get_zero_weight(name):
     att = SoftAttention(name, 16, D, 12)
     mask = torch.tensor([[True] * 6, [True, True, True, False, False, False]])
     feats = torch.randn(B, L, D)
-    context, alpha = att(torch.randn(B, 16), att.prepare(feats, mask))
+    context, alpha, _ = att(torch.randn(B, 16), att.prepare(feats, mask))
     assert torch.all(alpha[1, 3:] == 0)
     torch.testing.assert_close(alpha.sum(-1), torch.ones(B))
     # the padded cells' values cannot leak into the context
@@ -62,10 +62,10 @@ def test_beam_rows_match_single_rows(name):
     att = SoftAttention(name, 16, 16, 12)
     memory = att.prepare(torch.randn(2, 5, 16))
     q = torch.randn(2 * 3, 16)
-    context, alpha = att(q, memory)
+    context, alpha, _ = att(q, memory)
     for row in range(6):
         image = row // 3
-        c1, a1 = att(q[row : row + 1], memory.index(torch.tensor([image])))
+        c1, a1, _ = att(q[row : row + 1], memory.index(torch.tensor([image])))
         torch.testing.assert_close(context[row], c1[0])
         torch.testing.assert_close(alpha[row], a1[0])
 
@@ -96,7 +96,7 @@ def test_fast_path_equals_reference_formula(name, K, dtype):
     mask[1, 4:] = False
 
     def fast():
-        context, alpha = att(query.reshape(B * K, H), att.prepare(feats, mask))  # (B*K, D), (B*K, L)
+        context, alpha, _ = att(query.reshape(B * K, H), att.prepare(feats, mask))  # (B*K, D), (B*K, L)
         return scorer(query, scorer.project_keys(feats)), context, alpha
 
     def reference():

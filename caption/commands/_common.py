@@ -64,6 +64,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file or run directory (default: the shipped Flickr8k model)")
     p.add_argument("--beam", type=positive_int, default=None, metavar="K",
                    help="beam size; 1 = greedy (default: the run's decode.beam_size)")
+    p.add_argument("--hard-test", default=None, choices=("argmax", "expect"),
+                   help="a hard-attention model (model.blend=hard) reads its most likely cell per word (argmax: "
+                        "one-hot maps) or the expectation (default: the run's decode.hard_test)")
     add_runtime_args(p, "default: the checkpoint's precision (auto for the shipped model)")
 
 
@@ -87,7 +90,8 @@ def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None)
             error(args, f"--{flag} {path}: {err}" if given is not None else str(err))
         return None
     try:
-        return CaptionModel(loaded, runtime or resolve(args, loaded.config.precision))
+        model = CaptionModel(loaded, runtime or resolve(args, loaded.config.precision))
     except CaptionError as err:  # an unknown or absent --device, fp16 on a CPU
         error(args, str(err))
         return None
+    return model.with_decode(hard_test=getattr(args, "hard_test", None))

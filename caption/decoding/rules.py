@@ -48,3 +48,28 @@ def log_probs(logits: torch.Tensor, t: int, options: DecodeConfig, tokens: torch
     """(N, V) fp32 log-softmax of the logits, -inf at the words :func:`banned_words` rules out."""
     banned = banned_words(logits.shape[1], t, options, tokens)
     return torch.log_softmax(logits.float(), dim=-1).masked_fill_(banned, float("-inf"))
+
+
+class _ReadCells:
+    """A decoder whose ``prepare`` reads the cells as ``blend`` says; everything else is the decoder's."""
+
+    def __init__(self, decoder: nn.Module, blend: str):
+        self.decoder, self.blend = decoder, blend
+
+    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None):
+        return self.decoder.prepare(features, mask, blend=self.blend)
+
+    def __getattr__(self, name: str):
+        return getattr(self.decoder, name)
+
+
+def read_cells(decoder: nn.Module, hard_test: str):
+    """The decoder as every search reads it: a hard-attention decoder (``model.blend=hard``) reads
+    its most likely cell per word (``decode.hard_test=argmax``: one-hot maps) or the expectation
+    (``expect``); a soft decoder is returned as it is."""
+    return _ReadCells(decoder, hard_test) if _is_hard(decoder) else decoder
+
+
+def _is_hard(decoder: nn.Module) -> bool:
+    members = getattr(decoder, "members", None)
+    return any(_is_hard(m) for m in members) if members is not None else bool(getattr(decoder, "hard", False))

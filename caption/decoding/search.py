@@ -19,7 +19,7 @@ from torch import nn
 from caption.config import DecodeConfig
 from caption.decoding.beam import beam_search
 from caption.decoding.results import DecodingResult, Hypothesis, Samples, default_grid, to_result
-from caption.decoding.rules import banned_words, eval_mode
+from caption.decoding.rules import banned_words, eval_mode, read_cells
 from caption.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 
 
@@ -96,6 +96,7 @@ def sample(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *,
     if not options.sampling:
         raise ValueError("sample needs options.temperature > 0")
     with eval_mode(decoder, grad=grad):
+        decoder = read_cells(decoder, options.hard_test)
         return run(decoder, features, options, Sampler(options.temperature, generator), options.samples, mask)
 
 
@@ -110,6 +111,7 @@ def decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *,
     """
     grid = default_grid(features.shape[1]) if grid is None else grid
     with eval_mode(decoder):
+        decoder = read_cells(decoder, options.hard_test)
         if options.sampling:
             hyps = run(decoder, features, options, Sampler(options.temperature), options.samples, mask).hypotheses()
         elif options.beam_size == 1:

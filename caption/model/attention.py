@@ -189,18 +189,23 @@ class Memory:
     mean: torch.Tensor
     pooled: torch.Tensor | None = None
     pool_alpha: torch.Tensor | None = None
+    blend: str = "expect"  # how the cells become the context: "expect" (soft), "sample" or "argmax" (hard)
 
     def index(self, idx: torch.Tensor | slice) -> "Memory":
         """Memory of the images ``idx`` (B',) picks, e.g. to drop finished images (a slice gives views)."""
         mask = None if self.mask is None else self.mask[idx]
-        if self.pooled is None:
-            return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx])
-        return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx], self.pooled[idx], self.pool_alpha[idx])
+        pooled = None if self.pooled is None else self.pooled[idx]
+        pool_alpha = None if self.pool_alpha is None else self.pool_alpha[idx]
+        return Memory(self.values[idx], self.keys[idx], mask, self.mean[idx], pooled, pool_alpha, self.blend)
+
+
+BLENDS = ("expect", "sample", "argmax")  # Memory.blend
 
 
 class AttentionOutput(NamedTuple):
     context: torch.Tensor  # (N, D)
     alpha: torch.Tensor  # (N, L), sums to 1 over real cells, 0 on padded cells
+    cell: torch.Tensor | None = None  # (N,) the one cell read (blend "sample" or "argmax"), None when blended
 
 
 class SoftAttention(nn.Module):
@@ -210,11 +215,14 @@ class SoftAttention(nn.Module):
         super().__init__()
         self.scorer = build_scorer(scorer, query_dim, key_dim, attention_dim)
 
-    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
-        """features (B, L, D), mask (B, L) -> Memory with keys projected once.
+    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None, blend: str = "expect") -> Memory:
+        """features (B, L, D), mask (B, L) -> Memory with keys projected once; ``blend`` says how
+        each word reads the cells (:data:`BLENDS`).
 
         Under autocast the values are cast to its dtype here, once, not by every word's product.
         """
+        if blend not in BLENDS:
+            raise ValueError(f"blend must be one of {', '.join(BLENDS)}, got '{blend}'")
         if mask is None:
             mean = features.mean(dim=1)  # (B, D)
         else:
@@ -224,19 +232,36 @@ class SoftAttention(nn.Module):
         kind = features.device.type
         if torch.is_autocast_enabled(kind) and features.is_floating_point():
             features = features.to(torch.get_autocast_dtype(kind))  # (B, L, D)
-        return Memory(features, keys, mask, mean)
+        return Memory(features, keys, mask, mean, blend=blend)
 
     def forward(self, query: torch.Tensor, memory: Memory) -> AttentionOutput:
-        """query (N, H) with N = B*K rows, K consecutive rows per image -> context, alpha."""
+        """query (N, H) with N = B*K rows, K consecutive rows per image -> context, alpha (and the cell).
+
+        ``memory.blend`` "expect" blends the cells with alpha (soft attention); "sample" reads one
+        cell drawn from alpha, "argmax" its most likely cell (hard attention). alpha is returned
+        whole either way: hard attention's training needs its gradient.
+        """
         B, L, D = memory.values.shape
         K = query.shape[0] // B
         scores = self.scorer(query.view(B, K, -1), memory.keys)  # (B, K, L)
         if memory.mask is not None:
             scores = scores.masked_fill(~memory.mask.unsqueeze(1), float("-inf"))
         wide = torch.promote_types(memory.values.dtype, torch.float32)  # the maps stay fp32 under bf16
-        alpha = torch.softmax(scores.float(), dim=-1).to(wide)  # (B, K, L)
-        context = torch.bmm(alpha.to(memory.values.dtype), memory.values)  # (B, K, D)
-        return AttentionOutput(context.view(B * K, D), alpha.view(B * K, L))
+        alpha = torch.softmax(scores.float(), dim=-1).to(wide).view(B * K, L)  # (N, L)
+        if memory.blend == "expect":
+            context = torch.bmm(alpha.view(B, K, L).to(memory.values.dtype), memory.values)  # (B, K, D)
+            return AttentionOutput(context.view(B * K, D), alpha)
+        if memory.blend == "sample":
+            cell = torch.multinomial(alpha.detach().float(), 1).squeeze(1)  # (N,)
+        else:
+            cell = alpha.detach().argmax(dim=1)  # (N,)
+        image = torch.arange(B * K, device=cell.device) // K  # (N,) each row's image
+        return AttentionOutput(memory.values[image, cell], alpha, cell)  # (N, D)
+
+
+class PoolOutput(NamedTuple):
+    pooled: torch.Tensor  # (B, D)
+    alpha: torch.Tensor  # (B, L), sums to 1 over real cells, 0 on padded cells
 
 
 class AttentionPool(nn.Module):
@@ -252,11 +277,11 @@ class AttentionPool(nn.Module):
         self.w = Linear(feature_dim, attention_dim)
         self.v = nn.Linear(attention_dim, 1, bias=False)  # a bias would cancel in the softmax
 
-    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> AttentionOutput:
+    def forward(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> "PoolOutput":
         """features (B, L, D), mask (B, L) -> pooled (B, D), alpha (B, L) (0 on padded cells)."""
         scores = self.v(torch.tanh(self.w(features))).squeeze(-1)  # (B, L)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
         alpha = torch.softmax(scores.float(), dim=-1).to(features.dtype)  # (B, L)
         pooled = torch.bmm(alpha.unsqueeze(1), features).squeeze(1)  # (B, D)
-        return AttentionOutput(pooled, alpha)
+        return PoolOutput(pooled, alpha)

@@ -15,6 +15,7 @@ import dataclasses
 from typing import NamedTuple
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from caption.config import ConfigError, ModelConfig
@@ -44,6 +45,7 @@ class DecoderOutput(NamedTuple):
     alphas: torch.Tensor  # (B, T, L), zero at padding
     targets: torch.Tensor  # (B, T), the words to predict
     mask: torch.Tensor  # (B, T) bool, True on real (non-padding) targets
+    cells: torch.Tensor | None = None  # (B, T) the cell each word read (hard attention, blend "sample"), 0 at padding
 
     @property
     def logits(self) -> torch.Tensor:
@@ -72,6 +74,9 @@ class AttentionDecoder(nn.Module):
         self.vocab_size = vocab_size
         self.embed = nn.Embedding(vocab_size, E)
         self.attention = SoftAttention(cfg.attention, H, D, cfg.attention_dim)
+        if cfg.blend not in ("soft", "hard"):
+            raise ConfigError(f"model.blend must be 'soft' or 'hard', got '{cfg.blend}'")
+        self.hard = cfg.blend == "hard"
         if cfg.init_state not in ("mean", "attend", "zeros"):
             raise ConfigError(f"model.init_state must be 'mean', 'attend' or 'zeros', got '{cfg.init_state}'")
         self.hidden_dim = H
@@ -93,9 +98,13 @@ class AttentionDecoder(nn.Module):
         else:
             self.out = Linear(H, vocab_size)
 
-    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> Memory:
-        """features (B, L, D) -> Memory; the keys (and the attention pool, if any) once per image."""
-        memory = self.attention.prepare(features, mask)
+    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None, blend: str | None = None) -> Memory:
+        """features (B, L, D) -> Memory; the keys (and the attention pool, if any) once per image.
+
+        ``blend`` is how a hard-attention decoder (``model.blend=hard``) reads the cells: "sample"
+        (training), "argmax" or "expect" (None); a soft one always blends them ("expect").
+        """
+        memory = self.attention.prepare(features, mask, blend=(blend or "expect") if self.hard else "expect")
         if self.pool is None:
             return memory
         pooled, alpha = self.pool(features, mask)  # (B, D), (B, L)
@@ -121,16 +130,17 @@ class AttentionDecoder(nn.Module):
     def _advance(self, word: WordInput, state: DecoderState, memory: Memory):
         """Attend with h_{t-1}, gate the context with β, run the LSTM cell on N rows.
 
-        word (N, E), (N, 4H); state (N, H) each -> new state, context (N, D), alpha (N, L).
+        word (N, E), (N, 4H); state (N, H) each -> new state, context (N, D), alpha (N, L), and
+        the cell read (N,) (hard attention) or None.
         """
-        context, alpha = self.attention(state.h, memory)  # (N, D), (N, L)
+        context, alpha, cell = self.attention(state.h, memory)  # (N, D), (N, L), (N,) or None
         if self.gate is not None:
             context = torch.sigmoid(self.gate(state.h)) * context  # β: (N, 1) or (N, D)
         gates = word.gates + self.lstm_rec(torch.cat([context, state.h], dim=1))  # (N, 4H)
         i, f, g, o = gates.chunk(4, dim=1)  # (N, H) each
         c = torch.sigmoid(f) * state.c + torch.sigmoid(i) * torch.tanh(g)
         h = torch.sigmoid(o) * torch.tanh(c)
-        return DecoderState(h, c), context, alpha
+        return DecoderState(h, c), context, alpha, cell
 
     def readout(self, emb: torch.Tensor, h: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """Vocabulary scores (..., V) from y_{t-1} (..., E), h_t (..., H), z_t (..., D)."""
@@ -139,15 +149,20 @@ class AttentionDecoder(nn.Module):
         return self.out(self.dropout(h))
 
     def step(self, prev_word: torch.Tensor, state: DecoderState, memory: Memory) -> StepOutput:
-        """One word for N = B*K rows: prev_word (N,) -> logits (N, V), new state, alpha (N, L)."""
+        """One word for N = B*K rows: prev_word (N,) -> logits (N, V), new state, and the map the word
+        used (N, L): alpha, or the one-hot map of the cell a hard-attention decoder read."""
         word = self.word_input(prev_word)
-        state, context, alpha = self._advance(word, state, memory)
+        state, context, alpha, cell = self._advance(word, state, memory)
+        if cell is not None:
+            alpha = F.one_hot(cell, alpha.shape[1]).to(alpha.dtype)  # (N, L)
         return StepOutput(self.readout(word.emb, state.h, context), state, alpha)
 
     def forward(
-        self, features: torch.Tensor, captions: torch.Tensor, feature_mask: torch.Tensor | None = None
+        self, features: torch.Tensor, captions: torch.Tensor, feature_mask: torch.Tensor | None = None,
+        blend: str | None = None,
     ) -> DecoderOutput:
         """Teacher forcing: captions (B, T+1) = <start> w1 .. <end> <pad>..; padding trails.
+        ``blend`` as in :meth:`prepare` (a hard-attention decoder's cells: "sample", "argmax", "expect").
 
         Calls ``word_input`` once on all B x T input words, ``_advance`` once per word position t
         on the captions that still have word t (rows sorted longest first, so those are a prefix:
@@ -164,34 +179,38 @@ class AttentionDecoder(nn.Module):
         if pack.reordered:  # a batch already longest first is not copied
             features = features[pack.order]  # (B, L, D)
             feature_mask = None if feature_mask is None else feature_mask[pack.order]  # (B, L)
-        memory = self.prepare(features, feature_mask)
+        memory = self.prepare(features, feature_mask, blend)
         words = self.word_input(inputs[pack.order])  # (B, T, E), (B, T, 4H): all words at once, sorted rows
-        hs, contexts, alphas = self._unroll(words, self.init_state(memory), memory, pack.running)  # time-major
+        hs, contexts, alphas, cells = self._unroll(words, self.init_state(memory), memory, pack.running)  # time-major
         rows, src = pack.sorted_rows(), pack.stacked_rows()  # (N,), (N,)
         word_logits = self.readout(words.emb[rows, pack.t], hs[src], contexts[src])  # (N, V)
         alpha = alphas[src]  # (N, L)
         alphas_out = alpha.new_zeros(*mask.shape, alpha.shape[1]).index_put((pack.b, pack.t), alpha)  # (B, T, L)
-        return DecoderOutput(word_logits, alphas_out, targets, mask)
+        if cells is not None:
+            cells = cells.new_zeros(mask.shape).index_put((pack.b, pack.t), cells[src])  # (B, T)
+        return DecoderOutput(word_logits, alphas_out, targets, mask, cells)
 
     def _unroll(self, words: WordInput, state: DecoderState, memory: Memory, running: list[int]):
         """``_advance`` word by word on the first running[t] rows -> h, context, alpha stacked time-major.
 
         words (B, T, E), (B, T, 4H) in sorted row order -> h (N', H), context (N', D), alpha (N', L)
-        with N' = sum(running); the recurrent weight's gradient is formed once for all words
-        (``DeferredLinear``).
+        and the cells read (N',) (hard attention) or None, with N' = sum(running); the recurrent
+        weight's gradient is formed once for all words (``DeferredLinear``).
         """
-        hs, contexts, alphas = [], [], []
+        hs, contexts, alphas, cells = [], [], [], []
         with self.lstm_rec.deferred():
             # unbind, then slice each word: indexing [:n, t] would zero-fill a (B, T, 4H) gradient per word
             for n, emb, gates in zip(running, words.emb.unbind(1), words.gates.unbind(1)):  # (B, E), (B, 4H)
                 if n < len(state.h):  # captions that ended drop out of the batch
                     state, memory = state.index(slice(0, n)), memory.index(slice(0, n))  # (n, ...) rows
                 word = WordInput(emb[:n], gates[:n])  # (n, E), (n, 4H)
-                state, context, alpha = self._advance(word, state, memory)
+                state, context, alpha, cell = self._advance(word, state, memory)
                 hs.append(state.h)  # (n, H)
                 contexts.append(context)  # (n, D)
                 alphas.append(alpha)  # (n, L)
-        return torch.cat(hs), torch.cat(contexts), torch.cat(alphas)  # (N', H), (N', D), (N', L)
+                cells.append(cell)  # (n,) or None
+        read = torch.cat(cells) if cells[0] is not None else None  # (N',)
+        return torch.cat(hs), torch.cat(contexts), torch.cat(alphas), read  # (N', H), (N', D), (N', L)
 
 
 class _Packing(NamedTuple):

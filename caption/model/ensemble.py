@@ -62,9 +62,11 @@ class EnsembleDecoder(nn.Module):
         self.members = nn.ModuleList(members)
         self.vocab_size = members[0].vocab_size
 
-    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None) -> EnsembleMemory:
-        """features (B, L, D) -> every member's Memory (its own keys, once per image)."""
-        return EnsembleMemory(tuple(m.prepare(features, mask) for m in self.members))
+    def prepare(self, features: torch.Tensor, mask: torch.Tensor | None = None,
+                blend: str | None = None) -> EnsembleMemory:
+        """features (B, L, D) -> every member's Memory (its own keys, once per image; ``blend`` for
+        hard-attention members)."""
+        return EnsembleMemory(tuple(m.prepare(features, mask, blend) for m in self.members))
 
     def init_state(self, memory: EnsembleMemory, beams: int = 1) -> EnsembleState:
         return EnsembleState(tuple(m.init_state(mem, beams) for m, mem in zip(self.members, memory.members)))

@@ -289,9 +289,11 @@ class _Run:
 
     def save(self, name: str) -> None:
         if self.dist.is_main:
+            objective = getattr(self.objective, "state_dict", None)  # e.g. hard attention's reward baseline
             save_checkpoint(self.run_dir / name, self.model, self.cfg, self.vocab, optimizer=self.optim.state_dict(),
                             scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                            progress=dataclasses.asdict(self.progress), rng=_rng_state())
+                            progress=dataclasses.asdict(self.progress), rng=_rng_state(),
+                            objective=objective() if objective is not None else {})
 
 
 def _prepare(cfg: Config, run_dir: Path, dist: Dist, runtime: Runtime, state: dict | None,
@@ -325,6 +327,8 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, runtime: Runtime, state: di
     progress = Progress()
     if state is not None:
         progress = _restore(state, model, optim, sched, scaler, run_dir / LAST, cfg.train.objective)
+        if state.get("objective"):
+            objective.load_state_dict(state["objective"])
     return _Run(cfg, run_dir, dist, runtime, vocab, model, data, objective, optim, sched, scaler, progress)
 
 

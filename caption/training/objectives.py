@@ -5,8 +5,10 @@ resume, DDP, validation, early stopping) and calls ``objective.step`` once per b
 says what an epoch iterates over (``dataset``, ``collate``, ``groups``) and, for each batch,
 returns a :class:`StepResult`: the loss to back-propagate and metric sums that the loop adds up
 over the epoch (their means become ``train_<name>`` in ``metrics.csv``). ``train.objective``
-names one in :data:`OBJECTIVES`: ``xent`` (:class:`CrossEntropy`, here) or ``scst``
-(:class:`caption.training.scst.SelfCritical`).
+names one in :data:`OBJECTIVES`: ``xent`` (:class:`CrossEntropy`, here; :class:`HardAttention`
+for a ``model.blend=hard`` model) or ``scst`` (:class:`caption.training.scst.SelfCritical`). An
+objective with state of its own (a reward baseline) has ``state_dict``/``load_state_dict``, and
+checkpoints carry it.
 """
 
 from __future__ import annotations
@@ -65,8 +67,11 @@ def _objective_class(name: str) -> type:
 
 
 def build_objective(cfg: Config, vocab: Vocabulary, train: SplitData) -> Objective:
-    """The objective ``train.objective`` names, for this run's vocabulary and training split."""
+    """The objective ``train.objective`` names, for this run's vocabulary and training split;
+    cross-entropy of a hard-attention model (``model.blend=hard``) is :class:`HardAttention`."""
     check_objective(cfg)
+    if cfg.train.objective == "xent" and cfg.model.blend == "hard":
+        return HardAttention(cfg, vocab, train)
     return _objective_class(cfg.train.objective)(cfg, vocab, train)
 
 
@@ -94,3 +99,74 @@ class CrossEntropy:
         # normalised by the global batch, so averaging over ranks gives the single-process gradient
         loss = caption_loss(out, self.alpha_c, token_count=counts[0] / dist.world, image_count=counts[1] / dist.world)
         return StepResult(loss.total, {"xent": (loss.xent.item() * float(tokens), float(tokens))}, len(captions))
+
+
+def reinforce_loss(log_prob_choice: torch.Tensor, reward: torch.Tensor, baseline: float,
+                   count: torch.Tensor | float) -> torch.Tensor:
+    """REINFORCE's surrogate: -sum (reward - baseline) * log p(choice) / count, for B choices.
+
+    log_prob_choice (B,) carries the gradient; reward (B,) does not. Its gradient is the
+    score-function estimate of -grad E[reward], unbiased for any baseline that does not depend on
+    the choice; ``count`` is the number of choices it is averaged over (the global batch).
+    """
+    return -((reward.detach() - baseline) * log_prob_choice).sum() / count
+
+
+class HardAttention(CrossEntropy):
+    """Hard attention's training (``model.blend=hard``; Xu et al. 2015, sec. 4.1, and arctic-captions).
+
+    Each batch reads, with probability ``train.hard_expect_prob``, the expectation of the cells
+    (soft attention, so the caption loss alone), and otherwise one cell per word sampled from the
+    attention weights: the caption loss then flows through the sampled cells, and the choices
+    themselves are trained by REINFORCE (:func:`reinforce_loss`, weight ``train.hard_reinforce``)
+    with each caption's per-word log-likelihood as the reward and a moving average of it as the
+    baseline (``train.hard_baseline_decay``). ``train.hard_entropy`` adds a bonus on the entropy of
+    the weights. The baseline is saved in checkpoints (``state_dict``), so resuming stays exact.
+    """
+
+    def __init__(self, cfg: Config, vocab: Vocabulary, train: SplitData):
+        super().__init__(cfg, vocab, train)
+        t = cfg.train
+        self.reinforce, self.entropy, self.decay, self.p_expect = (t.hard_reinforce, t.hard_entropy,
+                                                                   t.hard_baseline_decay, t.hard_expect_prob)
+        self.baseline = 0.0
+
+    def _expect(self) -> bool:
+        """This batch reads the expectation (a draw from the global RNG unless the chance is 0 or 1)."""
+        if self.p_expect >= 1 or self.p_expect <= 0:
+            return self.p_expect >= 1
+        return bool(torch.rand(()) < self.p_expect)
+
+    def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
+        device = dist.device
+        inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
+        rows = batch.rows.to(device, non_blocking=True)
+        expect = self._expect()
+        out = ddp_model(inputs, captions, features=self.cached, rows=rows, blend="expect" if expect else "sample")
+        B, mask = len(captions), out.mask  # (B, T)
+        tokens = mask.sum().float()
+        counts = all_sum(torch.stack([tokens, torch.tensor(float(B), device=device)]), dist)
+        loss = caption_loss(out, self.alpha_c, token_count=counts[0] / dist.world, image_count=counts[1] / dist.world)
+        word_logp = -torch.nn.functional.cross_entropy(out.word_logits.float(), out.targets[mask], reduction="none")
+        b, t = mask.nonzero(as_tuple=True)  # (N,) each, in targets[mask] order
+        reward = torch.zeros(B, device=device).index_add_(0, b, word_logp.detach()) / mask.sum(1)  # (B,) per word
+        total = loss.total
+        alphas = out.alphas.float().clamp_min(1e-12)  # (B, T, L)
+        if not expect:
+            chosen = alphas[b, t, out.cells[b, t]].log()  # (N,) log p(cell) of each word's sampled cell
+            log_choice = torch.zeros(B, device=device).index_add(0, b, chosen)  # (B,)
+            total = total + self.reinforce * reinforce_loss(log_choice, reward, self.baseline, counts[1] / dist.world)
+        if self.entropy:
+            entropy = -(alphas * alphas.log()).sum(-1)[mask].sum()  # over real words
+            total = total - self.entropy * entropy / (counts[0] / dist.world)
+        mean_reward = float(all_sum(reward.sum(), dist) / counts[1])
+        self.baseline = self.decay * self.baseline + (1 - self.decay) * mean_reward
+        metrics = {"xent": (loss.xent.item() * float(tokens), float(tokens)), "reward": (float(reward.sum()), float(B)),
+                   "sampled": (0.0 if expect else 1.0, 1.0)}
+        return StepResult(total, metrics, B)
+
+    def state_dict(self) -> dict:
+        return {"baseline": self.baseline}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.baseline = float(state["baseline"])
