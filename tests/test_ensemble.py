@@ -99,3 +99,29 @@ def test_members_must_share_encoder_grid_and_vocabulary(tmp_path):
     for what, path in cases.items():
         with pytest.raises(CheckpointError, match=what):
             caption.load([a, path])
+
+
+def test_predict_and_attend_take_several_checkpoints(tmp_path, capsys):
+    from caption.commands.main import main
+
+    a, b = _member(tmp_path / "a.pt", 1), _member(tmp_path / "b.pt", 2)
+    image = tmp_path / "x.png"
+    Image.new("RGB", (40, 30), (20, 200, 30)).save(image)
+    assert main(["predict", str(image), "--checkpoint", str(a), str(b), "--json"]) == 0
+    out = capsys.readouterr()
+    assert '"caption"' in out.out and len(out.out.splitlines()) == 1
+    assert main(["attend", str(image), "--checkpoint", str(a), str(b), "--out", str(tmp_path / "x.html")]) == 0
+    assert (tmp_path / "x.html").stat().st_size > 1000
+    other = make_tiny_checkpoint(tmp_path / "other.pt", seed=7)
+    assert main(["predict", str(image), "--checkpoint", str(a), str(other)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith("caption predict: error: --checkpoint") and "encoder weights" in err[-1]
+
+
+def test_an_ensembles_results_go_under_runs_eval_by_its_members():
+    from pathlib import Path
+
+    from caption.evaluation.evaluate import default_out_dir
+
+    assert default_out_dir(["x/a.pt", "y/b.pt"]) == Path("runs/eval/a+b")
+    assert default_out_dir("x/a.pt") == Path("runs/eval/a")

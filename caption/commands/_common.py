@@ -60,8 +60,9 @@ def resolve(args: argparse.Namespace, precision: str | None, quiet: bool = False
 
 def add_model_args(p: argparse.ArgumentParser) -> None:
     """The options of a command that captions with a checkpoint."""
-    p.add_argument("--checkpoint", default=None, metavar="PATH",
-                   help="checkpoint file or run directory (default: the shipped Flickr8k model)")
+    p.add_argument("--checkpoint", nargs="+", default=None, metavar="PATH",
+                   help="checkpoint file or run directory (default: the shipped model); several make an ensemble "
+                        "of their decoders (they must share the encoder and vocabulary)")
     p.add_argument("--beam", type=positive_int, default=None, metavar="K",
                    help="beam size; 1 = greedy (default: the run's decode.beam_size)")
     p.add_argument("--hard-test", default=None, choices=("argmax", "expect"),
@@ -71,23 +72,24 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None):
-    """The CaptionModel of ``--checkpoint`` (default: inference.default_checkpoint()), or None after an
-    error line; its runtime line goes to stderr. ``flag="compare"`` loads ``--compare`` instead (no
-    default) in ``runtime``, the first model's."""
-    from caption.checkpoint import CheckpointError, load_checkpoint
+    """The CaptionModel of ``--checkpoint`` (default: inference.default_checkpoint(); several paths: an
+    ensemble), or None after an error line; its runtime line goes to stderr. ``flag="compare"`` loads
+    ``--compare`` instead (no default) in ``runtime``, the first model's."""
+    from caption.checkpoint import CheckpointError, load_checkpoints
     from caption.errors import CaptionError
     from caption.inference import CaptionModel, default_checkpoint
 
     given = getattr(args, flag)
-    path = Path(given) if given is not None else default_checkpoint()
+    paths = [Path(p) for p in ([given] if isinstance(given, str) else given or [default_checkpoint()])]
     try:
-        loaded = load_checkpoint(path)
+        loaded = load_checkpoints(paths)
     except CheckpointError as err:
-        if given is None and not path.exists():
-            error(args, f"no trained model at {path} (the default checkpoint): run `caption demo` first, "
+        if given is None and not paths[0].exists():
+            error(args, f"no trained model at {paths[0]} (the default checkpoint): run `caption demo` first, "
                         "or pass --checkpoint PATH")
         else:
-            error(args, f"--{flag} {path}: {err}" if given is not None else str(err))
+            named = " ".join(str(p) for p in paths)
+            error(args, f"--{flag} {named}: {err}" if given is not None else str(err))
         return None
     try:
         model = CaptionModel(loaded, runtime or resolve(args, loaded.config.precision))

@@ -30,7 +30,7 @@ TITLE_CHARS = 80  # a gallery's title names its inputs up to this length
 
 def _labels(models: list) -> list[str]:
     """How the page and the figure name each model: its file and attention scorer."""
-    labels = [f"{m.path.name} ({m.config.model.attention})" for m in models]
+    labels = [f"{m.name} ({m.config.model.attention})" for m in models]
     if len(labels) == 2 and labels[0] == labels[1]:
         labels[1] += " (--compare)"
     return labels

@@ -4,6 +4,7 @@ the one inference path, score it, and write the captions and scores."""
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 from caption.data.records import load_coco, load_split
 from caption.errors import CaptionError, DataError
@@ -13,14 +14,17 @@ from caption.fileio import atomic_write_json
 from caption.inference import CaptionModel
 
 
-def default_out_dir(checkpoint: str | Path) -> Path:
+def default_out_dir(checkpoint: str | Path | Sequence[str | Path]) -> Path:
     """Where results go without ``out_dir``: ``<run dir>/eval`` for a run directory, else
-    ``runs/eval/<file stem>`` under the working directory (never beside a packaged ``.pt``)."""
-    checkpoint = Path(checkpoint)
-    return checkpoint / "eval" if checkpoint.is_dir() else Path("runs") / "eval" / checkpoint.stem
+    ``runs/eval/<file stem>`` under the working directory (never beside a packaged ``.pt``); an
+    ensemble's results go to ``runs/eval/<stem>+<stem>...``."""
+    paths = [Path(checkpoint)] if isinstance(checkpoint, (str, Path)) else [Path(p) for p in checkpoint]
+    if len(paths) == 1 and paths[0].is_dir():
+        return paths[0] / "eval"
+    return Path("runs") / "eval" / "+".join(p.name if p.is_dir() else p.stem for p in paths)
 
 
-def evaluate(model: CaptionModel, *, checkpoint: str | Path, split: str = "test", captions: str | None = None,
+def evaluate(model: CaptionModel, *, checkpoint: str | Path | Sequence[str | Path], split: str = "test", captions: str | None = None,
              images: str | None = None, beam: int | None = None, length_penalty: float | None = None,
              no_repeat_ngram: int | None = None, out_dir: str | Path | None = None, java: bool | None = None,
              progress: bool = True) -> dict:
