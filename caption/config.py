@@ -168,18 +168,24 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class GuideConfig:
     """Captions guided by the encoder's own ImageNet classifier (EfficientNet-Lite encoders at stage
-    32; :mod:`caption.decoding.guide`): when the top class is confident and an object, the caption
-    must name it (constrained beam search). Thresholds chosen on dev: MODEL_CARD.md."""
+    32; :mod:`caption.decoding.guide`): a caption that names nothing the classifier is confident of
+    is searched again so that it does (constrained beam search). Values chosen on the dev photos
+    (imagenet-sample-dev, Flickr8k dev): MODEL_CARD.md."""
 
     enabled: bool = True  # off: plain search (also --no-guide, guide=False); off anyway for encoders without a head
-    threshold: float = 0.5  # the top class's probability at or above which its name is required
-    kinds: str = "animal,plant,food,thing"  # the kinds of class that are required (not person, clothing, scenery, structure)
-    within: int = 0  # the name must start within the caption's first N words (0: anywhere)
-    person_penalty: float = 0.0  # taken off a guided caption's log-probability per person word (man, girl, people, ...)
+    threshold: float = 0.3  # a name is required when the classes it names (every dog for "dog") have this probability
+    plausible: float = 0.3  # a plain caption naming something this probable stays ("a man rides a bike", a unicycle)
+    kinds: str = "animal,plant,food,thing,structure"  # kinds of class whose names are required (not people, clothing, scenery)
+    subject_kinds: str = "animal,plant,food"  # kinds whose name must be the subject, with no people around
+    within: int = 5  # subject kinds: the name starts within the caption's first N words
+    person_penalty: float = 4.0  # subject kinds: taken off the ranking log-probability per person or clothing word
+    slot_mass: float = 0.3  # a name may start only where the model gives nouns (names, people) this probability
+    no_people: float = 0.6  # people are penalised in a photo this surely of an animal, plant or food, named or not
     top_labels: int = 3  # classifier labels reported with each caption (predict --json, the viewer)
 
     def __post_init__(self) -> None:
-        checks = {"threshold": 0.0 <= self.threshold <= 1.0, "within": self.within >= 0,
+        unit = ("threshold", "plausible", "slot_mass", "no_people")
+        checks = {**{key: 0.0 <= getattr(self, key) <= 1.0 for key in unit}, "within": self.within >= 0,
                   "person_penalty": self.person_penalty >= 0, "top_labels": self.top_labels >= 1}
         bad = [key for key, ok in checks.items() if not ok]
         if bad:

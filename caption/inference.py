@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import sys
 from pathlib import Path
 from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeAlias, TypeVar, Union
 
@@ -27,10 +28,13 @@ from PIL import Image
 from torch import nn
 
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoints
-from caption.config import Config
+from caption.config import Config, ConfigError
 from caption.data.images import ImageError, ImageTransform, load_image, prefetch, to_rgb, transform_for
 from caption.decoding import DecodingOptions, DecodingResult, decode
+from caption.decoding.guide import Guide
+from caption.decoding.names import read_classes
 from caption.model import Captioner
+from caption.model.encoder import classifier_head
 from caption.model.fuse import fused_for_inference
 from caption.runtime import Runtime, resolve_runtime
 from caption.vocab import Vocabulary
@@ -116,16 +120,33 @@ def _name(image: ImageInput) -> str:
     return os.fspath(image)
 
 
+def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tuple[Guide | None, str | None]:
+    """The guide of a run (the encoder's ImageNet classifier and the names table, :mod:`caption.decoding.guide`),
+    or None and why there is none: ``guide.enabled`` false, an encoder without a classifier head that
+    reads its features, or an encoder fine-tuned away from it."""
+    if not config.guide.enabled:
+        return None, "guide.enabled is false in the run's config"
+    if config.train.fine_tune_from_epoch >= 0:
+        return None, "the encoder was fine-tuned (train.fine_tune_from_epoch): its ImageNet classifier no longer fits"
+    try:
+        head = classifier_head(config.model)
+    except ConfigError as err:
+        return None, str(err)
+    return Guide(head, read_classes(), vocab, config.guide).to(device), None
+
+
 class CaptionModel:
     """A loaded captioner that takes image files or PIL images and returns DecodingResults.
 
     ``config``/``vocab`` are the ones the checkpoint was trained with; ``grid`` (gh, gw) is the
     encoder's attention grid, the shape of every ``result.alphas[t]``; ``runtime`` the device,
     precision and threads it computes with (log-probabilities and beam scores are fp32 whatever
-    the precision). ``encoder`` is the inference copy of ``model.encoder``.
+    the precision). ``encoder`` is the inference copy of ``model.encoder``. ``guide`` names what the
+    encoder's ImageNet classifier sees in the captions (on by default; None where off, and
+    ``guide_off`` says why).
     """
 
-    def __init__(self, loaded: Loaded, runtime: Runtime):
+    def __init__(self, loaded: Loaded, runtime: Runtime, guide: bool = True):
         self.runtime = runtime
         self.model: Captioner = loaded.model.to(runtime.device).eval()
         self.config: Config = loaded.config
@@ -134,6 +155,7 @@ class CaptionModel:
         self.name: str = loaded.name  # the file name, or an ensemble's members' joined by '+'
         self.transform = transform_for(self.config, self.model.encoder)
         self.encoder = inference_encoder(self.model.encoder, self.transform.image_size)
+        self.guide, self.guide_off = build_guide(self.config, self.vocab, runtime.device) if guide else (None, "asked")
 
     def __repr__(self) -> str:
         m = self.config.model
@@ -203,53 +225,61 @@ class CaptionModel:
         return self.transform.pixels(self.load_rgb(image))
 
     def caption(self, image: ImageInput, beam: int | None = None, max_len: int | None = None,
-                alternatives: bool | None = None) -> DecodingResult:
+                alternatives: bool | None = None, guide: bool = True) -> DecodingResult:
         """Caption one image (beam default: the run's ``decode.beam_size``); raises ImageError.
 
         ``alternatives=True``: the result also carries the beam's runners-up (``result.alternatives``).
+        ``guide=False``: the plain caption, without the classifier's guidance (``result.guide`` None).
         """
-        (result,) = self.caption_batch([image], beam=beam, max_len=max_len, batch_size=1, alternatives=alternatives)
+        (result,) = self.caption_batch([image], beam=beam, max_len=max_len, batch_size=1, alternatives=alternatives,
+                                       guide=guide)
         if isinstance(result, ImageError):
             raise result
         return result
 
     def caption_batch(
         self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
-        batch_size: int = 16, alternatives: bool | None = None,
+        batch_size: int = 16, alternatives: bool | None = None, guide: bool = True,
     ) -> list[DecodingResult | ImageError]:
         """Caption many images, ``batch_size`` at a time; an unreadable one yields its ImageError."""
-        return [result for _, result in self.iter_captions(images, beam, max_len, batch_size, alternatives)]
+        return [result for _, result in self.iter_captions(images, beam, max_len, batch_size, alternatives, guide=guide)]
 
     def iter_captions(
         self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
         batch_size: int = 16, alternatives: bool | None = None, *, options: DecodingOptions | None = None,
+        guide: bool = True,
     ) -> Iterator[tuple[ImageInput, DecodingResult | ImageError]]:
         """(input, result or ImageError) pairs in input order, produced one batch at a time
-        (:func:`encode_images`, then batched search). ``options`` replaces the run's decode settings."""
+        (:func:`encode_images`, then batched search). ``options`` replaces the run's decode settings;
+        ``guide=False`` leaves the classifier's guidance out."""
         options = options or self.options(beam, max_len, alternatives)  # invalid options fail before any image is read
         for batch in encode_images(self.encoder, images, self.pixels, self.transform, self.runtime,
                                    batch_size=batch_size):
-            found = self.decode(batch.features, options) if batch.features is not None else []
+            found = self.decode(batch.features, options, guide) if batch.features is not None else []
             for item, r in zip(batch.items, batch.results):
                 yield item, r if isinstance(r, ImageError) else found[r]
 
-    def decode(self, features: torch.Tensor, options: DecodingOptions) -> list[DecodingResult]:
-        """Captions of encoded images (B, L, D), searched in the runtime's precision."""
+    def decode(self, features: torch.Tensor, options: DecodingOptions, guide: bool = True) -> list[DecodingResult]:
+        """Captions of encoded images (B, L, D), searched in the runtime's precision (guided unless
+        ``guide`` is False or the model has no guide)."""
         with torch.no_grad(), self.runtime.autocast():
-            return decode(self.model.decoder, features, options, vocab=self.vocab, grid=self.grid)
+            return decode(self.model.decoder, features, options, vocab=self.vocab, grid=self.grid,
+                          guide=self.guide if guide else None)
 
 
 def load(checkpoint: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
          device: str | torch.device | None = "cpu", precision: str | None = None,
-         threads: int | None = None) -> CaptionModel:
+         threads: int | None = None, guide: bool = True) -> CaptionModel:
     """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`),
     or from a list of them: an ensemble of their decoders over the first one's encoder
     (:func:`caption.checkpoint.load_checkpoints`; members must share the encoder and vocabulary).
 
     ``device=None`` picks CUDA when available; ``precision`` is auto, fp32, bf16 or fp16 (None:
     the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default).
-    Raises :class:`caption.checkpoint.CheckpointError` for a missing, unreadable or mismatched
-    checkpoint, and a CaptionError for a device or precision this machine cannot run.
+    ``guide`` (default True) names what the encoder's ImageNet classifier sees (MODEL_CARD.md); where
+    the run cannot, one line on stderr says why. Raises :class:`caption.checkpoint.CheckpointError`
+    for a missing, unreadable or mismatched checkpoint, and a CaptionError for a device or precision
+    this machine cannot run.
     """
     if checkpoint is None:
         checkpoint = default_checkpoint()
@@ -258,4 +288,7 @@ def load(checkpoint: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] |
                                   "to train one, or pass a checkpoint file or run directory")
     paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
     loaded = load_checkpoints(paths)
-    return CaptionModel(loaded, resolve_runtime(device, precision or loaded.config.precision, threads))
+    model = CaptionModel(loaded, resolve_runtime(device, precision or loaded.config.precision, threads), guide)
+    if guide and model.guide is None:
+        print(f"caption: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
+    return model

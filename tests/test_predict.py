@@ -24,7 +24,7 @@ from caption.data.images import ImageError
 
 JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid", "attention"}
 ALTERNATIVE_KEYS = {"caption", "tokens", "log_prob", "attention"}
-INFO_LINE = re.compile(r"^caption \w+: precision ")  # stderr: what the model runs at, not an error
+INFO_LINE = re.compile(r"^caption \w+: (precision |guidance off: )")  # stderr: what the model runs at, not an error
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -68,6 +68,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--hard-test", default=None, choices=("argmax", "expect"),
                    help="a hard-attention model (model.blend=hard) reads its most likely cell per word (argmax: "
                         "one-hot maps) or the expectation (default: the run's decode.hard_test)")
+    p.add_argument("--no-guide", dest="guide", action="store_false",
+                   help="plain captions: no guidance by the encoder's ImageNet classifier (by default a caption "
+                        "that names nothing the classifier is sure of is searched again so that it does)")
     add_runtime_args(p, "default: the checkpoint's precision (auto for the shipped model)")
 
 
@@ -91,9 +94,12 @@ def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None)
             named = " ".join(str(p) for p in paths)
             error(args, f"--{flag} {named}: {err}" if given is not None else str(err))
         return None
+    guide = getattr(args, "guide", True)
     try:
-        model = CaptionModel(loaded, runtime or resolve(args, loaded.config.precision))
+        model = CaptionModel(loaded, runtime or resolve(args, loaded.config.precision), guide=guide)
     except CaptionError as err:  # an unknown or absent --device, fp16 on a CPU
         error(args, str(err))
         return None
+    if guide and model.guide is None:
+        print(f"caption {args.command}: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
     return model.with_decode(hard_test=getattr(args, "hard_test", None))

@@ -44,6 +44,8 @@ def _record(path: Path, result, beam: int) -> str:
     init = getattr(result, "init_alphas", None)
     if init is not None:
         record["init_attention"] = _maps(init)  # (gh, gw), the map used before the first word
+    if getattr(result, "guide", None) is not None:  # the classifier's labels and what they made the caption say
+        record["guide"] = result.guide.as_dict()
     if beam > 1:
         record["alternatives"] = [
             {"caption": alt.caption, "tokens": list(alt.words), "log_prob": round(float(alt.log_prob), 6),
@@ -94,6 +96,8 @@ def add_predict_command(sub: argparse._SubParsersAction) -> None:
     add_model_args(p)
     p.add_argument("--json", action="store_true",
                    help="one JSON object per line: image, caption, tokens, log_prob, beam, grid, attention "
-                        "(per token, gh x gw), and alternatives (the beam's runners-up) when the beam is > 1")
+                        "(per token, gh x gw), alternatives (the beam's runners-up) when the beam is > 1, and "
+                        "guide (the ImageNet classifier's top labels with probabilities, the name the caption "
+                        "had to say and whether guidance changed it) unless --no-guide")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N", help="images per batch (default 16)")
     p.set_defaults(func=cmd_predict)

@@ -13,6 +13,25 @@ from caption.vocab import END, END_ID, SPECIALS, Vocabulary
 
 
 @dataclass(frozen=True)
+class GuideInfo:
+    """What the encoder's ImageNet classifier said about one image and what it made the caption
+    say (:mod:`caption.decoding.guide`)."""
+
+    labels: tuple[tuple[str, float], ...]  # the classifier's top labels with their probabilities, best first
+    constraint: str | None = None  # the name the caption had to say (most specific first); None: no name
+    names: tuple[str, ...] = ()  # every name that would do, as the vocabulary spells them (plurals too)
+    satisfied: bool = False  # the caption says one of them (or something as plausible)
+    no_people: bool = False  # people and what they wear were kept out (an animal, plant or food)
+    shaped: bool = False  # guidance changed the caption: the plain one did not do as asked
+
+    def as_dict(self) -> dict:
+        """Plain JSON values: ``labels`` as [{"label", "p"}], the rest as they are."""
+        return {"labels": [{"label": label, "p": p} for label, p in self.labels], "constraint": self.constraint,
+                "names": list(self.names), "satisfied": self.satisfied, "no_people": self.no_people,
+                "shaped": self.shaped}
+
+
+@dataclass(frozen=True)
 class DecodingResult:
     """One image's caption. ``alphas[t]`` is the attention map used to emit ``words[t]``."""
 
@@ -24,6 +43,7 @@ class DecodingResult:
     finished: bool  # False when cut at max_len
     alternatives: tuple["DecodingResult", ...] = ()  # the beam's runners-up, best first (options.alternatives)
     init_alphas: torch.Tensor | None = None  # (gh, gw) the query-free pool h0/c0 came from (model.init_state=attend)
+    guide: GuideInfo | None = None  # the classifier's labels and the constraint, when the caption was guided
 
     @property
     def caption(self) -> str:

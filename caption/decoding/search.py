@@ -11,6 +11,7 @@ word per row, so it has its own loop over the same ``step`` and the same rules.
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Protocol
 
 import torch
@@ -18,6 +19,7 @@ from torch import nn
 
 from caption.config import DecodeConfig
 from caption.decoding.beam import beam_search
+from caption.decoding.guide import Guide, guided_search
 from caption.decoding.results import DecodingResult, Hypothesis, Samples, default_grid, to_result
 from caption.decoding.rules import banned_words, eval_mode, read_cells
 from caption.vocab import END_ID, PAD_ID, START_ID, Vocabulary
@@ -100,11 +102,21 @@ def sample(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *,
         return run(decoder, features, options, Sampler(options.temperature, generator), options.samples, mask)
 
 
+def search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, mask=None) -> list[Hypothesis]:
+    """Greedy search for ``beam_size`` 1, else batched beam search, for features (B, L, D)."""
+    if options.beam_size == 1:
+        return greedy_search(decoder, features, options, mask)
+    return beam_search(decoder, features, options, mask)
+
+
 def decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *, vocab: Vocabulary | None = None,
-           grid: tuple[int, int] | None = None, mask: torch.Tensor | None = None) -> list[DecodingResult]:
+           grid: tuple[int, int] | None = None, mask: torch.Tensor | None = None,
+           guide: Guide | None = None) -> list[DecodingResult]:
     """Caption every image of features (B, L, D): greedy search for ``beam_size`` 1, else batched
     beam search; with ``options.temperature`` > 0, ``options.samples`` sampled captions per image
-    (B*K results, an image's consecutive).
+    (B*K results, an image's consecutive). With a ``guide`` (:class:`caption.decoding.guide.Guide`),
+    searched captions of confidently classified objects must name them (constrained beam search)
+    and every result carries the classifier's labels (``result.guide``).
 
     ``grid`` (gh, gw) reshapes each attention map (default: square); ``vocab`` turns ids into
     words (default: the ids as strings, ``<end>`` named).
@@ -114,8 +126,9 @@ def decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *,
         decoder = read_cells(decoder, options.hard_test)
         if options.sampling:
             hyps = run(decoder, features, options, Sampler(options.temperature), options.samples, mask).hypotheses()
-        elif options.beam_size == 1:
-            hyps = greedy_search(decoder, features, options, mask)
+        elif guide is not None:
+            pairs = guided_search(decoder, features, options, guide, search, mask)
+            return [dataclasses.replace(to_result(h, options, vocab, grid), guide=info) for h, info in pairs]
         else:
-            hyps = beam_search(decoder, features, options, mask)
+            hyps = search(decoder, features, options, mask)
     return [to_result(h, options, vocab, grid) for h in hyps]

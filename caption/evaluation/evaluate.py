@@ -33,7 +33,9 @@ def evaluate(model: CaptionModel, *, checkpoint: str | Path | Sequence[str | Pat
     Decoding follows the run's ``decode`` config, with ``beam``, ``length_penalty`` and
     ``no_repeat_ngram`` overriding it when given. The scores also carry how many captions repeat a
     bigram (``repeated_bigram_rate``, beside the same rate over the references), how many are
-    distinct and ``mean_words``, the mean caption length (beam search favours short captions).
+    distinct and ``mean_words``, the mean caption length (beam search favours short captions);
+    ``guided`` says whether the encoder's ImageNet classifier guided the captions (``model.guide``)
+    and ``guide_shaped`` how many captions it changed.
     Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json`` into
     ``out_dir`` (default: :func:`default_out_dir` of ``checkpoint``).
     """
@@ -47,14 +49,16 @@ def evaluate(model: CaptionModel, *, checkpoint: str | Path | Sequence[str | Pat
     options = cfg.decode.with_overrides(beam_size=beam, length_penalty=length_penalty,
                                           no_repeat_ngram=no_repeat_ngram)
     results = caption_records(model.inference_captioner(), model.vocab, records, options, runtime=model.runtime,
-                              transform=model.transform, batch_size=32, progress=progress)
+                              transform=model.transform, batch_size=32, progress=progress, guide=model.guide)
     if not results:
         raise DataError(f"none of the {len(records)} images could be read")
     evaluation = score_results(results, records, java=java, metric=metric)
     words = sum(len(caption.split()) for caption in evaluation.captions.values()) / len(results)
     scores = {**evaluation.scores, "images": len(results), "beam": options.beam_size,
               "length_penalty": options.length_penalty, "no_repeat_ngram": options.no_repeat_ngram,
-              "mean_words": round(words, 2), **repetition_scores(evaluation.captions, records)}
+              "mean_words": round(words, 2), **repetition_scores(evaluation.captions, records),
+              "guided": model.guide is not None,
+              "guide_shaped": sum(1 for r in results.values() if r.guide is not None and r.guide.shaped)}
     out = Path(out_dir) if out_dir else default_out_dir(checkpoint)
     write_results(evaluation.captions, out / f"captions_{name}.json")
     atomic_write_json(out / f"scores_{name}.json", scores, indent=1)

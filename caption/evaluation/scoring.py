@@ -51,12 +51,13 @@ def _image_batches(encoder, records: Sequence[ImageRecord], transform: ImageTran
 def caption_records(
     model: Captioner, vocab: Vocabulary, records: Sequence[ImageRecord], options: DecodingOptions, *,
     runtime: Runtime, features=None, transform: ImageTransform | None = None, batch_size: int = 32,
-    progress: bool = True,
+    progress: bool = True, guide=None,
 ) -> dict[int, DecodingResult]:
     """image_id -> DecodingResult for every readable image of ``records``, decoded in ``runtime``.
 
     ``features`` (a FeatureStore of cached grids) skips the encoder; otherwise each image goes
     through ``model.encoder`` by the one inference loop (:func:`caption.inference.encode_images`).
+    ``guide`` (:class:`caption.decoding.guide.Guide`, None: off) guides the captions.
     """
     model.eval()
     results: dict[int, DecodingResult] = {}
@@ -66,7 +67,7 @@ def caption_records(
     for idx, feats, done in batches:
         if feats is not None:
             with runtime.autocast():
-                found = decode(model.decoder, feats, options, vocab=vocab, grid=model.grid)
+                found = decode(model.decoder, feats, options, vocab=vocab, grid=model.grid, guide=guide)
             results.update((records[i].image_id, result) for i, result in zip(idx, found))
         bar.update(done)
     bar.close()

@@ -81,6 +81,20 @@ def load_efficientnet_lite(name: str, pretrained: bool) -> nn.Module:
     return net
 
 
+def classifier_head(cfg: ModelConfig) -> nn.Linear:
+    """The ImageNet-1k classifier head (1280 -> 1000) that reads this encoder's features: for an
+    EfficientNet-Lite at stage 32 with its pretrained weights, the grid features ARE the head conv's
+    output the classifier averages, so ``head(features.mean(1))`` is the network's own logits (exact
+    when the grid is the map's own size). Not part of the Encoder: checkpoints stay as they are.
+    Raises ConfigError saying why there is none for other encoders."""
+    if cfg.encoder not in LITE_VARIANTS or cfg.weights.lower() == "none":
+        raise ConfigError(f"model.encoder={cfg.encoder} (weights {cfg.weights}) has no pretrained ImageNet classifier head")
+    if cfg.stage != 32 or cfg.coord_features or cfg.fine_tune:
+        raise ConfigError("the encoder's features are not what its ImageNet classifier reads "
+                          "(model.stage != 32, coord_features or fine_tune)")
+    return load_efficientnet_lite(cfg.encoder, pretrained=True)._fc
+
+
 def _efficientnet_lite(name: str, weights: str, stage: int) -> Backbone:
     net = load_efficientnet_lite(name, pretrained=weights.lower() != "none")
     if stage not in (16, 32):

@@ -12,11 +12,14 @@ Page data (``<script id="data" type="application/json">``)::
     {"title", "gallery": bool, "labels": [model name, ...], "errors": ["path: reason", ...],
      "alpha": heatmap opacity, "colormap": [r, g, b, ...] (256 entries),
      "photos": [{"name", "src": JPEG data URI, "width", "height",
-                 "models": [{"grid": [gh, gw], "init": cells | null,
+                 "models": [{"grid": [gh, gw], "init": cells | null, "guide": guide | null,
                              "hyps": [{"caption", "words", "log_prob", "maps": [cells, ...]}]}]}]}
 
 where ``cells`` is one (gh, gw) grid, row by row, scaled so that its largest cell is 255, and
-``hyps`` is the caption then its runners-up (``result.alternatives``), best first.
+``hyps`` is the caption then its runners-up (``result.alternatives``), best first, and ``guide``
+what the encoder's ImageNet classifier said (``result.guide.as_dict()``: its top labels with
+probabilities, the name the caption had to say, whether guidance changed it), shown beside the
+caption.
 """
 
 from __future__ import annotations
@@ -69,7 +72,9 @@ def _reading(result: AttentionResult) -> dict[str, Any]:
     hyps = [_hyp(result)] + [_hyp(alt) for alt in getattr(result, "alternatives", ())]
     init = init_map(result)
     _, maps = word_maps(result)
-    return {"grid": list(maps.shape[1:]), "init": None if init is None else _cells(init), "hyps": hyps}
+    guide = getattr(result, "guide", None)
+    return {"grid": list(maps.shape[1:]), "init": None if init is None else _cells(init),
+            "guide": None if guide is None else guide.as_dict(), "hyps": hyps}
 
 
 def _jpeg_uri(photo: Image.Image) -> str:

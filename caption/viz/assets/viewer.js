@@ -85,6 +85,15 @@
     Array.prototype.forEach.call(c.hyps.children, function (li, j) { li.classList.toggle("active", j === k); });
   }
 
+  // what the encoder's ImageNet classifier saw, and the name it made the caption say (null: no guide)
+  function guideText(g) {
+    if (!g || !g.labels.length) { return null; }
+    var text = "ImageNet: " + g.labels.map(function (l) { return l.label + " " + l.p.toFixed(2); }).join(", ");
+    if (g.constraint && g.shaped) { text += " \u2014 guided to name it (\u201c" + g.constraint + "\u201d)"; }
+    else if (g.no_people && g.shaped) { text += " \u2014 guided: no people"; }
+    return text;
+  }
+
   function buildColumn(photo, reading, m) {
     var c = {model: m, reading: reading, el: el("div", "column")};
     c.el.setAttribute("data-model", String(m));
@@ -109,7 +118,9 @@
     });
     var title = el("p", "hyps-title", "beam search: " + reading.hyps.length + " captions, best first");
     title.hidden = c.hyps.hidden = reading.hyps.length < 2;
-    [stage, c.caption, c.meta, title, c.hyps].forEach(function (e) { c.el.appendChild(e); });
+    var guide = el("p", "guide", guideText(reading.guide) || "");
+    guide.hidden = !reading.guide;
+    [stage, c.caption, guide, c.meta, title, c.hyps].forEach(function (e) { c.el.appendChild(e); });
     return c;
   }
 
@@ -193,6 +204,8 @@
       img.src = p.src; img.alt = p.name;
       var cap = el("figcaption");
       cap.appendChild(el("span", "first", p.models[0].hyps[0].caption));
+      var g = p.models[0].guide;
+      if (g && g.labels.length) { cap.appendChild(el("span", "label", g.labels[0].label)); }
       if (p.models.length > 1) { cap.appendChild(el("span", "second", p.models[1].hyps[0].caption)); }
       card.appendChild(img); card.appendChild(cap);
       card.addEventListener("click", function () { open(i); });
