@@ -173,10 +173,11 @@ class GuideConfig:
     (imagenet-sample-dev, Flickr8k dev): MODEL_CARD.md."""
 
     enabled: bool = True  # off: plain search (also --no-guide, guide=False); off anyway for encoders without a head
-    threshold: float = 0.3  # a name is required when the classes it names (every dog for "dog") have this probability
-    plausible: float = 0.3  # a plain caption naming something this probable stays ("a man rides a bike", a unicycle)
+    threshold: float = 0.3  # an animal's, plant's or food's name is required when the classes it names (every dog for "dog") have this probability
+    thing_threshold: float = 0.4  # the same for things and structures (often beside people in everyday photos)
+    plausible: float = 0.2  # a plain caption naming something this probable anywhere stays ("a man rides a bike", a unicycle)
     kinds: str = "animal,plant,food,thing,structure"  # kinds of class whose names are required (not people, clothing, scenery)
-    subject_kinds: str = "animal,plant,food"  # kinds whose name must be the subject, with no people around
+    subject_kinds: str = "animal,plant,food"  # kinds whose name, where it must be said, is the subject, with no people around
     within: int = 5  # subject kinds: the name starts within the caption's first N words
     person_penalty: float = 4.0  # subject kinds: taken off the ranking log-probability per person or clothing word
     slot_mass: float = 0.3  # a name may start only where the model gives nouns (names, people) this probability
@@ -184,7 +185,7 @@ class GuideConfig:
     top_labels: int = 3  # classifier labels reported with each caption (predict --json, the viewer)
 
     def __post_init__(self) -> None:
-        unit = ("threshold", "plausible", "slot_mass", "no_people")
+        unit = ("threshold", "thing_threshold", "plausible", "slot_mass", "no_people")
         checks = {**{key: 0.0 <= getattr(self, key) <= 1.0 for key in unit}, "within": self.within >= 0,
                   "person_penalty": self.person_penalty >= 0, "top_labels": self.top_labels >= 1}
         bad = [key for key, ok in checks.items() if not ok]

@@ -33,11 +33,7 @@ CLASSES = ROOT.parent / "shared" / "data" / "imagenet_classes.tsv"
 OUT = ROOT / "caption" / "assets" / "imagenet_names.tsv"
 PEOPLE_OUT = ROOT / "caption" / "assets" / "people_words.txt"
 
-# WordNet's broad categories: neither they nor anything above them name what a photo shows ("food"
-# stays: "a plate of food" is how captions name a dish; the
-# second part: categories of artifacts that captions never call a thing by: "a sports equipment",
-# "an electronic device", "a receptacle"; "vehicle", "instrument", "tool" stay, the disjunction
-# lets the model say "bike" or "guitar" where it can)
+# WordNet's broad categories: neither they nor anything above them name what a photo shows
 GENERIC_TOP = """entity.n.01 physical_entity.n.01 abstraction.n.06 object.n.01 whole.n.02 living_thing.n.01
 organism.n.01 causal_agent.n.01 matter.n.03 substance.n.01 substance.n.07 solid.n.01 artifact.n.01
 instrumentality.n.03 device.n.01 container.n.01 covering.n.02 protective_covering.n.01 conveyance.n.03
@@ -45,14 +41,20 @@ commodity.n.01 consumer_goods.n.01 durables.n.01 equipment.n.01 implement.n.01 s
 obstruction.n.01 restraint.n.06 mechanism.n.05 furnishing.n.02 establishment.n.04 place_of_business.n.01
 natural_object.n.01 part.n.02 plant_part.n.01 plant_organ.n.01 reproductive_structure.n.01 animal.n.01
 chordate.n.01 vertebrate.n.01 invertebrate.n.01 mammal.n.01 placental.n.01 domestic_animal.n.01
-produce.n.01 geological_formation.n.01
-communication.n.02 signal.n.01 creation.n.02 product.n.02 system.n.01 material.n.01 fabric.n.01
-medium.n.01 game.n.04
-self-propelled_vehicle.n.01 military_vehicle.n.01 tracked_vehicle.n.01 public_transport.n.01
-measuring_instrument.n.01 cutting_implement.n.01 game_equipment.n.01 sports_equipment.n.01
-electronic_equipment.n.01 machine.n.01 appliance.n.01 appliance.n.02 home_appliance.n.01 piece_of_cloth.n.01
-barrier.n.01 headdress.n.01 electrical_device.n.01 electronic_device.n.01 apparatus.n.01 mechanical_device.n.01
-vessel.n.03 receptacle.n.01 source_of_illumination.n.01""".split()
+geological_formation.n.01 communication.n.02 signal.n.01 creation.n.02 product.n.02 system.n.01
+material.n.01 fabric.n.01 medium.n.01 game.n.04""".split()
+
+# categories no caption calls a thing by ("a sports equipment", "an electronic device", "a
+# receptacle"), whose own names are left out while the walk goes on above them: "instrument" above
+# "measuring instrument" for a clock, "vehicle" above "self-propelled vehicle", "food" above
+# "produce"; "vehicle", "instrument", "tool" stay, the disjunction lets the model say "bike" or
+# "guitar" where it can
+NAMELESS = """produce.n.01 self-propelled_vehicle.n.01 military_vehicle.n.01 tracked_vehicle.n.01
+public_transport.n.01 measuring_instrument.n.01 cutting_implement.n.01 game_equipment.n.01
+sports_equipment.n.01 electronic_equipment.n.01 machine.n.01 appliance.n.01 appliance.n.02
+home_appliance.n.01 piece_of_cloth.n.01 barrier.n.01 headdress.n.01 electrical_device.n.01
+electronic_device.n.01 apparatus.n.01 mechanical_device.n.01 vessel.n.03 receptacle.n.01
+source_of_illumination.n.01""".split()
 
 # lemmas that are generic, or whose everyday sense is another thing than the class, and mass nouns
 # of categories that cannot name one thing ("a furniture", "a clothing")
@@ -114,8 +116,8 @@ def means_else(lemma: str, synset, kind: str, head: bool) -> bool:
 
 
 def names_of(synset, generic: set) -> list[str]:
-    """The class's own names, then its hypernyms' (nearest first), below the generic top; a name
-    only where it does not first mean another kind of thing (:func:`means_else`)."""
+    """The class's own names, then its hypernyms' (nearest first, ``NAMELESS`` ones skipped), below
+    the generic top; a name only where it does not first mean another kind of thing (:func:`means_else`)."""
     kind = group(synset.lexname())
     names: list[str] = []
     level, seen = [synset], set()
@@ -125,10 +127,12 @@ def names_of(synset, generic: set) -> list[str]:
             if s.name() in seen or s.name() in generic:
                 continue
             seen.add(s.name())
+            following.extend(s.hypernyms() + s.instance_hypernyms())
+            if s.name() in NAMELESS:
+                continue
             names.extend(name_of(lemma) for i, lemma in enumerate(s.lemma_names())
                          if name_of(lemma) and name_of(lemma) not in names
                          and not means_else(lemma, s, kind, head=s == synset and i == 0))
-            following.extend(s.hypernyms() + s.instance_hypernyms())
         level = following
     return names
 

@@ -6,15 +6,16 @@ captioner already makes (cached features too). A *name*'s probability is the sum
 the object classes it names ("dog": every dog breed), from the packaged names table
 (:mod:`caption.decoding.names`) intersected with the model's vocabulary.
 
-Each image is captioned by the plain search first. The caption stays as it is when it names
-something the classifier finds plausible (``plausible``: "a man rides a bike" for a unicycle) and,
-for animals, plants and food (``subject_kinds``), names it within its first ``within`` words and
-holds no person. Otherwise, when a name reaches ``threshold``, constrained beam search makes the
-caption say one (:mod:`caption.decoding.constrained`): where the model expects a noun, with the
-right article, not followed by another noun, and for ``subject_kinds`` as the subject, with people
-and clothing words penalised (``person_penalty``). A photo that is surely an animal, plant or food
-(``no_people``) but has no name the vocabulary holds still gets the penalty. Defaults and how they
-were chosen: :class:`caption.config.GuideConfig`, MODEL_CARD.md.
+Each image is captioned by the plain search first. When a name reaches ``threshold`` (animals,
+plants and food) or ``thing_threshold`` (things and structures), the caption stays as it is if it
+names, anywhere, something the classifier finds at least ``plausible`` ("a man rides a bike" for a
+unicycle; "skier" for a ski). Otherwise constrained beam search makes the caption say one of the
+sure names (:mod:`caption.decoding.constrained`): where the model expects a noun, with the right
+article, ending its noun phrase, and for animals, plants and food (``subject_kinds``) as the
+subject, within the first ``within`` words, with people and clothing words penalised
+(``person_penalty``). A photo that is surely an animal, plant or food (``no_people``) without a
+name the vocabulary holds gets the penalty alone, where its plain caption has people. Defaults and
+how they were chosen: :class:`caption.config.GuideConfig`, MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -74,6 +75,9 @@ class Guide(nn.Module):
         self.register_buffer("names_of", names_of[:, : max(len(self.names), 1)], persistent=False)  # (C, names)
         subject = torch.tensor([c.kind in subject_kinds for c in self.classes])  # (C,)
         self.register_buffer("subject", subject, persistent=False)
+        of_subjects = (self.names_of[subject] > 0).any(0)  # (names,) names of animals, plants, food
+        bar = torch.where(of_subjects, cfg.threshold, cfg.thing_threshold)  # (names,)
+        self.register_buffer("bar", bar, persistent=False)
         self.not_after = [tuple(not_after(p, k > 0, vocab) for k, p in enumerate(ps)) for ps in self.names]
         self.forms = [tuple(f for p in ps for f in talks_of(p, vocab)) for ps in self.names]
         words = read_people_words()
@@ -94,16 +98,19 @@ class Guide(nn.Module):
     def plan(self, features: torch.Tensor) -> list[Plan]:
         """A Plan per image of features (B, L, D)."""
         probs = self.probabilities(features)  # (B, C)
-        name_probs = (probs @ self.names_of).cpu()  # (B, names): each name's probability
+        name_probs = probs @ self.names_of  # (B, names): each name's probability
+        sure_of = (name_probs >= self.bar).cpu()  # (B, names) the names a caption must say
+        plausible_of = (name_probs >= self.bar.clamp(max=self.cfg.plausible)).cpu()  # (B, names) or may say instead
+        name_probs = name_probs.cpu()
         subject_mass = (probs * self.subject).sum(1).tolist()  # (B,) animals, plants, food
         top_p, top_i = probs.topk(min(self.cfg.top_labels, probs.shape[1]), dim=1)  # (B, k)
         plans = []
         for b, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist())):
             info = GuideInfo(tuple((self.classes[i].label, round(p, 4)) for i, p in zip(ids, ps)))
-            sure = (name_probs[b] >= self.cfg.threshold).nonzero().flatten().tolist()
+            sure = sure_of[b].nonzero().flatten().tolist()
             if sure:
-                plans.append(self._naming(b, sorted(sure, key=lambda n: float(name_probs[b, n])), probs[b],
-                                          name_probs[b], info))
+                plausible = plausible_of[b].nonzero().flatten().tolist()
+                plans.append(self._naming(sorted(sure, key=lambda n: float(name_probs[b, n])), plausible, probs[b], info))
             elif subject_mass[b] >= self.cfg.no_people:  # no name to say, but surely no place for people
                 plans.append(Plan(Constraint((), 0, self.penalized, self.cfg.person_penalty), None,
                                   dataclasses.replace(info, no_people=True), frozenset(self.penalized)))
@@ -111,8 +118,9 @@ class Guide(nn.Module):
                 plans.append(Plan(None, None, info))
         return plans
 
-    def _naming(self, b: int, sure: list[int], probs: torch.Tensor, name_probs: torch.Tensor, info: GuideInfo) -> Plan:
-        """The plan of image b whose ``sure`` names (most specific first) reach ``threshold``."""
+    def _naming(self, sure: list[int], plausible: list[int], probs: torch.Tensor, info: GuideInfo) -> Plan:
+        """The plan of an image whose ``sure`` names (most specific first) reach their threshold;
+        its plain caption may say any ``plausible`` one instead; ``probs`` (C,) its class probabilities."""
         named = (self.names_of[:, sure].sum(1) > 0) * probs  # (C,) the classes those names name
         subject = bool(self.subject[int(named.argmax())])  # an animal, plant or food: the caption's subject
         phrases = tuple(p for n in sure for p in self.names[n])
@@ -122,11 +130,9 @@ class Guide(nn.Module):
         constraint = Constraint(phrases, within, penalized, self.cfg.person_penalty, self.slot_words,
                                 self.cfg.slot_mass, end_phrase=True,
                                 not_after=tuple(a for n in sure for a in self.not_after[n]))
-        plausible = (name_probs >= min(self.cfg.plausible, self.cfg.threshold)).nonzero().flatten().tolist()
-        enough = Constraint(tuple(dict.fromkeys(f for n in plausible for f in self.forms[n])), within)
+        enough = Constraint(tuple(dict.fromkeys(f for n in plausible for f in self.forms[n])))  # anywhere, people or not
         words = tuple(" ".join(self.vocab.itos[t] for t in p) for p in phrases)
-        return Plan(constraint, enough, dataclasses.replace(info, constraint=words[0], names=words,
-                                                              no_people=subject), frozenset(penalized))
+        return Plan(constraint, enough, dataclasses.replace(info, constraint=words[0], names=words, no_people=subject))
 
 
 PlainSearch = Callable[[nn.Module, torch.Tensor, DecodeConfig, "torch.Tensor | None"], list[Hypothesis]]
