@@ -48,3 +48,52 @@ def test_demo_default_run_directory_per_seed(tiny_demo):
     assert demo.demo_run_dir(2).as_posix() == "runs/shapes-seed2"
     assert main(["demo", "--seed", "2", "--run-dir", str(tiny_demo / "x"), "--device", "nonsense"]) == 2
     assert not (tiny_demo / "x").exists()
+
+
+class _Clock:
+    """A clock that the test moves by hand."""
+
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def _train(remaining: demo.RemainingTime, clock: _Clock, *, epochs: int, steps: int, step_s: float, val_s: float,
+           first_epoch: int = 0) -> None:
+    """Call ``remaining`` as ``fit`` would: after every step; a validation between epochs."""
+    from caption.training.loop import Progress
+
+    progress = Progress(epoch=first_epoch, step=first_epoch * steps)
+    for epoch in range(first_epoch, epochs):
+        progress.epoch, progress.batch = epoch, 0
+        for _ in range(steps):
+            clock.now += step_s
+            progress.batch, progress.step = progress.batch + 1, progress.step + 1
+            remaining(progress)
+        clock.now += val_s
+
+
+def test_remaining_time_after_the_first_epoch():
+    clock, lines = _Clock(), []
+    remaining = demo.RemainingTime(6, started=clock.now - 20, clock=clock, write=lines.append)
+    _train(remaining, clock, epochs=6, steps=100, step_s=0.1, val_s=2.0)
+    # one epoch = 100 steps + validation = 12 s, so 5 epochs + the test evaluation (30 steps' worth) remain
+    assert remaining.left == pytest.approx(5 * 12 + 30 * 0.12, rel=0.02)
+    assert len(lines) == 1 and lines[0].startswith("caption demo: about 1 min 03 s to go (1 min 36 s in all)")
+
+
+def test_remaining_time_says_when_the_machine_is_much_slower_than_the_budget():
+    clock, lines = _Clock(), []
+    remaining = demo.RemainingTime(6, started=clock.now, clock=clock, write=lines.append)
+    _train(remaining, clock, epochs=3, steps=100, step_s=1.5, val_s=10.0)  # 160 s an epoch: ~17 min in all
+    assert len(lines) == 2
+    assert "3.4x slower than the 5 min 00 s the demo takes on 2 cores" in lines[1]
+
+
+def test_remaining_time_of_a_resumed_run_counts_from_where_it_resumed():
+    clock, lines = _Clock(), []
+    remaining = demo.RemainingTime(4, started=clock.now, clock=clock, write=lines.append)
+    _train(remaining, clock, epochs=4, steps=50, step_s=0.2, val_s=0.0, first_epoch=2)
+    assert remaining.left == pytest.approx((50 + 30) * 0.2, rel=0.03) and len(lines) == 1

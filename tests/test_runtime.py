@@ -155,7 +155,7 @@ def test_predict_reports_precision_device_and_threads_on_stderr_only(tiny_checkp
         torch.set_num_threads(before)
     out = capsys.readouterr()
     assert out.out.startswith(f"{image}\t") and len(out.out.splitlines()) == 1
-    report = [line for line in out.err.splitlines() if line.startswith("caption predict:")]
+    report = [line for line in out.err.splitlines() if line.startswith("caption predict: precision")]
     assert len(report) == 1 and report[0].startswith("caption predict: precision bf16 (as asked), device cpu (")
     assert report[0].endswith(", 1 thread")
     assert main(["predict", str(image), "--checkpoint", str(tiny_checkpoint), "--precision", "fp16"]) == 2

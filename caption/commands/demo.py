@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from pathlib import Path
+from typing import Callable
 
 from caption.commands._common import add_runtime_args, resolve
 from caption.config import Config, ConfigError, load_config
@@ -20,6 +22,58 @@ from caption.inference import DEMO_RUN_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # packaged copy of configs/shapes.yaml
 DONE = "done.json"
+BUDGET_S = 300.0  # what the demo is sized for: 5 minutes on 2 cores of an AVX2 CPU (docs/shapes.md)
+SLOW = 2.0  # a demo expected to take this many times its budget says so
+TEST_STEPS = 30  # the test evaluation (beam 3, Java start-ups) takes about as long as this many training steps
+
+
+def _duration(seconds: float) -> str:
+    seconds = round(seconds)
+    return f"{seconds // 60} min {seconds % 60:02d} s" if seconds >= 60 else f"{seconds} s"
+
+
+class RemainingTime:
+    """``fit``'s ``on_step`` for the demo: once the first epoch and its validation are done, one line
+    with the time the rest of the demo should take (the remaining epochs at the pace of that one,
+    validation included, and the test evaluation), and one more when that puts the whole demo at
+    :data:`SLOW` times its budget or more.
+
+    ``started`` is the demo's start on ``clock``; ``write`` prints a line (tests pass their own
+    clock and writer).
+    """
+
+    def __init__(self, epochs: int, started: float, *, budget_s: float = BUDGET_S,
+                 clock: Callable[[], float] = time.monotonic, write: Callable[[str], None] | None = None):
+        self.epochs, self.started, self.budget_s, self.clock = epochs, started, budget_s, clock
+        self.write = write or _write
+        self.first: tuple[float, int, int] | None = None  # (time, step, epoch) of the first step seen
+        self.left: float | None = None  # seconds still to go, once estimated
+
+    def __call__(self, progress) -> None:
+        if self.left is not None:
+            return
+        now = self.clock()
+        if self.first is None:
+            self.first = (now, progress.step, progress.epoch)
+            return
+        t0, step0, epoch0 = self.first
+        if progress.epoch == epoch0:
+            return
+        pace = (now - t0) / (progress.step - step0)  # seconds per step, a validation included
+        per_epoch = (progress.step - progress.batch) / progress.epoch  # steps
+        self.left = pace * (self.epochs * per_epoch - progress.step + TEST_STEPS)
+        total = now - self.started + self.left
+        self.write(f"caption demo: about {_duration(self.left)} to go ({_duration(total)} in all)")
+        if total >= SLOW * self.budget_s:
+            self.write(f"caption demo: this machine is about {total / self.budget_s:.1f}x slower than the "
+                       f"{_duration(self.budget_s)} the demo takes on 2 cores of an AVX2 CPU "
+                       "(fewer cores or threads, or other work running?)")
+
+
+def _write(line: str) -> None:
+    from tqdm import tqdm
+
+    tqdm.write(line)
 
 
 def demo_run_dir(seed: int) -> Path:
@@ -51,8 +105,10 @@ def _same_run(cfg: Config, run_dir: Path) -> bool:
         return False
 
 
-def train_once(cfg: Config, run_dir: Path, runtime, overwrite: bool = False) -> None:
-    """Train unless a finished run of this very config is there; resume an interrupted one."""
+def train_once(cfg: Config, run_dir: Path, runtime, overwrite: bool = False,
+               on_step: Callable | None = None) -> None:
+    """Train unless a finished run of this very config is there; resume an interrupted one
+    (``on_step`` goes to ``fit``)."""
     from caption.training.loop import fit
     from caption.training.run_dir import holds_run
 
@@ -64,7 +120,8 @@ def train_once(cfg: Config, run_dir: Path, runtime, overwrite: bool = False) -> 
     resume = same and (run_dir / "last.pt").is_file()
     print(("resuming" if resume else "training") + f" {cfg.name} (seed {cfg.train.seed}) into {run_dir} "
           "(a few minutes on 2 CPU cores)")
-    result = fit(cfg, run_dir, resume=resume, overwrite=overwrite and holds_run(run_dir), runtime=runtime)
+    result = fit(cfg, run_dir, resume=resume, overwrite=overwrite and holds_run(run_dir), runtime=runtime,
+                 on_step=on_step)
     best = {f"best_val_{cfg.train.select_metric}": result.best_score}
     atomic_write_json(run_dir / DONE, {"epochs": result.epochs, **best})
 
@@ -80,11 +137,12 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, runtime=None, overwr
     from caption.inference import CaptionModel
     from caption.runtime import resolve_runtime
 
+    started = time.monotonic()
     run_dir = Path(run_dir) if run_dir is not None else demo_run_dir(seed)
     cfg = demo_config(run_dir, seed=seed)
     runtime = runtime or resolve_runtime("cpu", cfg.precision)
-    paths = generate_shapes(run_dir / "data", n=n, seed=seed, image_size=96)
-    train_once(cfg, run_dir, runtime, overwrite)
+    paths = generate_shapes(run_dir / "data", n=n, seed=seed, image_size=cfg.data.image_size)
+    train_once(cfg, run_dir, runtime, overwrite, on_step=RemainingTime(cfg.train.epochs, started))
     model = CaptionModel(load_checkpoint(run_dir), runtime)
     scores = evaluate(model, checkpoint=run_dir, split="test", beam=3, out_dir=run_dir / "eval")
     print("\nheld-out test split, beam 3:")
@@ -100,6 +158,7 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, runtime=None, overwr
     print("next:")
     print(f"  caption attend {records[0].path} --checkpoint {run_dir} --out attention.png --html")
     print(f"  caption evaluate --checkpoint {run_dir} --split test --beam 3")
+    print(f"\ndemo time:     {_duration(time.monotonic() - started)}")
     return scores
 
 
