@@ -174,7 +174,7 @@ class GuideConfig:
 
     enabled: bool = True  # off: plain search (also --no-guide, guide=False); off anyway for encoders without a head
     threshold: float = 0.3  # an animal's, plant's or food's name is required when the classes it names (every dog for "dog") have this probability
-    thing_threshold: float = 0.4  # the same for things and structures (often beside people in everyday photos)
+    thing_threshold: float = 0.5  # the same for things and structures (often beside people in everyday photos: a ball, a bike)
     plausible: float = 0.2  # a plain caption naming something this probable anywhere stays ("a man rides a bike", a unicycle)
     kinds: str = "animal,plant,food,thing,structure"  # kinds of class whose names are required (not people, clothing, scenery)
     subject_kinds: str = "animal,plant,food"  # kinds whose name, where it must be said, is the subject, with no people around

@@ -32,6 +32,18 @@ def test_argmax_mode_gives_one_hot_maps_in_every_decoding_mode(options):
         assert torch.equal(flat.sum(1), torch.ones(len(flat))) and torch.equal(flat.max(1).values, torch.ones(len(flat)))
 
 
+def test_argmax_mode_gives_one_hot_maps_in_constrained_beam_search():
+    from caption.decoding.constrained import Constraint, constrained_beam_search
+    from caption.decoding.rules import read_cells
+
+    with torch.no_grad():
+        found = constrained_beam_search(read_cells(_hard(2), "argmax"), torch.randn(3, 9, 16),
+                                        DecodingOptions(beam_size=2, max_len=6), [Constraint(((5,),))] * 3)
+    for h in found:
+        assert h is not None and 5 in h.tokens
+        assert torch.equal(h.alphas.sum(1), torch.ones(len(h.alphas))) and torch.equal(h.alphas.max(1).values, torch.ones(len(h.alphas)))
+
+
 def test_expect_mode_decodes_as_the_same_weights_read_softly():
     hard, feats = _hard(1), torch.randn(2, 9, 16)
     torch.manual_seed(1)
