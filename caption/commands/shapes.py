@@ -19,5 +19,5 @@ def add_shapes_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--out", required=True)
     p.add_argument("--n", type=int, default=5000)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--image-size", type=int, default=96)
+    p.add_argument("--image-size", type=int, default=64)
     p.set_defaults(func=cmd_shapes)
