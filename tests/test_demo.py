@@ -89,7 +89,7 @@ def test_remaining_time_says_when_the_machine_is_much_slower_than_the_budget():
     remaining = demo.RemainingTime(6, started=clock.now, clock=clock, write=lines.append)
     _train(remaining, clock, epochs=3, steps=100, step_s=1.5, val_s=10.0)  # 160 s an epoch: ~17 min in all
     assert len(lines) == 2
-    assert "3.4x slower than the 5 min 00 s the demo takes on 2 cores" in lines[1]
+    assert "3.4x slower than the 5 min 00 s the demo aims at on 2 cores" in lines[1]
 
 
 def test_remaining_time_of_a_resumed_run_counts_from_where_it_resumed():

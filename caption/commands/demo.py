@@ -22,7 +22,7 @@ from caption.inference import DEMO_RUN_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # packaged copy of configs/shapes.yaml
 DONE = "done.json"
-BUDGET_S = 300.0  # what the demo is sized for: 5 minutes on 2 cores of an AVX2 CPU (docs/shapes.md)
+BUDGET_S = 300.0  # the demo's target: 5 minutes on 2 cores of an AVX2 CPU (not yet met: docs/shapes.md)
 SLOW = 2.0  # a demo expected to take this many times its budget says so
 TEST_STEPS = 30  # the test evaluation (beam 3, Java start-ups) takes about as long as this many training steps
 
@@ -66,7 +66,7 @@ class RemainingTime:
         self.write(f"caption demo: about {_duration(self.left)} to go ({_duration(total)} in all)")
         if total >= SLOW * self.budget_s:
             self.write(f"caption demo: this machine is about {total / self.budget_s:.1f}x slower than the "
-                       f"{_duration(self.budget_s)} the demo takes on 2 cores of an AVX2 CPU "
+                       f"{_duration(self.budget_s)} the demo aims at on 2 cores of an AVX2 CPU "
                        "(fewer cores or threads, or other work running?)")
 
 
