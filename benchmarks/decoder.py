@@ -20,7 +20,7 @@ import time
 import torch
 
 from caption.config import PRECISIONS, ModelConfig
-from caption.decoding import DecodingOptions, beam_search
+from caption.decoding import DecodeConfig, beam_search
 from caption.model import AttentionDecoder
 from caption.runtime import cpu_name, keep_freed_memory, resolve_runtime
 from caption.training.loop import adamw
@@ -73,7 +73,7 @@ def main() -> None:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    options = DecodingOptions(beam_size=args.beam, max_len=20, min_len=20)
+    options = DecodeConfig(beam_size=args.beam, max_len=20, min_len=20)
 
     def beam_call() -> None:
         decoder.eval()

@@ -130,8 +130,8 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class DecodeConfig:
-    """How captions are generated: the one options type of :mod:`caption.decoding` (exported there
-    as ``DecodingOptions``). ``temperature`` 0 searches (greedy for ``beam_size`` 1, else batched
+    """How captions are generated: the options type of every search in :mod:`caption.decoding`
+    (exported there under this name). ``temperature`` 0 searches (greedy for ``beam_size`` 1, else batched
     beam search); above 0 it samples ``samples`` captions per image from softmax(logits / temperature)."""
 
     beam_size: int = 3

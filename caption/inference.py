@@ -30,7 +30,7 @@ from torch import nn
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoints
 from caption.config import Config, ConfigError
 from caption.data.images import ImageError, ImageTransform, load_image, prefetch, to_rgb, transform_for
-from caption.decoding import DecodingOptions, DecodingResult, decode
+from caption.decoding import DecodeConfig, DecodingResult, decode
 from caption.decoding.guide import Guide
 from caption.decoding.names import read_classes
 from caption.model import Captioner
@@ -190,7 +190,7 @@ class CaptionModel:
         return self
 
     def options(self, beam: int | None = None, max_len: int | None = None,
-                alternatives: bool | None = None) -> DecodingOptions:
+                alternatives: bool | None = None) -> DecodeConfig:
         """The run's ``decode`` settings, with ``beam``/``max_len``/``alternatives`` overridden when given."""
         return self.config.decode.with_overrides(beam_size=beam, max_len=max_len,
                                            alternatives=alternatives)
@@ -246,7 +246,7 @@ class CaptionModel:
 
     def iter_captions(
         self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
-        batch_size: int = 16, alternatives: bool | None = None, *, options: DecodingOptions | None = None,
+        batch_size: int = 16, alternatives: bool | None = None, *, options: DecodeConfig | None = None,
         guide: bool = True,
     ) -> Iterator[tuple[ImageInput, DecodingResult | ImageError]]:
         """(input, result or ImageError) pairs in input order, produced one batch at a time
@@ -259,7 +259,7 @@ class CaptionModel:
             for item, r in zip(batch.items, batch.results):
                 yield item, r if isinstance(r, ImageError) else found[r]
 
-    def decode(self, features: torch.Tensor, options: DecodingOptions, guide: bool = True) -> list[DecodingResult]:
+    def decode(self, features: torch.Tensor, options: DecodeConfig, guide: bool = True) -> list[DecodingResult]:
         """Captions of encoded images (B, L, D), searched in the runtime's precision (guided unless
         ``guide`` is False or the model has no guide)."""
         with torch.no_grad(), self.runtime.autocast():

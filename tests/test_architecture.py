@@ -16,7 +16,7 @@ from conftest import TINY_WORDS, make_tiny_checkpoint, tiny_model_config
 
 from caption.config import DecodeConfig, EncoderConfig, ModelConfig, load_config
 from caption.data.shapes import generate_shapes
-from caption.decoding import DecodingOptions
+import caption.decoding
 from caption.runtime import resolve_runtime
 from caption.vocab import END_ID, Vocabulary
 
@@ -145,7 +145,8 @@ def test_feature_cache_is_not_reused_across_coord_features(tmp_path):
 
 
 def test_decoding_options_are_the_decode_config():
-    assert DecodingOptions is DecodeConfig  # one options type: what a config's decode section holds
+    assert caption.decoding.DecodeConfig is DecodeConfig  # one options type: what a config's decode section holds
+    assert not hasattr(caption.decoding, "DecodingOptions")
     decode = DecodeConfig(beam_size=4, max_len=9, min_len=2, length_penalty=0.5, suppress_unk=False)
     assert decode.with_overrides(beam_size=1, length_penalty=None) == dataclasses.replace(decode, beam_size=1)
     assert decode.with_overrides(length_penalty=None) == decode

@@ -5,7 +5,7 @@ import torch
 from conftest import tiny_model_config
 
 from caption.config import ConfigError
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import DecodeConfig, decode
 from caption.model import SCORERS, AttentionDecoder, SoftAttention
 
 ALL = sorted(SCORERS)
@@ -153,5 +153,5 @@ def test_keys_projected_once_per_image(name, monkeypatch):
     decoder(feats, captions)
     assert calls == [(4, 9, 16)]  # one call for 11 words
     calls.clear()
-    decode(decoder, feats, DecodingOptions(beam_size=3, max_len=10, min_len=10))
+    decode(decoder, feats, DecodeConfig(beam_size=3, max_len=10, min_len=10))
     assert calls == [(4, 9, 16)]  # one call for 4 images x 3 beams x 10 words

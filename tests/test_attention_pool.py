@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from conftest import tiny_model_config
 
 from caption.config import ConfigError
-from caption.decoding import DecodingOptions, decode, sample
+from caption.decoding import DecodeConfig, decode, sample
 from caption.model import AttentionDecoder
 from caption.model.attention import AttentionPool
 from caption.model.check import check_model_config
@@ -66,13 +66,13 @@ def test_teacher_forcing_equals_the_step_loop_and_trains_the_pool():
 @pytest.mark.parametrize("beam", [1, 3])
 def test_every_caption_carries_the_pool_map(beam):
     decoder, feats = _decoder(), torch.randn(3, 9, 16)
-    options = DecodingOptions(beam_size=beam, max_len=6, alternatives=beam > 1)
+    options = DecodeConfig(beam_size=beam, max_len=6, alternatives=beam > 1)
     expected = decoder.prepare(feats).pool_alpha.detach().view(3, 3, 3)  # (B, gh, gw)
     for b, result in enumerate(decode(decoder, feats, options)):
         assert result.init_alphas.shape == (3, 3)
         torch.testing.assert_close(result.init_alphas, expected[b])
         assert all(torch.equal(alt.init_alphas, result.init_alphas) for alt in result.alternatives)
-    samples = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=4, samples=2))
+    samples = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=4, samples=2))
     torch.testing.assert_close(samples.init_alphas, expected.view(3, 9))
     assert all(torch.equal(r.init_alphas, expected[i // 2]) for i, r in enumerate(samples.results()))
     assert all(r.init_alphas is None for r in decode(_decoder("mean"), feats, options))

@@ -1,11 +1,11 @@
-"""Beam search's runners-up (DecodingOptions.alternatives): each is a real hypothesis of the model,
+"""Beam search's runners-up (DecodeConfig.alternatives): each is a real hypothesis of the model,
 with its own log-probability and maps, best first; asking for them never changes the winner."""
 
 import pytest
 import torch
 from conftest import tiny_model_config
 
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import DecodeConfig, decode
 from caption.model import SCORERS, AttentionDecoder
 from caption.vocab import END_ID, START_ID
 
@@ -32,7 +32,7 @@ def _teacher_forced(decoder: AttentionDecoder, features: torch.Tensor, tokens: l
 def test_each_alternative_is_the_teacher_forced_hypothesis(name):
     decoder, feats = _decoder(name), torch.randn(4, 9, 16)
     K = 4
-    opts = DecodingOptions(beam_size=K, max_len=7, length_penalty=0.5, alternatives=True)
+    opts = DecodeConfig(beam_size=K, max_len=7, length_penalty=0.5, alternatives=True)
     seen = 0
     for b, result in enumerate(decode(decoder, feats, opts)):
         assert len(result.alternatives) <= K - 1
@@ -56,8 +56,8 @@ def test_each_alternative_is_the_teacher_forced_hypothesis(name):
 @pytest.mark.parametrize("penalty", [0.0, 1.0])
 def test_asking_for_alternatives_keeps_the_winner(penalty):
     decoder, feats = _decoder(), torch.randn(5, 9, 16)
-    plain = decode(decoder, feats, DecodingOptions(beam_size=3, max_len=8, length_penalty=penalty))
-    rich = decode(decoder, feats, DecodingOptions(beam_size=3, max_len=8, length_penalty=penalty, alternatives=True))
+    plain = decode(decoder, feats, DecodeConfig(beam_size=3, max_len=8, length_penalty=penalty))
+    rich = decode(decoder, feats, DecodeConfig(beam_size=3, max_len=8, length_penalty=penalty, alternatives=True))
     for p, r in zip(plain, rich):
         assert p.tokens == r.tokens and p.log_prob == pytest.approx(r.log_prob, abs=1e-5)
         assert p.alternatives == ()
@@ -66,7 +66,7 @@ def test_asking_for_alternatives_keeps_the_winner(penalty):
 
 def test_batched_alternatives_equal_single_image_ones():
     decoder, feats = _decoder("general"), torch.randn(3, 9, 16)
-    opts = DecodingOptions(beam_size=3, max_len=6, alternatives=True)
+    opts = DecodeConfig(beam_size=3, max_len=6, alternatives=True)
     batched = decode(decoder, feats, opts)
     for i in range(3):
         (single,) = decode(decoder, feats[i : i + 1], opts)
@@ -75,13 +75,13 @@ def test_batched_alternatives_equal_single_image_ones():
 
 def test_no_alternatives_with_one_beam():
     decoder, feats = _decoder(), torch.randn(3, 9, 16)
-    for result in decode(decoder, feats, DecodingOptions(beam_size=1, max_len=6, alternatives=True)):
+    for result in decode(decoder, feats, DecodeConfig(beam_size=1, max_len=6, alternatives=True)):
         assert result.alternatives == ()
 
 
 def test_alternatives_at_the_length_cap():
     """No <end> before the cap: the runners-up are the live beams cut at max_len."""
     decoder, feats = _decoder(), torch.randn(2, 9, 16)
-    for r in decode(decoder, feats, DecodingOptions(beam_size=3, max_len=5, min_len=5, alternatives=True)):
+    for r in decode(decoder, feats, DecodeConfig(beam_size=3, max_len=5, min_len=5, alternatives=True)):
         assert len(r.alternatives) == 2
         assert all(len(a.tokens) == 5 and not a.finished for a in r.alternatives)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import DecodeConfig, decode
 from caption.decoding.constrained import Constraint, constrained_beam_search
 from caption.model import AttentionDecoder
 from caption.vocab import END_ID
@@ -77,7 +77,7 @@ def test_wide_constrained_beam_finds_the_exact_best_satisfying_caption(case, len
     """With K beams per state above every live prefix, the search is exhaustive over the captions
     that satisfy the constraint: the same caption, log-probability and score as brute force."""
     constraint = CASES[case]
-    options = DecodingOptions(beam_size=40, max_len=4, length_penalty=length_penalty)
+    options = DecodeConfig(beam_size=40, max_len=4, length_penalty=length_penalty)
     found_some, changed = False, False
     for seed in range(3):
         decoder = _decoder(seed)
@@ -101,7 +101,7 @@ def test_a_penalty_alone_ranks_the_captions_it_lowers():
     """A constraint without phrases only penalises words: the widest search finds the caption that
     is best once the penalty is taken off, which is not the plain best."""
     constraint = Constraint((), penalized=(4, 6), penalty=2.0)
-    options = DecodingOptions(beam_size=40, max_len=4, min_len=3)
+    options = DecodeConfig(beam_size=40, max_len=4, min_len=3)
     changed = False
     for seed in range(3):
         decoder, feats = _decoder(seed), torch.randn(3, 9, 16)
@@ -118,7 +118,7 @@ def test_a_penalty_alone_ranks_the_captions_it_lowers():
 def test_each_image_keeps_its_own_constraint_in_a_batch():
     decoder, feats = _decoder(0), torch.randn(4, 9, 16)
     constraints = [Constraint(((4,),)), Constraint(((5,),), within=1), Constraint(((6,),)), Constraint(((4, 5),))]
-    options = DecodingOptions(beam_size=3, max_len=6)
+    options = DecodeConfig(beam_size=3, max_len=6)
     with torch.no_grad():
         batched = constrained_beam_search(decoder, feats, options, constraints)
         for i, c in enumerate(constraints):
@@ -134,8 +134,8 @@ def test_one_beam_per_state_still_says_a_phrase_the_model_would_not():
     decoder, feats = _decoder(3), torch.randn(4, 9, 16)
     constraint = Constraint(((6, 6, 4),))
     with torch.no_grad():
-        plain = decode(decoder, feats, DecodingOptions(beam_size=1, max_len=6))
-        found = constrained_beam_search(decoder, feats, DecodingOptions(beam_size=1, max_len=6), [constraint] * 4)
+        plain = decode(decoder, feats, DecodeConfig(beam_size=1, max_len=6))
+        found = constrained_beam_search(decoder, feats, DecodeConfig(beam_size=1, max_len=6), [constraint] * 4)
     assert not any(constraint.satisfied_by(p.tokens) for p in plain)
     assert all(h is not None and constraint.satisfied_by(h.tokens) and h.tokens[-1] == END_ID for h in found)
 
@@ -144,7 +144,7 @@ def test_unsatisfiable_in_time_gives_none():
     """A phrase longer than max_len allows cannot be said: no caption, and no crash."""
     decoder, feats = _decoder(1), torch.randn(2, 9, 16)
     with torch.no_grad():
-        found = constrained_beam_search(decoder, feats, DecodingOptions(beam_size=2, max_len=2),
+        found = constrained_beam_search(decoder, feats, DecodeConfig(beam_size=2, max_len=2),
                                         [Constraint(((4, 5, 6),)), Constraint(((5,),))])
     assert found[0] is None and found[1] is not None and 5 in found[1].tokens
 
@@ -153,7 +153,7 @@ def test_a_constraint_the_caption_already_meets_changes_nothing():
     """When the unconstrained best caption already says the word, the constrained search with the
     same K returns it (the satisfied bank holds what plain beam search would keep)."""
     decoder, feats = _decoder(2), torch.randn(6, 9, 16)
-    options = DecodingOptions(beam_size=40, max_len=4)
+    options = DecodeConfig(beam_size=40, max_len=4)
     with torch.no_grad():
         plain = decode(decoder, feats, options)
         constraints = [Constraint(((r.tokens[0],),)) for r in plain]

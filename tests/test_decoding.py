@@ -4,7 +4,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from caption.decoding import DecodingOptions, beam_search, decode, greedy_search
+from caption.decoding import DecodeConfig, beam_search, decode, greedy_search
 from caption.model import SCORERS, AttentionDecoder
 from caption.training.losses import caption_loss
 from caption.vocab import END, END_ID, START_ID
@@ -20,7 +20,7 @@ def _random_decoder(name="additive", vocab=20):
 def test_beam_of_one_equals_greedy(name):
     decoder, feats = _random_decoder(name), torch.randn(6, 9, 16)
     with torch.no_grad():
-        for opts in (DecodingOptions(1, 12), DecodingOptions(1, 12, min_len=3), DecodingOptions(1, 12, no_repeat_ngram=2)):
+        for opts in (DecodeConfig(1, 12), DecodeConfig(1, 12, min_len=3), DecodeConfig(1, 12, no_repeat_ngram=2)):
             greedy, beam = greedy_search(decoder, feats, opts), beam_search(decoder, feats, opts)
             for g, b in zip(greedy, beam):
                 assert g.tokens == b.tokens
@@ -31,7 +31,7 @@ def test_beam_of_one_equals_greedy(name):
 @pytest.mark.parametrize("name", SCORER_NAMES)
 def test_batched_beam_equals_single_image_beams(name):
     decoder, feats = _random_decoder(name), torch.randn(5, 9, 16)
-    opts = DecodingOptions(beam_size=4, max_len=10)
+    opts = DecodeConfig(beam_size=4, max_len=10)
     batched = decode(decoder, feats, opts)
     for i in range(5):
         single = decode(decoder, feats[i : i + 1], opts)[0]
@@ -43,7 +43,7 @@ def test_batched_beam_equals_single_image_beams(name):
 def test_results_carry_tokens_words_scores_and_maps():
     decoder, feats = _random_decoder(), torch.randn(3, 9, 16)
     for beam in (1, 3):
-        for r in decode(decoder, feats, DecodingOptions(beam, max_len=8, length_penalty=0.7)):
+        for r in decode(decoder, feats, DecodeConfig(beam, max_len=8, length_penalty=0.7)):
             T = len(r.tokens)
             assert 1 <= T <= 8 and len(r.words) == T
             assert r.alphas.shape == (T, 3, 3)
@@ -56,7 +56,7 @@ def test_results_carry_tokens_words_scores_and_maps():
 def test_no_end_before_the_cap_returns_live_hypotheses():
     decoder, feats = _random_decoder(), torch.randn(2, 9, 16)
     for beam in (1, 4):
-        results = decode(decoder, feats, DecodingOptions(beam, max_len=6, min_len=6))
+        results = decode(decoder, feats, DecodeConfig(beam, max_len=6, min_len=6))
         assert all(len(r.tokens) == 6 and not r.finished and END_ID not in r.tokens for r in results)
 
 
@@ -65,7 +65,7 @@ def test_beam_larger_than_vocabulary_is_exhaustive():
     torch.manual_seed(0)
     decoder = _random_decoder(vocab=6)  # 4 specials + words 4, 5
     feats = torch.randn(3, 9, 16)
-    results = decode(decoder, feats, DecodingOptions(beam_size=12, max_len=4))
+    results = decode(decoder, feats, DecodeConfig(beam_size=12, max_len=4))
     assert len(results) == 3
     for i, r in enumerate(results):
         _, log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5), 4)
@@ -114,7 +114,7 @@ def test_wide_beam_finds_the_exact_best_caption(length_penalty):
         with torch.no_grad():
             decoder.out.bias[END_ID] += 1.0
         feats = torch.randn(6, 9, 16)
-        results = decode(decoder, feats, DecodingOptions(beam_size=9, max_len=3, length_penalty=length_penalty))
+        results = decode(decoder, feats, DecodeConfig(beam_size=9, max_len=3, length_penalty=length_penalty))
         for i, r in enumerate(results):
             score, log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5, 6), 3, length_penalty)
             assert END_ID not in r.tokens[:-1]
@@ -126,7 +126,7 @@ def test_wide_beam_finds_the_exact_best_caption(length_penalty):
 def test_grid_reshape_and_mode_restored():
     decoder = AttentionDecoder(20, 16, tiny_model_config()).train()
     feats = torch.randn(2, 6, 16)
-    r = decode(decoder, feats, DecodingOptions(2, 5), grid=(2, 3))[0]
+    r = decode(decoder, feats, DecodeConfig(2, 5), grid=(2, 3))[0]
     assert r.alphas.shape[1:] == (2, 3)
     assert decoder.training  # decoding ran in eval mode and restored the caller's mode
 
@@ -149,8 +149,8 @@ def _overfit(name, steps=300):
 @pytest.mark.parametrize("name", SCORER_NAMES)
 def test_tiny_model_overfits_and_decodes_exactly(name):
     decoder, feats, expected = _overfit(name)
-    greedy = decode(decoder, feats, DecodingOptions(1, max_len=10))
-    beam = decode(decoder, feats, DecodingOptions(3, max_len=10))
+    greedy = decode(decoder, feats, DecodeConfig(1, max_len=10))
+    beam = decode(decoder, feats, DecodeConfig(3, max_len=10))
     assert [r.tokens for r in greedy] == expected
     assert [r.tokens for r in beam] == expected
     for g, b in zip(greedy, beam):
@@ -160,8 +160,8 @@ def test_tiny_model_overfits_and_decodes_exactly(name):
 def test_beam_log_prob_at_least_greedy_on_a_partly_trained_model():
     decoder, _, _ = _overfit("additive", steps=40)
     feats = torch.randn(16, 9, 16)
-    greedy = decode(decoder, feats, DecodingOptions(1, max_len=10))
-    beam = decode(decoder, feats, DecodingOptions(5, max_len=10))
+    greedy = decode(decoder, feats, DecodeConfig(1, max_len=10))
+    beam = decode(decoder, feats, DecodeConfig(5, max_len=10))
     assert all(b.log_prob >= g.log_prob - 1e-5 for g, b in zip(greedy, beam))
 
 
@@ -172,8 +172,8 @@ def test_unk_is_never_emitted_unless_asked():
     with torch.no_grad():
         decoder.out.bias[UNK_ID] = 50.0  # the model now prefers <unk> everywhere
     for beam in (1, 3):
-        assert all(UNK_ID not in r.tokens for r in decode(decoder, feats, DecodingOptions(beam, max_len=6)))
-        allowed = decode(decoder, feats, DecodingOptions(beam, max_len=6, suppress_unk=False))
+        assert all(UNK_ID not in r.tokens for r in decode(decoder, feats, DecodeConfig(beam, max_len=6)))
+        allowed = decode(decoder, feats, DecodeConfig(beam, max_len=6, suppress_unk=False))
         assert all(UNK_ID in r.tokens for r in allowed)
 
 
@@ -186,8 +186,8 @@ def test_no_repeat_ngram_wide_beam_finds_the_exact_best_caption(n):
         with torch.no_grad():
             decoder.out.bias[4] += 2.0  # a decoder that loves one word: repeats are its best captions
         feats = torch.randn(4, 9, 16)
-        results = decode(decoder, feats, DecodingOptions(beam_size=30, max_len=4, no_repeat_ngram=n))
-        plain = decode(decoder, feats, DecodingOptions(beam_size=30, max_len=4))
+        results = decode(decoder, feats, DecodeConfig(beam_size=30, max_len=4, no_repeat_ngram=n))
+        plain = decode(decoder, feats, DecodeConfig(beam_size=30, max_len=4))
         assert any(_repeats_an_ngram(r.tokens, n) for r in plain)  # the control has something to do
         for i, r in enumerate(results):
             score, log_prob, seq = _exhaustive_best(decoder, feats[i : i + 1], (4, 5, 6), 4, no_repeat_ngram=n)
@@ -201,6 +201,6 @@ def test_no_repeat_ngram_in_greedy_search():
     with torch.no_grad():
         decoder.out.bias[4] += 3.0
     feats = torch.randn(5, 9, 16)
-    assert any(_repeats_an_ngram(r.tokens, 2) for r in decode(decoder, feats, DecodingOptions(1, 10)))
-    for r in decode(decoder, feats, DecodingOptions(1, 10, no_repeat_ngram=2)):
+    assert any(_repeats_an_ngram(r.tokens, 2) for r in decode(decoder, feats, DecodeConfig(1, 10)))
+    for r in decode(decoder, feats, DecodeConfig(1, 10, no_repeat_ngram=2)):
         assert not _repeats_an_ngram(r.tokens, 2)

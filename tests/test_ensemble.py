@@ -12,7 +12,7 @@ from PIL import Image
 import caption
 from caption.checkpoint import CheckpointError, save_checkpoint
 from caption.config import Config, DataConfig, DecodeConfig
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import decode
 from caption.model import AttentionDecoder, build_model
 from caption.model.ensemble import EnsembleDecoder
 from caption.vocab import PAD_ID, START_ID, UNK_ID, Vocabulary
@@ -38,8 +38,8 @@ def test_the_step_averages_the_members_log_probabilities_and_maps():
     torch.testing.assert_close(out.state.members[1].h, ob.state.h)
 
 
-@pytest.mark.parametrize("options", [DecodingOptions(beam_size=1, max_len=8), DecodingOptions(beam_size=3, max_len=8),
-                                     DecodingOptions(beam_size=3, max_len=8, alternatives=True)])
+@pytest.mark.parametrize("options", [DecodeConfig(beam_size=1, max_len=8), DecodeConfig(beam_size=3, max_len=8),
+                                     DecodeConfig(beam_size=3, max_len=8, alternatives=True)])
 def test_an_ensemble_of_copies_decodes_as_the_single_model(options):
     single = _decoder(3)
     twins = EnsembleDecoder([single, _decoder(3)])
@@ -53,13 +53,13 @@ def test_an_ensemble_of_copies_decodes_as_the_single_model(options):
 def test_greedy_ensemble_picks_the_argmax_of_the_mean_log_probability():
     a, b = _decoder(4), _decoder(5)
     feats = torch.randn(5, 9, 16)
-    first = [r.tokens[0] for r in decode(EnsembleDecoder([a, b]), feats, DecodingOptions(1, 1))]
+    first = [r.tokens[0] for r in decode(EnsembleDecoder([a, b]), feats, DecodeConfig(1, 1))]
     with torch.no_grad():
         mean = sum(torch.log_softmax(d.step(torch.full((5,), START_ID), d.init_state(d.prepare(feats)),
                                             d.prepare(feats)).logits, -1) for d in (a, b)) / 2  # (B, V)
     mean[:, [PAD_ID, START_ID, UNK_ID]] = float("-inf")  # never emitted (decode.suppress_unk)
     assert first == mean.argmax(-1).tolist()
-    samples = decode(EnsembleDecoder([a, b]), feats, DecodingOptions(temperature=1.0, samples=3, max_len=5))
+    samples = decode(EnsembleDecoder([a, b]), feats, DecodeConfig(temperature=1.0, samples=3, max_len=5))
     assert len(samples) == 15  # sampling runs the ensemble too: 3 captions per image
 
 

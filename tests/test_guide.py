@@ -9,7 +9,7 @@ from conftest import tiny_model_config
 from torch import nn
 
 from caption.config import GuideConfig
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import DecodeConfig, decode
 from caption.decoding.guide import Guide
 from caption.decoding.names import (
     ImageNetClass,
@@ -141,7 +141,7 @@ def _decoder(seed: int = 0) -> AttentionDecoder:
 def test_guided_captions_name_what_the_classifier_is_sure_of():
     decoder, guide = _decoder(), _guide(slot_mass=0.0)  # a random decoder expects no nouns anywhere
     feats = _features(0, 2, 3, 1) + 0.1 * torch.randn(4, 4, 4)
-    options = DecodingOptions(beam_size=3, max_len=8)
+    options = DecodeConfig(beam_size=3, max_len=8)
     plain = decode(decoder, feats, options, vocab=VOCAB)
     guided = decode(decoder, feats, options, vocab=VOCAB, guide=guide)
     assert all(r.guide is None for r in plain) and all(r.guide is not None for r in guided)
@@ -156,7 +156,7 @@ def test_guided_captions_name_what_the_classifier_is_sure_of():
 
 def test_without_a_guide_decoding_is_as_before():
     decoder, feats = _decoder(1), torch.randn(3, 4, 4)
-    options = DecodingOptions(beam_size=2, max_len=6)
+    options = DecodeConfig(beam_size=2, max_len=6)
     first, second = decode(decoder, feats, options), decode(decoder, feats, options, guide=None)
     assert [r.tokens for r in first] == [r.tokens for r in second]
 

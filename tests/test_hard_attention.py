@@ -9,7 +9,7 @@ import torch
 from conftest import tiny_model_config
 
 from caption.checkpoint import read_checkpoint
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import DecodeConfig, decode
 from caption.model import AttentionDecoder
 from caption.training.loop import fit
 from caption.training.objectives import reinforce_loss
@@ -21,9 +21,9 @@ def _hard(seed: int = 0) -> AttentionDecoder:
     return AttentionDecoder(14, 16, tiny_model_config(blend="hard")).eval()
 
 
-@pytest.mark.parametrize("options", [DecodingOptions(beam_size=1, max_len=6), DecodingOptions(beam_size=3, max_len=6),
-                                     DecodingOptions(beam_size=3, max_len=6, alternatives=True),
-                                     DecodingOptions(temperature=1.0, samples=2, max_len=6)])
+@pytest.mark.parametrize("options", [DecodeConfig(beam_size=1, max_len=6), DecodeConfig(beam_size=3, max_len=6),
+                                     DecodeConfig(beam_size=3, max_len=6, alternatives=True),
+                                     DecodeConfig(temperature=1.0, samples=2, max_len=6)])
 def test_argmax_mode_gives_one_hot_maps_in_every_decoding_mode(options):
     results = decode(_hard(), torch.randn(3, 9, 16), options, grid=(3, 3))
     maps = [r.alphas for r in results] + [a.alphas for r in results for a in r.alternatives]
@@ -38,7 +38,7 @@ def test_argmax_mode_gives_one_hot_maps_in_constrained_beam_search():
 
     with torch.no_grad():
         found = constrained_beam_search(read_cells(_hard(2), "argmax"), torch.randn(3, 9, 16),
-                                        DecodingOptions(beam_size=2, max_len=6), [Constraint(((5,),))] * 3)
+                                        DecodeConfig(beam_size=2, max_len=6), [Constraint(((5,),))] * 3)
     for h in found:
         assert h is not None and 5 in h.tokens
         assert torch.equal(h.alphas.sum(1), torch.ones(len(h.alphas))) and torch.equal(h.alphas.max(1).values, torch.ones(len(h.alphas)))
@@ -49,7 +49,7 @@ def test_expect_mode_decodes_as_the_same_weights_read_softly():
     torch.manual_seed(1)
     soft = AttentionDecoder(14, 16, tiny_model_config()).eval()
     soft.load_state_dict(hard.state_dict())
-    options = DecodingOptions(beam_size=2, max_len=6, hard_test="expect")
+    options = DecodeConfig(beam_size=2, max_len=6, hard_test="expect")
     for a, b in zip(decode(hard, feats, options), decode(soft, feats, options)):
         assert a.tokens == b.tokens and a.log_prob == pytest.approx(b.log_prob)
         torch.testing.assert_close(a.alphas, b.alphas)

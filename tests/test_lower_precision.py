@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from caption.decoding import DecodingOptions, decode
+from caption.decoding import DecodeConfig, decode
 from caption.decoding.rules import log_probs
 from caption.model import SCORERS, AttentionDecoder
 from caption.model.ops.tanh_scores import chunked_pays, plain_tanh_scores, tanh_scores
@@ -48,8 +48,8 @@ def test_bf16_decoding_keeps_log_probs_scores_and_maps_in_fp32(name):
         assert memory.values.dtype == torch.bfloat16  # cast once per image, not per word
         out = decoder.step(torch.full((3,), START_ID), decoder.init_state(memory), memory)
         assert out.alpha.dtype == torch.float32
-        assert log_probs(out.logits, 0, DecodingOptions(), torch.empty(3, 0, dtype=torch.long)).dtype == torch.float32
-        results = decode(decoder, feats, DecodingOptions(beam_size=3, max_len=6))
+        assert log_probs(out.logits, 0, DecodeConfig(), torch.empty(3, 0, dtype=torch.long)).dtype == torch.float32
+        results = decode(decoder, feats, DecodeConfig(beam_size=3, max_len=6))
     for r in results:
         assert np.isfinite(r.log_prob) and r.alphas.dtype == torch.float32
         torch.testing.assert_close(r.alphas.sum((1, 2)), torch.ones(len(r.tokens)))

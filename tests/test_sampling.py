@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import tiny_model_config
 
-from caption.decoding import DecodingOptions, decode, sample
+from caption.decoding import DecodeConfig, decode, sample
 from caption.model import AttentionDecoder
 from caption.vocab import END_ID, PAD_ID, START_ID, UNK_ID
 
@@ -31,7 +31,7 @@ def _check_layout(s, B, K, max_len):
 
 def test_k_samples_per_image_are_consecutive_rows_with_their_log_probs():
     decoder, feats = _decoder(), torch.randn(3, 9, 16)
-    options = DecodingOptions(temperature=1.0, max_len=7, samples=4)
+    options = DecodeConfig(temperature=1.0, max_len=7, samples=4)
     s = sample(decoder, feats, options, generator=torch.Generator().manual_seed(0))
     _check_layout(s, 3, 4, 7)
     # teacher forcing each sample on its own image's features gives the same log-probabilities
@@ -49,7 +49,7 @@ def test_k_samples_per_image_are_consecutive_rows_with_their_log_probs():
 def test_first_words_follow_the_model_distribution_and_temperature():
     decoder, feats = _decoder(vocab=8), torch.randn(1, 9, 16)
     n = 4000
-    s = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=1, samples=n), generator=torch.Generator().manual_seed(1))
+    s = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=1, samples=n), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         logits = decoder.step(torch.tensor([START_ID]), decoder.init_state(decoder.prepare(feats)),
                               decoder.prepare(feats)).logits[0]
@@ -57,24 +57,24 @@ def test_first_words_follow_the_model_distribution_and_temperature():
     probs = torch.softmax(logits, 0)
     freq = torch.bincount(s.tokens[:, 0], minlength=8).float() / n
     assert (freq - probs).abs().max() < 0.03  # ~4 standard errors at n = 4000
-    cold = sample(decoder, feats, DecodingOptions(temperature=1e-3, max_len=1, samples=50))
+    cold = sample(decoder, feats, DecodeConfig(temperature=1e-3, max_len=1, samples=50))
     assert (cold.tokens[:, 0] == probs.argmax()).all()  # temperature -> 0 is greedy
 
 
 def test_low_temperature_sampling_is_greedy_search():
     decoder, feats = _decoder().eval(), torch.randn(4, 9, 16)
-    greedy = decode(decoder, feats, DecodingOptions(beam_size=1, max_len=8))
-    s = sample(decoder, feats, DecodingOptions(temperature=1e-4, max_len=8, samples=2))
+    greedy = decode(decoder, feats, DecodeConfig(beam_size=1, max_len=8))
+    s = sample(decoder, feats, DecodeConfig(temperature=1e-4, max_len=8, samples=2))
     for i, tokens in enumerate(s.token_lists()):
         assert tokens == greedy[i // 2].tokens
 
 
 def test_gradients_only_when_asked_and_no_dropout():
     decoder, feats = _decoder(dropout=0.5).train(), torch.randn(2, 9, 16)
-    plain = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=16, samples=3))
+    plain = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=16, samples=3))
     assert not plain.log_probs.requires_grad and decoder.training  # the caller's mode comes back
-    a = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=16, samples=3), grad=True, generator=torch.Generator().manual_seed(5))
-    b = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=16, samples=3), grad=True, generator=torch.Generator().manual_seed(5))
+    a = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=16, samples=3), grad=True, generator=torch.Generator().manual_seed(5))
+    b = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=16, samples=3), grad=True, generator=torch.Generator().manual_seed(5))
     assert torch.equal(a.tokens, b.tokens) and torch.equal(a.log_probs, b.log_probs)  # dropout off while sampling
     a.log_probs.sum().backward()
     assert all(p.grad is not None for name, p in decoder.named_parameters() if not name.startswith("dropout"))
@@ -82,23 +82,23 @@ def test_gradients_only_when_asked_and_no_dropout():
 
 def test_rules_of_the_options_hold():
     decoder, feats = _decoder(vocab=12), torch.randn(3, 9, 16)
-    s = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=6, samples=20, min_len=3, no_repeat_ngram=1),
+    s = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=6, samples=20, min_len=3, no_repeat_ngram=1),
                generator=torch.Generator().manual_seed(2))
     for tokens in s.token_lists():
         words = [t for t in tokens if t != END_ID]
         assert len(words) >= 3 and len(set(words)) == len(words)
     # two words and no word twice: once both are said, <end> is all that is left
-    tiny = sample(_decoder(vocab=6), feats, DecodingOptions(temperature=1.0, max_len=6, samples=8, no_repeat_ngram=1))
+    tiny = sample(_decoder(vocab=6), feats, DecodeConfig(temperature=1.0, max_len=6, samples=8, no_repeat_ngram=1))
     assert all(len(t) <= 3 and t[-1] == END_ID for t in tiny.token_lists())
     with pytest.raises(ValueError, match="temperature"):
-        sample(decoder, feats, DecodingOptions(temperature=0.0, max_len=16))  # 0 means search, not sampling
+        sample(decoder, feats, DecodeConfig(temperature=0.0, max_len=16))  # 0 means search, not sampling
     with pytest.raises(ValueError, match="decode.samples"):
-        DecodingOptions(temperature=1.0, max_len=16, samples=0)
+        DecodeConfig(temperature=1.0, max_len=16, samples=0)
 
 
 def test_results_for_the_library():
     decoder, feats = _decoder(), torch.randn(2, 9, 16)
-    s = sample(decoder, feats, DecodingOptions(temperature=1.0, max_len=5, samples=3))
+    s = sample(decoder, feats, DecodeConfig(temperature=1.0, max_len=5, samples=3))
     results = s.results()
     assert len(results) == 6
     for r, tokens, logp in zip(results, s.token_lists(), s.log_probs.sum(1).tolist()):

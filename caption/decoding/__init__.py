@@ -1,13 +1,13 @@
 """Caption generation through the decoder's ``prepare``/``init_state``/``step`` only.
 
-``DecodingOptions`` (the ``decode`` section of a config, :class:`caption.config.DecodeConfig`) is
+``DecodeConfig`` (the ``decode`` section of a config, :class:`caption.config.DecodeConfig`) is
 the one options type; :func:`decode` picks the strategy from it: greedy search and sampling share
 one loop (:mod:`caption.decoding.search`), beam search is batched (:mod:`caption.decoding.beam`).
 """
 
-from caption.config import DecodeConfig as DecodingOptions
+from caption.config import DecodeConfig
 from caption.decoding.beam import beam_search
 from caption.decoding.results import DecodingResult, Samples
 from caption.decoding.search import decode, greedy_search, sample
 
-__all__ = ["DecodingOptions", "DecodingResult", "Samples", "beam_search", "decode", "greedy_search", "sample"]
+__all__ = ["DecodeConfig", "DecodingResult", "Samples", "beam_search", "decode", "greedy_search", "sample"]

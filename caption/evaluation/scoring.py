@@ -22,7 +22,7 @@ from tqdm import tqdm
 from caption.config import Config, ConfigError
 from caption.data.images import ImageTransform, preprocess
 from caption.data.records import ImageRecord
-from caption.decoding import DecodingOptions, DecodingResult, decode
+from caption.decoding import DecodeConfig, DecodingResult, decode
 from caption.evaluation.metrics import coco_scores
 from caption.inference import encode_images
 from caption.model import Captioner
@@ -49,7 +49,7 @@ def _image_batches(encoder, records: Sequence[ImageRecord], transform: ImageTran
 
 @torch.no_grad()
 def caption_records(
-    model: Captioner, vocab: Vocabulary, records: Sequence[ImageRecord], options: DecodingOptions, *,
+    model: Captioner, vocab: Vocabulary, records: Sequence[ImageRecord], options: DecodeConfig, *,
     runtime: Runtime, features=None, transform: ImageTransform | None = None, batch_size: int = 32,
     progress: bool = True, guide=None,
 ) -> dict[int, DecodingResult]:

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from caption.config import Config, ConfigError
 from caption.data.datasets import ImageDataset, collate_images
 from caption.data.records import ImageRecord
-from caption.decoding import DecodingOptions, Samples, decode, sample
+from caption.decoding import DecodeConfig, Samples, decode, sample
 from caption.evaluation.cider import CiderD, TfIdf
 from caption.training.distributed import Dist, all_sum
 from caption.training.objectives import StepResult
@@ -133,7 +133,7 @@ class SelfCritical:
     def __init__(self, cfg: Config, vocab: Vocabulary, split: SplitData):
         t = cfg.train
         self.vocab, self.baseline, self.samples = vocab, t.scst_baseline, t.scst_samples
-        base = DecodingOptions(beam_size=1, max_len=t.scst_max_len, suppress_unk=cfg.decode.suppress_unk)
+        base = DecodeConfig(beam_size=1, max_len=t.scst_max_len, suppress_unk=cfg.decode.suppress_unk)
         self.options = dataclasses.replace(base, temperature=t.scst_temperature, samples=t.scst_samples)
         self.greedy_options = base
         self.dataset = _TrainingImages(split)
