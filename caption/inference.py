@@ -1,18 +1,13 @@
-"""Caption your own images with a trained checkpoint, and the one inference path behind it.
+"""Caption your own images with a trained checkpoint: the library API.
 
     >>> import caption
     >>> model = caption.load("runs/shapes")          # a run directory or a .pt file
     >>> result = model.caption("photo.jpg")          # DecodingResult
     >>> result.caption, result.alphas.shape          # the words and their (T, gh, gw) maps
 
-Everything that turns images into features or captions goes through two functions here:
-:func:`inference_encoder` builds the encoder as inference runs it (BatchNorm folded, channels-last,
-no gradients) and :func:`encode_images` is the batched loop (images decoded and resized in worker
-threads while the model computes, normalised, encoded under the runtime's precision). ``caption
-predict``/``attend`` (:class:`CaptionModel`), ``caption evaluate`` (:mod:`caption.evaluation.scoring`)
-and the feature cache (:mod:`caption.training.cache`) all use them. Every image goes through exactly
-the training preprocessing (:func:`caption.data.images.preprocess`): a mismatch here is what makes a
-captioner say the same thing for every image.
+:func:`load` is how every caller gets a :class:`CaptionModel`: this API, ``caption predict``,
+``attend`` and ``evaluate``, and the demo. Images become features through
+:mod:`caption.encoding`, the path the feature cache and evaluation take too.
 """
 
 from __future__ import annotations
@@ -21,30 +16,27 @@ import dataclasses
 import os
 import sys
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, NamedTuple, Sequence, TypeAlias, TypeVar, Union
+from typing import Iterable, Iterator, Sequence, TypeAlias, Union
 
 import torch
 from PIL import Image
-from torch import nn
 
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoints
-from caption.config import Config, ConfigError
-from caption.data.images import ImageError, ImageTransform, load_image, prefetch, to_rgb, transform_for
+from caption.config import Config
+from caption.data.images import ImageError, load_image, to_rgb, transform_for
 from caption.decoding import DecodeConfig, DecodingResult, decode
-from caption.decoding.guide import Guide
-from caption.decoding.names import read_classes
+from caption.decoding.guide import build_guide
+from caption.encoding import encode_images, inference_encoder
 from caption.model import Captioner
-from caption.model.encoder import classifier_head
-from caption.model.fuse import fused_for_inference
 from caption.runtime import Runtime, resolve_runtime
+from caption.training.run_dir import DEMO_RUN_DIR
 from caption.vocab import Vocabulary
 
 SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see MODEL_CARD.md
 SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"  # from google-coral/test_data, Apache-2.0
-DEMO_RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
-Item = TypeVar("Item")
+Checkpoints: TypeAlias = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]  # one, or an ensemble
 
 
 def default_checkpoint() -> Path:
@@ -53,86 +45,11 @@ def default_checkpoint() -> Path:
     return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else DEMO_RUN_DIR
 
 
-# ----------------------------------------------------------------------------- the inference path
-
-
-def inference_encoder(encoder: nn.Module, image_size: int) -> nn.Module:
-    """``encoder`` as inference runs it: an eval-mode, no-grad copy with every BatchNorm folded into
-    its convolution (:func:`caption.model.fuse.fused_for_inference`), channels-last like the original.
-    Training and checkpoints keep the original."""
-    return fused_for_inference(encoder, torch.zeros(1, 3, image_size, image_size))
-
-
-class EncodedBatch(NamedTuple):
-    """One batch of :func:`encode_images`: the inputs in order, the features of the readable ones."""
-
-    items: list  # this batch's inputs, in input order
-    results: list  # per item: its row of ``features`` (int) or its ImageError
-    features: torch.Tensor | None  # (B', L, D) for the B' readable items, None when none was
-
-    def rows(self) -> list[int]:
-        """Positions in ``items`` of the feature rows, in row order."""
-        return [i for i, r in enumerate(self.results) if not isinstance(r, ImageError)]
-
-
-def encode_images(encoder: nn.Module, items: Iterable[Item], pixels: Callable[[Item], torch.Tensor],
-                  transform: ImageTransform, runtime: Runtime, *, batch_size: int = 16) -> Iterator[EncodedBatch]:
-    """The batched loop from images to features: ``pixels(item)`` (uint8 (3, S, S), or an ImageError)
-    runs in worker threads ahead of the model; each batch of ``batch_size`` items is normalised, moved
-    to the runtime's device and encoded in its precision, without gradients. Unreadable items keep
-    their place in the batch as their ImageError."""
-    if batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
-    chunk: list = []
-    for loaded in prefetch(items, pixels, ahead=2 * batch_size):
-        chunk.append(loaded)
-        if len(chunk) == batch_size:
-            yield _encode_chunk(encoder, chunk, transform, runtime)
-            chunk = []
-    if chunk:
-        yield _encode_chunk(encoder, chunk, transform, runtime)
-
-
-def _encode_chunk(encoder: nn.Module, chunk: Sequence[tuple], transform: ImageTransform,
-                  runtime: Runtime) -> EncodedBatch:
-    """(item, uint8 pixels or ImageError) pairs -> their EncodedBatch."""
-    results: list = []
-    good: list[torch.Tensor] = []
-    for _, p in chunk:
-        results.append(p if isinstance(p, ImageError) else len(good))
-        if not isinstance(p, ImageError):
-            good.append(p)
-    features = None
-    if good:
-        images = transform.normalize(torch.stack(good)).to(runtime.device, non_blocking=True)  # (B', 3, S, S)
-        with torch.no_grad(), runtime.autocast():
-            features = encoder(images)  # (B', L, D)
-    return EncodedBatch([item for item, _ in chunk], results, features)
-
-
-# ----------------------------------------------------------------------------- the library API
-
-
 def _name(image: ImageInput) -> str:
     """How an input is named in an ImageError."""
     if isinstance(image, Image.Image):
         return getattr(image, "filename", "") or "<PIL image>"
     return os.fspath(image)
-
-
-def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tuple[Guide | None, str | None]:
-    """The guide of a run (the encoder's ImageNet classifier and the names table, :mod:`caption.decoding.guide`),
-    or None and why there is none: ``guide.enabled`` false, an encoder without a classifier head that
-    reads its features, or an encoder fine-tuned away from it."""
-    if not config.guide.enabled:
-        return None, "guide.enabled is false in the run's config"
-    if config.train.fine_tune_from_epoch >= 0:
-        return None, "the encoder was fine-tuned (train.fine_tune_from_epoch): its ImageNet classifier no longer fits"
-    try:
-        head = classifier_head(config.model)
-    except ConfigError as err:
-        return None, str(err)
-    return Guide(head, read_classes(), vocab, config.guide).to(device), None
 
 
 class CaptionModel:
@@ -267,28 +184,38 @@ class CaptionModel:
                           guide=self.guide if guide else None)
 
 
-def load(checkpoint: str | os.PathLike[str] | Sequence[str | os.PathLike[str]] | None = None,
-         device: str | torch.device | None = "cpu", precision: str | None = None,
-         threads: int | None = None, guide: bool = True) -> CaptionModel:
+def load(checkpoint: Checkpoints | None = None, device: str | torch.device | None = "cpu",
+         precision: str | None = None, threads: int | None = None, guide: bool = True, *,
+         runtime: Runtime | None = None, prog: str = "caption", report: bool = False) -> CaptionModel:
     """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`),
     or from a list of them: an ensemble of their decoders over the first one's encoder
     (:func:`caption.checkpoint.load_checkpoints`; members must share the encoder and vocabulary).
 
     ``device=None`` picks CUDA when available; ``precision`` is auto, fp32, bf16 or fp16 (None:
-    the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default).
-    ``guide`` (default True) names what the encoder's ImageNet classifier sees (MODEL_CARD.md); where
-    the run cannot, one line on stderr says why. Raises :class:`caption.checkpoint.CheckpointError`
-    for a missing, unreadable or mismatched checkpoint, and a CaptionError for a device or precision
-    this machine cannot run.
+    the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default);
+    ``runtime`` replaces all three. ``guide`` (default True) names what the encoder's ImageNet
+    classifier sees (MODEL_CARD.md); where the run cannot, one line on stderr, ``<prog>: guidance
+    off: <why>``, says so; ``report`` also prints the runtime there first. Raises
+    :class:`caption.checkpoint.CheckpointError` for a missing, unreadable or mismatched checkpoint,
+    and a CaptionError for a device or precision this machine cannot run.
     """
     if checkpoint is None:
         checkpoint = default_checkpoint()
-        if not Path(checkpoint).exists():
-            raise CheckpointError(f"no trained model at {checkpoint} (the default): run `caption demo` first "
-                                  "to train one, or pass a checkpoint file or run directory")
-    paths = [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)
-    loaded = load_checkpoints(paths)
-    model = CaptionModel(loaded, resolve_runtime(device, precision or loaded.config.precision, threads), guide)
+        missing = [p for p in _paths(checkpoint) if not Path(p).exists()]
+        if missing:
+            raise CheckpointError(f"no trained model at {missing[0]} (the default checkpoint): run `caption demo` "
+                                  "first to train one, or name a checkpoint file or run directory "
+                                  "(`--checkpoint PATH` on the command line)")
+    loaded = load_checkpoints(_paths(checkpoint))
+    runtime = runtime or resolve_runtime(device, precision or loaded.config.precision, threads)
+    if report:
+        print(f"{prog}: {runtime.describe()}", file=sys.stderr, flush=True)
+    model = CaptionModel(loaded, runtime, guide)
     if guide and model.guide is None:
-        print(f"caption: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
+        print(f"{prog}: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
     return model
+
+
+def _paths(checkpoint: Checkpoints) -> list:
+    """One checkpoint or several, as a list."""
+    return [checkpoint] if isinstance(checkpoint, (str, os.PathLike)) else list(checkpoint)

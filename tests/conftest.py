@@ -9,7 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from caption.config import ModelConfig
+from caption.config import Config, ModelConfig, load_config
+from caption.data.shapes import generate_shapes
 
 
 def tiny_model_config(attention: str = "additive", **overrides) -> ModelConfig:
@@ -68,3 +69,37 @@ class FakeResult:
     log_prob: float
     alternatives: tuple = ()
     init_alphas: Any = None
+
+
+# ----------------------------------------------------------------------------- shapes runs
+
+
+@pytest.fixture(scope="module")
+def shapes_dir(tmp_path_factory):
+    out = tmp_path_factory.mktemp("shapes")
+    generate_shapes(out, n=40, seed=1, image_size=48)
+    return out
+
+
+def tiny_config(shapes_dir, *overrides: str) -> Config:
+    data = [f"data.{s}_captions={shapes_dir}/captions_{s}.json" for s in ("train", "val", "test")]
+    return load_config(None, [
+        "name=tiny", "data.format=coco", f"data.images={shapes_dir}/images", "data.image_size=48", "data.min_freq=1",
+        "data.metric=shapes",
+        "model.encoder=small", "model.small_channels=8", "model.grid=3", "model.embed_dim=8", "model.hidden_dim=16",
+        "model.attention_dim=8", "model.dropout=0.3", "model.fine_tune=true", "model.fine_tune_blocks=4",
+        "train.epochs=2", "train.batch_size=16", "train.lr=0.003", "train.encoder_lr=0.003", "train.amp=false",
+        "decode.max_len=12", *data, *overrides,
+    ])
+
+
+class Killed(Exception):
+    """Raised from an ``on_step`` callback to stop a training mid-run (resume tests)."""
+
+
+def evaluate_checkpoint(checkpoint, **kwargs) -> dict:
+    """``caption.evaluation.evaluate.evaluate`` of a checkpoint loaded by ``caption.load``."""
+    from caption.evaluation.evaluate import evaluate
+    from caption.inference import load
+
+    return evaluate(load(checkpoint), checkpoint=checkpoint, **kwargs)

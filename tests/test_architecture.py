@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import TINY_WORDS, make_tiny_checkpoint, tiny_model_config
+from conftest import TINY_WORDS, evaluate_checkpoint, make_tiny_checkpoint, tiny_model_config
 
 from caption.config import DecodeConfig, EncoderConfig, ModelConfig, load_config
 from caption.data.shapes import generate_shapes
@@ -45,10 +45,11 @@ LAYERS = (
     ("caption.data",),
     ("caption.model",),
     ("caption.decoding",),
-    ("caption.checkpoint", "caption.inference"),
+    ("caption.checkpoint", "caption.encoding"),
     ("caption.evaluation",),
     ("caption.training",),
     ("caption.viz",),
+    ("caption.inference",),  # the user API: caption.load and CaptionModel
     ("caption.commands", "caption.__main__"),
 )
 
@@ -172,7 +173,6 @@ def _end_loving_checkpoint(path: Path, min_len: int) -> Path:
 
 
 def test_evaluate_honours_decode_min_len(tmp_path, monkeypatch):
-    from caption.evaluation.evaluate import evaluate_checkpoint
 
     data = tmp_path / "shapes"
     generate_shapes(data, n=10, seed=0, image_size=48)
@@ -185,7 +185,6 @@ def test_evaluate_honours_decode_min_len(tmp_path, monkeypatch):
 
 
 def test_evaluate_writes_a_pt_files_results_under_the_working_directory(tmp_path, monkeypatch):
-    from caption.evaluation.evaluate import evaluate_checkpoint
 
     data = tmp_path / "shapes"
     generate_shapes(data, n=10, seed=0, image_size=48)
@@ -286,3 +285,13 @@ def test_a_registered_task_metric_is_scored_and_selectable():
     records = [ImageRecord(7, Path("x.png"), ("a red circle",))]
     scores = scoring.score_results({7: result}, records, java=False, metric=metric).scores
     assert scores["mean_tokens"] == 3 and "CIDEr" in scores
+
+
+def test_models_are_loaded_in_one_place():
+    """Only caption.inference builds a CaptionModel; the commands and the demo go through its load()."""
+    builders = [p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                if "CaptionModel(" in p.read_text() and p.name != "inference.py"]
+    assert builders == []
+    readers = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
+                     if "load_checkpoints(" in p.read_text())
+    assert readers == ["checkpoint.py", "inference.py"]

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import torch
-from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from conftest import tiny_config
 
 from caption.checkpoint import read_checkpoint
 from caption.config import save_config

@@ -5,7 +5,7 @@ import json
 import os
 
 import pytest
-from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from conftest import tiny_config
 
 from caption.errors import CaptionError
 from caption.fileio import (

@@ -7,6 +7,7 @@ import json
 from pathlib import Path
 
 import pytest
+from conftest import evaluate_checkpoint
 import torch
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -52,7 +53,6 @@ def _slice(src: Path, dst: Path, n: int) -> None:
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="../shared/data/flickr8k is not beside the checkout")
 def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
     from caption.config import load_config
-    from caption.evaluation.evaluate import evaluate_checkpoint
     from caption.training.loop import fit
     from caption.training.splits import prepare
 

@@ -6,7 +6,7 @@ import json
 
 import pytest
 import torch
-from conftest import tiny_model_config
+from conftest import Killed, tiny_model_config
 
 from caption.checkpoint import read_checkpoint
 from caption.decoding import DecodeConfig, decode
@@ -112,9 +112,6 @@ def test_always_reading_the_expectation_trains_exactly_as_soft_attention(shapes_
 
 def test_hard_training_resumes_exactly_with_its_baseline(shapes_dir, tmp_path):
     cfg = _config(shapes_dir, "model.blend=hard", "train.epochs=2", "train.checkpoint_every=3")
-
-    class Killed(Exception):
-        pass
 
     def kill(progress):
         if progress.step == 7:

@@ -57,7 +57,7 @@ def test_caption_model_runs_in_the_precision_asked_for(tiny_checkpoint, tmp_path
 
 
 def test_encode_images_keeps_order_and_errors_in_place_across_batches(tmp_path):
-    from caption.inference import encode_images
+    from caption.encoding import encode_images
 
     transform = image_transform(8, (0.5,) * 3, (0.25,) * 3)
     paths = []

@@ -7,7 +7,7 @@ import dataclasses
 import time
 
 import pytest
-from test_train import shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from conftest import tiny_config
 
 from caption.checkpoint import read_checkpoint
 from caption.commands.main import main

@@ -6,7 +6,7 @@ import csv
 
 import pytest
 import torch
-from test_train import _Killed, shapes_dir, tiny_config  # noqa: F401  (fixture re-used)
+from conftest import Killed, tiny_config
 
 from caption.checkpoint import read_checkpoint
 from caption.config import ConfigError
@@ -83,7 +83,7 @@ def test_scst_starts_from_the_run_not_its_optimizer(shapes_dir, xent_run, tmp_pa
 
 def _kill_at_step_3(progress):
     if progress.step == 3:
-        raise _Killed
+        raise Killed
 
 
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
@@ -91,7 +91,7 @@ def test_resume_is_exact(shapes_dir, xent_run, tmp_path, baseline):  # noqa: F81
     cfg = _scst(shapes_dir, xent_run, "train.epochs=2", "train.checkpoint_every=2", f"train.scst_baseline={baseline}",
                 "train.lr=1e-3")
     fit(cfg, tmp_path / "straight", progress_bars=False)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_3)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["progress"]["step"] == 2
     fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)

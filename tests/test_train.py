@@ -22,25 +22,7 @@ from caption.data.shapes import generate_shapes
 from caption.training.loop import fit
 from caption.training.splits import prepare
 from caption.vocab import Vocabulary, tokenize
-
-
-@pytest.fixture(scope="module")
-def shapes_dir(tmp_path_factory):
-    out = tmp_path_factory.mktemp("shapes")
-    generate_shapes(out, n=40, seed=1, image_size=48)
-    return out
-
-
-def tiny_config(shapes_dir, *overrides: str) -> Config:
-    data = [f"data.{s}_captions={shapes_dir}/captions_{s}.json" for s in ("train", "val", "test")]
-    return load_config(None, [
-        "name=tiny", "data.format=coco", f"data.images={shapes_dir}/images", "data.image_size=48", "data.min_freq=1",
-        "data.metric=shapes",
-        "model.encoder=small", "model.small_channels=8", "model.grid=3", "model.embed_dim=8", "model.hidden_dim=16",
-        "model.attention_dim=8", "model.dropout=0.3", "model.fine_tune=true", "model.fine_tune_blocks=4",
-        "train.epochs=2", "train.batch_size=16", "train.lr=0.003", "train.encoder_lr=0.003", "train.amp=false",
-        "decode.max_len=12", *data, *overrides,
-    ])
+from conftest import Killed, evaluate_checkpoint, tiny_config
 
 
 def _weights(run_dir):
@@ -60,13 +42,9 @@ def test_fit_writes_the_run_directory(shapes_dir, tmp_path):
     assert not list(run.glob("*.tmp")) and not list(run.glob(".*.tmp"))
 
 
-class _Killed(Exception):
-    pass
-
-
 def _kill_at_step_7(progress):
     if progress.step == 7:  # mid-epoch (an epoch is 10 steps); the last checkpoint was at step 6
-        raise _Killed
+        raise Killed
 
 
 @pytest.mark.parametrize("setting", ["train.lr_schedule=plateau", "train.lr_schedule=cosine",
@@ -74,7 +52,7 @@ def _kill_at_step_7(progress):
 def test_resume_after_a_mid_epoch_kill_ends_with_the_same_weights_and_metrics(shapes_dir, tmp_path, setting):
     cfg = tiny_config(shapes_dir, "train.checkpoint_every=3", "train.epochs=2", setting, "train.warmup_steps=4")
     fit(cfg, tmp_path / "straight", progress_bars=False)
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_7)
     state = read_checkpoint(tmp_path / "resumed" / "last.pt")
     assert state["progress"]["step"] == 6 and state["progress"]["epoch"] == 0 and state["progress"]["batch"] == 6
@@ -100,7 +78,7 @@ def test_validation_every_n_steps_selects_mid_epoch_and_resumes_exactly(shapes_d
     assert result.best_score == pytest.approx(best, abs=1e-4) and len(result.history) == 6
     best_step = read_checkpoint(tmp_path / "straight" / "best.pt")["progress"]["step"]
     assert best_step == int(next(r["step"] for r in rows if float(r["val_CIDEr"]) == best))
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_7)
     fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)
     straight, resumed = ((tmp_path / run / "metrics.csv").read_text() for run in ("straight", "resumed"))
@@ -125,7 +103,7 @@ def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path,
     state = read_checkpoint(tmp_path / "straight" / "last.pt")
     steps = state["progress"]["step"]  # no overflow in fp32: the scale doubles every 4 steps
     assert state["scaler"]["scale"] == 2.0 ** (8 + steps // 4) and state["scaler"]["_growth_tracker"] == steps % 4
-    with pytest.raises(_Killed):
+    with pytest.raises(Killed):
         fit(cfg, tmp_path / "resumed", progress_bars=False, on_step=_kill_at_step_7)
     assert read_checkpoint(tmp_path / "resumed" / "last.pt")["scaler"]["_growth_tracker"] == 6 % 4
     fit(cfg, tmp_path / "resumed", resume=True, progress_bars=False)
@@ -167,7 +145,7 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
     assert loaded.path.name == "best.pt" and len(loaded.vocab) > 4
     # a checkpoint that would unpickle an arbitrary object is refused
     evil = tmp_path / "evil.pt"
-    torch.save({"model": {}, "config": {}, "vocab": {}, "payload": pickle.loads(pickle.dumps(_Killed()))}, evil)
+    torch.save({"model": {}, "config": {}, "vocab": {}, "payload": pickle.loads(pickle.dumps(Killed()))}, evil)
     with pytest.raises(CheckpointError, match="cannot read"):
         load_checkpoint(evil)
     # weights saved for another vocabulary size
@@ -184,7 +162,6 @@ def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):
 
 def test_evaluate_any_coco_file_and_the_cli_json(shapes_dir, tmp_path, capsys):
     from caption.commands.main import main
-    from caption.evaluation.evaluate import evaluate_checkpoint
 
     fit(tiny_config(shapes_dir, "train.epochs=1"), tmp_path / "run", progress_bars=False)
     scores = evaluate_checkpoint(tmp_path / "run", captions=str(shapes_dir / "captions_test.json"),

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import sys
-from pathlib import Path
 
 from caption.config import PRECISIONS  # no torch import
 
@@ -75,31 +74,22 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 
 def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None):
-    """The CaptionModel of ``--checkpoint`` (default: inference.default_checkpoint(); several paths: an
-    ensemble), or None after an error line; its runtime line goes to stderr. ``flag="compare"`` loads
-    ``--compare`` instead (no default) in ``runtime``, the first model's."""
-    from caption.checkpoint import CheckpointError, load_checkpoints
+    """The CaptionModel of ``--checkpoint`` by :func:`caption.inference.load` (default: the shipped
+    model; several paths: an ensemble), or None after an error line; the runtime line goes to stderr.
+    ``flag="compare"`` loads ``--compare`` instead (no default) in ``runtime``, the first model's."""
+    from caption.checkpoint import CheckpointError
     from caption.errors import CaptionError
-    from caption.inference import CaptionModel, default_checkpoint
+    from caption.inference import load
 
     given = getattr(args, flag)
-    paths = [Path(p) for p in ([given] if isinstance(given, str) else given or [default_checkpoint()])]
     try:
-        loaded = load_checkpoints(paths)
+        model = load([given] if isinstance(given, str) else given, args.device, args.precision, args.threads,
+                     guide=getattr(args, "guide", True), runtime=runtime, prog=f"caption {args.command}",
+                     report=runtime is None)
     except CheckpointError as err:
-        if given is None and not paths[0].exists():
-            error(args, f"no trained model at {paths[0]} (the default checkpoint): run `caption demo` first, "
-                        "or pass --checkpoint PATH")
-        else:
-            named = " ".join(str(p) for p in paths)
-            error(args, f"--{flag} {named}: {err}" if given is not None else str(err))
+        error(args, f"--{flag} {' '.join(str(p) for p in given)}: {err}" if given else str(err))
         return None
-    guide = getattr(args, "guide", True)
-    try:
-        model = CaptionModel(loaded, runtime or resolve(args, loaded.config.precision), guide=guide)
     except CaptionError as err:  # an unknown or absent --device, fp16 on a CPU
         error(args, str(err))
         return None
-    if guide and model.guide is None:
-        print(f"caption {args.command}: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
     return model.with_decode(hard_test=getattr(args, "hard_test", None))

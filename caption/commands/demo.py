@@ -18,7 +18,7 @@ from caption.commands._common import add_runtime_args, resolve
 from caption.config import Config, ConfigError, load_config
 from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
-from caption.inference import DEMO_RUN_DIR
+from caption.training.run_dir import DEMO_RUN_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # packaged copy of configs/shapes.yaml
 DONE = "done.json"
@@ -130,11 +130,10 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, runtime=None, overwr
              n: int = 5000, examples: int = 4) -> dict:
     """Generate the shapes data with ``seed``, train the demo config with it in ``runtime`` (default:
     the CPU in the config's precision), evaluate the test split with beam 3."""
-    from caption.checkpoint import load_checkpoint
     from caption.data.records import load_split
     from caption.data.shapes import generate_shapes
     from caption.evaluation.evaluate import evaluate
-    from caption.inference import CaptionModel
+    from caption.inference import load
     from caption.runtime import resolve_runtime
 
     started = time.monotonic()
@@ -143,7 +142,7 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, runtime=None, overwr
     runtime = runtime or resolve_runtime("cpu", cfg.precision)
     paths = generate_shapes(run_dir / "data", n=n, seed=seed, image_size=cfg.data.image_size)
     train_once(cfg, run_dir, runtime, overwrite, on_step=RemainingTime(cfg.train.epochs, started))
-    model = CaptionModel(load_checkpoint(run_dir), runtime)
+    model = load(run_dir, runtime=runtime, guide=False)  # the shapes encoder has no ImageNet classifier
     scores = evaluate(model, checkpoint=run_dir, split="test", beam=3, out_dir=run_dir / "eval")
     print("\nheld-out test split, beam 3:")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}, indent=1))

@@ -27,10 +27,19 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from caption.config import DecodeConfig, GuideConfig
+from caption.config import Config, ConfigError, DecodeConfig, GuideConfig
 from caption.decoding.constrained import Constraint, constrained_beam_search
-from caption.decoding.names import PERSON_WORDS, ImageNetClass, not_after, read_people_words, sayable, talks_of
+from caption.decoding.names import (
+    PERSON_WORDS,
+    ImageNetClass,
+    not_after,
+    read_classes,
+    read_people_words,
+    sayable,
+    talks_of,
+)
 from caption.decoding.results import GuideInfo, Hypothesis
+from caption.model.encoder import classifier_head
 from caption.vocab import Vocabulary
 
 
@@ -157,3 +166,18 @@ def guided_search(decoder: nn.Module, features: torch.Tensor, options: DecodeCon
                 hyps[i] = h
                 infos[i] = dataclasses.replace(infos[i], satisfied=plans[i].enough is not None, shaped=True)
     return list(zip(hyps, infos))
+
+
+def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tuple[Guide | None, str | None]:
+    """The guide of a run (the encoder's ImageNet classifier and the names table), or None and why
+    there is none: ``guide.enabled`` false, an encoder without a classifier head that reads its
+    features, or an encoder fine-tuned away from it."""
+    if not config.guide.enabled:
+        return None, "guide.enabled is false in the run's config"
+    if config.train.fine_tune_from_epoch >= 0:
+        return None, "the encoder was fine-tuned (train.fine_tune_from_epoch): its ImageNet classifier no longer fits"
+    try:
+        head = classifier_head(config.model)
+    except ConfigError as err:
+        return None, str(err)
+    return Guide(head, read_classes(), vocab, config.guide).to(device), None

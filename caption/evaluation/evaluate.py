@@ -4,14 +4,31 @@ the one inference path, score it, and write the captions and scores."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Sequence
+from typing import Protocol, Sequence
+
+from torch import nn
 
 from caption.data.records import load_coco, load_split
 from caption.errors import CaptionError, DataError
 from caption.evaluation.metrics import write_results
 from caption.evaluation.scoring import caption_records, repetition_scores, score_results, split_metric, task_metric
+from caption.config import Config
+from caption.data.images import ImageTransform
 from caption.fileio import atomic_write_json
-from caption.inference import CaptionModel
+from caption.runtime import Runtime
+from caption.vocab import Vocabulary
+
+
+class LoadedModel(Protocol):
+    """What evaluation needs of a loaded captioner (:class:`caption.inference.CaptionModel` is one)."""
+
+    config: Config
+    vocab: Vocabulary
+    runtime: Runtime
+    transform: ImageTransform
+    guide: nn.Module | None
+
+    def inference_captioner(self) -> nn.Module: ...
 
 
 def default_out_dir(checkpoint: str | Path | Sequence[str | Path]) -> Path:
@@ -24,7 +41,7 @@ def default_out_dir(checkpoint: str | Path | Sequence[str | Path]) -> Path:
     return Path("runs") / "eval" / "+".join(p.name if p.is_dir() else p.stem for p in paths)
 
 
-def evaluate(model: CaptionModel, *, checkpoint: str | Path | Sequence[str | Path], split: str = "test", captions: str | None = None,
+def evaluate(model: LoadedModel, *, checkpoint: str | Path | Sequence[str | Path], split: str = "test", captions: str | None = None,
              images: str | None = None, beam: int | None = None, length_penalty: float | None = None,
              no_repeat_ngram: int | None = None, out_dir: str | Path | None = None, java: bool | None = None,
              progress: bool = True) -> dict:
@@ -63,13 +80,3 @@ def evaluate(model: CaptionModel, *, checkpoint: str | Path | Sequence[str | Pat
     write_results(evaluation.captions, out / f"captions_{name}.json")
     atomic_write_json(out / f"scores_{name}.json", scores, indent=1)
     return scores
-
-
-def evaluate_checkpoint(checkpoint: str | Path, *, device: str | None = None, precision: str | None = None,
-                        threads: int | None = None, **kwargs) -> dict:
-    """:func:`evaluate` of the checkpoint file or run directory ``checkpoint`` (:func:`caption.load`
-    with ``device``, ``precision`` and ``threads``); ``kwargs`` are :func:`evaluate`'s."""
-    from caption.inference import load
-
-    return evaluate(load(checkpoint, device=device, precision=precision, threads=threads), checkpoint=checkpoint,
-                    **kwargs)

@@ -24,7 +24,7 @@ from caption.data.images import ImageTransform, preprocess
 from caption.data.records import ImageRecord
 from caption.decoding import DecodeConfig, DecodingResult, decode
 from caption.evaluation.metrics import coco_scores
-from caption.inference import encode_images
+from caption.encoding import encode_images
 from caption.model import Captioner
 from caption.runtime import Runtime
 from caption.vocab import Vocabulary, tokenize
@@ -56,7 +56,7 @@ def caption_records(
     """image_id -> DecodingResult for every readable image of ``records``, decoded in ``runtime``.
 
     ``features`` (a FeatureStore of cached grids) skips the encoder; otherwise each image goes
-    through ``model.encoder`` by the one inference loop (:func:`caption.inference.encode_images`).
+    through ``model.encoder`` by the one inference loop (:func:`caption.encoding.encode_images`).
     ``guide`` (:class:`caption.decoding.guide.Guide`, None: off) guides the captions.
     """
     model.eval()

@@ -28,7 +28,7 @@ from caption.data.images import ImageError, ImageTransform, preprocess
 from caption.data.records import ImageRecord
 from caption.errors import DataError
 from caption.fileio import atomic_write_json
-from caption.inference import encode_images, inference_encoder
+from caption.encoding import encode_images, inference_encoder
 from caption.model import Encoder
 from caption.runtime import Runtime, resolve_runtime
 
@@ -168,8 +168,8 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
 
     ``key`` (default: the prefix's file name) identifies the encoder settings; with the image ids, the
     encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
-    Images go through the one inference path (:func:`caption.inference.encode_images`, a captioning
-    :class:`Encoder` as its :func:`caption.inference.inference_encoder` copy) in ``runtime``'s device
+    Images go through the one inference path (:func:`caption.encoding.encode_images`, a captioning
+    :class:`Encoder` as its :func:`caption.encoding.inference_encoder` copy) in ``runtime``'s device
     and precision (default: the CPU in fp32); the key should name the precision (:func:`cache_key`).
     Unreadable images are recorded in ``bad`` (their features stay zero) and reported, not fatal.
     """

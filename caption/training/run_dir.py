@@ -30,6 +30,7 @@ log = logging.getLogger("caption.training.run_dir")
 
 METRICS, TENSORBOARD, LOCK = "metrics.csv", "tb", ".lock"
 RUN_FILES = (LAST, BEST, METRICS)  # any of these beside config.yaml: the directory holds a run
+DEMO_RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
 
 
 class RunDirError(CaptionError):
