@@ -137,7 +137,8 @@ class DecodeConfig:
     beam_size: int = 3
     max_len: int = 20  # most words emitted per caption, <end> included
     min_len: int = 0  # <end> is suppressed before this many words
-    length_penalty: float = 0.0  # final score = log_prob / len**length_penalty
+    length_penalty: float = 0.0  # final score = log_prob / len**length_penalty; >= 0 (beam search's early stop
+    # relies on a longer caption never scoring higher)
     suppress_unk: bool = True  # never emit <unk> (it would show as a gap in the caption)
     no_repeat_ngram: int = 0  # never emit an n-gram of this many words twice in one caption (0: off)
     alternatives: bool = False  # beam search also returns its K-1 runners-up (`caption attend` and predict --json ask)
@@ -147,6 +148,7 @@ class DecodeConfig:
 
     def __post_init__(self) -> None:
         checks = {"beam_size": self.beam_size >= 1, "max_len": self.max_len >= 1, "min_len": self.min_len >= 0,
+                  "length_penalty": self.length_penalty >= 0,
                   "no_repeat_ngram": self.no_repeat_ngram >= 0, "temperature": self.temperature >= 0,
                   "samples": self.samples >= 1, "hard_test": self.hard_test in ("argmax", "expect")}
         bad = [key for key, ok in checks.items() if not ok]

@@ -1,12 +1,11 @@
 """Constrained beam search against brute-force enumeration on a tiny vocabulary."""
 
-import itertools
 
 import pytest
 import torch
 from conftest import tiny_model_config
 
-from caption.decoding import DecodeConfig, decode
+from caption.decoding import DecodeConfig, beam_search, decode
 from caption.decoding.constrained import Constraint, constrained_beam_search
 from caption.model import AttentionDecoder
 from caption.vocab import END_ID
@@ -159,6 +158,25 @@ def test_a_constraint_the_caption_already_meets_changes_nothing():
         constraints = [Constraint(((r.tokens[0],),)) for r in plain]
         guided = constrained_beam_search(decoder, feats, options, constraints)
     assert [g.tokens for g in guided] == [p.tokens for p in plain]
+
+
+@pytest.mark.parametrize("options", [DecodeConfig(beam_size=1, max_len=6), DecodeConfig(beam_size=3, max_len=8),
+                                     DecodeConfig(beam_size=4, max_len=7, length_penalty=1.0, alternatives=True),
+                                     DecodeConfig(beam_size=5, max_len=6, min_len=2, no_repeat_ngram=2, alternatives=True),
+                                     DecodeConfig(beam_size=12, max_len=4, length_penalty=0.5)])
+def test_an_empty_constraint_is_plain_beam_search(options):
+    """A constraint that asks nothing (no phrase, no penalty) holds every caption from the start:
+    its held bank is plain beam search's one bank, so the captions, log-probabilities, maps and
+    runners-up are plain beam search's, exactly."""
+    for seed in range(3):
+        decoder, feats = _decoder(seed), torch.randn(4, 9, 16)
+        with torch.no_grad():
+            plain = beam_search(decoder, feats, options)
+            found = constrained_beam_search(decoder, feats, options, [Constraint(())] * 4)
+        for p, c in zip(plain, found):
+            for a, b in zip((p, *p.others), (c, *c.others), strict=True):
+                assert a.tokens == b.tokens and a.log_prob == b.log_prob and a.finished == b.finished
+                assert torch.equal(a.alphas, b.alphas)
 
 
 def test_constraint_checks_its_arguments():

@@ -28,6 +28,26 @@ def test_beam_of_one_equals_greedy(name):
                 torch.testing.assert_close(g.alphas, b.alphas)
 
 
+def test_beam_of_one_equals_greedy_when_every_word_of_a_row_is_banned():
+    """Words 4, 5, 6 said once each (no_repeat_ngram=1) and <end> held back by min_len: the fourth
+    step rules out every word. Both searches then let the caption end (one ban function), so K = 1
+    beam search is still greedy search, and wider beams still return a caption."""
+    torch.manual_seed(0)
+    decoder, feats = _random_decoder(vocab=7), torch.randn(4, 9, 16)
+    cases = (DecodeConfig(1, 6, min_len=5, no_repeat_ngram=1), DecodeConfig(1, 8, min_len=5, no_repeat_ngram=1, length_penalty=0.5),
+             DecodeConfig(1, 8, min_len=6, no_repeat_ngram=1, suppress_unk=False, length_penalty=1.0))
+    with torch.no_grad():
+        for opts in cases:
+            greedy, beam = greedy_search(decoder, feats, opts), beam_search(decoder, feats, opts)
+            assert any(g.finished and len(g.tokens) < opts.min_len for g in greedy)  # the rule had work to do
+            for g, b in zip(greedy, beam):
+                assert g.tokens == b.tokens and g.finished == b.finished
+                assert g.log_prob == pytest.approx(b.log_prob, abs=1e-4)
+                assert torch.equal(g.alphas, b.alphas)
+            wide = decode(decoder, feats, DecodeConfig(3, opts.max_len, min_len=opts.min_len, no_repeat_ngram=1))
+            assert all(r.finished and len(set(r.tokens)) == len(r.tokens) for r in wide)
+
+
 @pytest.mark.parametrize("name", SCORER_NAMES)
 def test_batched_beam_equals_single_image_beams(name):
     decoder, feats = _random_decoder(name), torch.randn(5, 9, 16)
@@ -204,3 +224,10 @@ def test_no_repeat_ngram_in_greedy_search():
     assert any(_repeats_an_ngram(r.tokens, 2) for r in decode(decoder, feats, DecodeConfig(1, 10)))
     for r in decode(decoder, feats, DecodeConfig(1, 10, no_repeat_ngram=2)):
         assert not _repeats_an_ngram(r.tokens, 2)
+
+
+def test_a_negative_length_penalty_is_refused():
+    from caption.config import ConfigError
+
+    with pytest.raises(ConfigError, match="decode.length_penalty"):
+        DecodeConfig(beam_size=3, length_penalty=-0.5)

@@ -6,19 +6,19 @@ at that step is at least ``slot_mass``: "a ___", "a brown ___", not "two dogs ar
 ``within`` is set, only among the caption's first ``within`` words (the object as the subject).
 ``penalty`` is taken off the ranking score of every word of ``penalized`` emitted (people, say).
 
-A two-state machine runs per beam: state 0, no phrase said yet; state 1, one said. Each state
-keeps its own K beams, so captions that already hold the phrase are never crowded out by those
-that do not. All images and their 2K beams are one (B*2K)-row batch through the decoder's
-``step``, the keys projected once per image, as in :mod:`caption.decoding.beam`. Only state-1
-captions can be the result (finished ones, and at ``max_len`` the live ones), ranked by
+The beams are two banks of the beam core (:class:`caption.decoding.core.Beams`): the *free* bank
+holds captions that have begun no phrase, the *held* bank those that say one or are in the middle
+of one, so captions that already hold the phrase are never crowded out by those that do not.
+:func:`_rules` holds the language rules: which candidate may enter which bank, and the order of the
+held bank. All images and their 2K beams are one (B*2K)-row batch through the decoder's ``step``,
+the keys projected once per image, as in :mod:`caption.decoding.beam`. Only captions that say a
+phrase can be the result (finished ones, and at ``max_len`` the live ones), ranked by
 ``(log_prob - penalties) / len**length_penalty``; the result reports the model's own
-log-probability. An image without a state-1 caption gets ``None`` (the caller falls back).
+log-probability. An image without such a caption gets ``None`` (the caller falls back).
 """
 
 from __future__ import annotations
 
-import dataclasses
-import math
 from dataclasses import dataclass
 from typing import Sequence
 
@@ -26,14 +26,14 @@ import torch
 from torch import nn
 
 from caption.config import DecodeConfig
-from caption.decoding.results import Hypothesis, normalised
+from caption.decoding.core import Beams
+from caption.decoding.results import Hypothesis
 from caption.decoding.rules import log_probs
-from caption.vocab import END_ID, START_ID
+from caption.vocab import END_ID
 
 _NONE = -1  # a token before the caption's start (matches no phrase word)
 _ANY = -2  # an unused slot of a right-aligned phrase prefix (matches any token)
 _NEVER = 10**9  # "no deadline"
-_TIER = 1e6  # log-probability distance between tiers of state 1 (far below any caption's)
 
 
 @dataclass(frozen=True)
@@ -164,147 +164,100 @@ class _Phrases:
         return (t + 1) < self.within[image]
 
 
+@dataclass(frozen=True)
+class _Progress:
+    """Where each row's caption stands with its image's phrases (R rows per image, the free bank's
+    first, then the held bank's)."""
+
+    says: torch.Tensor  # (B, R) bool, the caption says a phrase
+    midway: torch.Tensor  # (B, R) bool, the caption is in the middle of a phrase (held bank, not said yet)
+    since: torch.Tensor  # (B, R) long, words since the phrase was said, -1: not said
+    slots: torch.Tensor  # (B*R, t) bool, the positions where the model expected a noun
+
+    @staticmethod
+    def start(constraints: Sequence[Constraint], device: torch.device) -> "_Progress":
+        """Before the first word (R = 1): a constraint without phrases is said from the start."""
+        says = torch.tensor([[not c.phrases] for c in constraints], device=device)  # (B, 1)
+        return _Progress(says, torch.zeros_like(says), torch.full(says.shape, -1, device=device),
+                         torch.empty((len(constraints), 0), dtype=torch.bool, device=device))
+
+    def follow(self, moves: "_Moves", held: torch.Tensor, rows: torch.Tensor) -> "_Progress":
+        """The new rows' progress: the free bank's K have said nothing; the held bank's K are the
+        candidates at ``held`` (B, K) in R*V; ``rows`` (B*2K,) are the rows they continue."""
+        B, R, V = moves.says.shape
+        said = moves.says.view(B, R * V).gather(1, held)  # (B, K) said, else in the middle of one
+        said_now = (moves.says & ~self.says.unsqueeze(-1)).view(B, R * V).gather(1, held)  # (B, K) with this word
+        since = torch.where(self.since >= 0, self.since + 1, -1).gather(1, held // V)  # (B, K) floor division
+        since = torch.where(said_now, 0, since)
+        nothing = torch.zeros_like(said)
+        return _Progress(torch.cat([nothing, said], 1), torch.cat([nothing, ~said], 1),  # (B, 2K) each
+                         torch.cat([torch.full_like(since, -1), since], 1), moves.slots[rows])  # (B, 2K), (B*2K, t+1)
+
+
+@dataclass(frozen=True)
+class _Moves:
+    """Where each candidate (a row's caption and one more word) may go, each (B, R, V)."""
+
+    free: torch.Tensor  # bool, into the free bank: it begins no phrase, and one may still begin in time
+    held: torch.Tensor  # bool, into the held bank: it says a phrase (and may end), or takes one a word further
+    says: torch.Tensor  # bool, the caption says a phrase with this word or before
+    tier: torch.Tensor  # long, the held bank's order: 2 says a phrase, 1 takes a begun one further, 0 begins one
+    slots: torch.Tensor  # (B*R, t+1) bool, the noun slots so far, the next word's position included
+
+
+def _rules(phrases: _Phrases, progress: _Progress, t: int, logp: torch.Tensor, tokens: torch.Tensor,
+           image: torch.Tensor) -> _Moves:
+    """The language rules at step ``t`` for every candidate, from the step's log-probabilities
+    logp (B*R, V), the captions so far tokens (B*R, t) and each row's image (B*R,)."""
+    B, R = progress.says.shape
+    V = logp.shape[1]
+    slots = torch.cat([progress.slots, phrases.slots(logp, image).unsqueeze(1)], 1)  # (B*R, t+1)
+    completes = phrases.completes(tokens, slots, image, V).view(B, R, V)  # the word completes a phrase
+    extends = phrases.extends(tokens, slots, image, V).view(B, R, V) & ~completes  # it begins or continues one
+    said, midway = progress.says.unsqueeze(-1), progress.midway.unsqueeze(-1)  # (B, R, 1) each
+    says = said | completes  # (B, R, V)
+    held = says | (extends & ~said)  # a caption in the middle of a phrase may do nothing else
+    free = ~said & ~midway & ~completes & phrases.can_still_start(t, image).view(B, R, 1)
+    held[..., END_ID] &= says[..., END_ID]  # only a caption that says a phrase may end
+    ends_noun = phrases.end_phrase[image].view(B, R)  # (B, R) the phrase must end its noun phrase
+    just_said = ((progress.since == 0) & ends_noun).unsqueeze(-1)  # (B, R, 1) no noun right after it
+    held &= ~(just_said & (phrases.slot_words[image].view(B, R, V) > 0))
+    noun = slots[:, -1] & (phrases.slot_mass[image] > 0)  # (B*R,) a noun expected now (slot_mass 0: never)
+    later = (progress.since == 1) & ends_noun & noun.view(B, R)  # (B, R) a noun expected one word after it
+    held &= ~later.unsqueeze(-1)  # "a frog brown ___": that word began another noun phrase
+    # the held bank keeps captions that say a phrase first, then those furthest into one, then fresh starts:
+    # a phrase's later words cost log-probability, and fresh starts would crowd out those under way
+    tier = says.long() * 2 + (extends & midway).long()  # (B, R, V)
+    return _Moves(free, held, says, tier, slots)
+
+
 def constrained_beam_search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig,
                             constraints: Sequence[Constraint], mask=None) -> list[Hypothesis | None]:
     """The best caption that satisfies its image's constraint, for each image of features (B, L, D)
-    (None where none did within ``max_len``); K = ``options.beam_size`` beams per state. Before the
+    (None where none did within ``max_len``); K = ``options.beam_size`` beams per bank. Before the
     first word one row per image runs (R = 1); from then on R = 2K rows per image."""
-    B = features.shape[0]
+    B, device = features.shape[0], features.device
     if len(constraints) != B:
         raise ValueError(f"{len(constraints)} constraints for {B} images")
     memory = decoder.prepare(features, mask)  # keys once per image, shared by its beams
     state = decoder.init_state(memory)  # (B*R, H), R = 1
-    search = _Search(B, options, memory.values.shape[1], features.device)
-    search.sat[:, 0] = torch.tensor([not c.phrases for c in constraints])  # nothing to say: satisfied from the start
-    table: _Phrases | None = None
+    beams = Beams(B, options, memory.values.shape[1], device)
+    progress, phrases = _Progress.start(constraints, device), None
     for t in range(options.max_len):
-        out = decoder.step(search.prev, state, memory)
-        logp = log_probs(out.logits, t, options, search.tokens)  # (B*R, V)
-        table = table or _Phrases(constraints, logp.shape[1], features.device)
-        state = out.state.index(search.advance(t, logp, out.alpha, table))
-        if search.done():
+        out = decoder.step(beams.prev, state, memory)
+        logp = log_probs(out.logits, t, options, beams.tokens)  # (B*R, V)
+        if phrases is None:
+            phrases = _Phrases(constraints, logp.shape[1], device)
+        image = torch.arange(B, device=device).repeat_interleave(beams.scores.shape[1])  # (B*R,)
+        moves = _rules(phrases, progress, t, logp, beams.tokens, image)
+        own = logp.view(moves.says.shape) + beams.log_probs.unsqueeze(-1)  # (B, R, V) the model's log-probabilities
+        ranked = beams.candidates(logp + phrases.bias[image])  # (B, R, V) penalties taken off
+        free = beams.top(ranked.masked_fill(~moves.free, float("-inf")))
+        held = beams.top(ranked.masked_fill(~moves.held, float("-inf")), moves.tier, tiers=3)
+        beams.finish(held, out.alpha, own)
+        rows = beams.advance([free, held], out.alpha, own)
+        progress = progress.follow(moves, held.kept, rows)
+        state = out.state.index(rows)
+        if beams.done():
             break
-    pool = memory.pool_alpha  # (B, L) for model.init_state=attend, else None
-    hyps = [search.best(b) for b in range(B)]
-    return [h if h is None or pool is None else dataclasses.replace(h, init_alpha=pool[b], others=tuple(
-        dataclasses.replace(o, init_alpha=pool[b]) for o in h.others)) for b, h in enumerate(hyps)]
-
-
-class _Search:
-    """The beams of B images in two banks (state-0 rows first, then state 1), what finished, and
-    the step that moves them on."""
-
-    def __init__(self, B: int, options: DecodeConfig, L: int, device: torch.device):
-        self.B, self.K, self.options = B, options.beam_size, options
-        self.scores = torch.zeros((B, 1), device=device)  # (B, R) ranking scores (penalties in)
-        self.logps = torch.zeros((B, 1), device=device)  # (B, R) the model's log-probabilities
-        self.sat = torch.zeros((B, 1), dtype=torch.bool, device=device)  # (B, R) the row says a phrase
-        self.pend = torch.zeros((B, 1), dtype=torch.bool, device=device)  # (B, R) state 1, in the middle of a phrase
-        self.age = torch.full((B, 1), -1, dtype=torch.long, device=device)  # (B, R) words since the phrase ended, -1: none
-        self.prev = torch.full((B,), START_ID, dtype=torch.long, device=device)  # (B*R,)
-        self.tokens = torch.empty((B, 0), dtype=torch.long, device=device)  # (B*R, t)
-        self.slots = torch.empty((B, 0), dtype=torch.bool, device=device)  # (B*R, t) noun slots so far
-        self.alphas = torch.empty((B, 0, L), device=device)  # (B*R, t, L)
-        self.finished: list[list[tuple[float, Hypothesis]]] = [[] for _ in range(B)]  # (normalised score, hyp)
-        self.best_finished = torch.full((B,), float("-inf"), device=device)  # need-th best normalised score
-
-    def advance(self, t: int, logp: torch.Tensor, alpha: torch.Tensor, table: _Phrases) -> torch.Tensor:
-        """One step: score every (row, word), move each to its state's bank, set aside finished
-        captions; returns the rows (B*2K,) the new beams continue from."""
-        B, V, R = self.B, logp.shape[1], self.scores.shape[1]
-        image = torch.arange(B, device=logp.device).repeat_interleave(R)  # (B*R,)
-        ranked = (logp + table.bias[image]).view(B, R, V) + self.scores.unsqueeze(-1)  # (B, R, V)
-        true = logp.view(B, R, V) + self.logps.unsqueeze(-1)  # (B, R, V)
-        slots = torch.cat([self.slots, table.slots(logp, image).unsqueeze(1)], 1)  # (B*R, t+1)
-        done = table.completes(self.tokens, slots, image, V).view(B, R, V)  # (B, R, V) the word completes a phrase
-        going = table.extends(self.tokens, slots, image, V).view(B, R, V) & ~done  # (B, R, V) it starts/continues one
-        sat, pend = self.sat.unsqueeze(-1), self.pend.unsqueeze(-1)  # (B, R, 1) each
-        free = ~sat & ~pend
-        new_sat = sat | (done & ~sat)  # (B, R, V)
-        in1 = new_sat | (going & ~sat)  # state 1: said, or under way (a row under way may do nothing else)
-        in0 = free & ~done & table.can_still_start(t, image).view(B, R, 1)  # state 0: still free to say one
-        in1[..., END_ID] &= new_sat[..., END_ID]  # only a caption that says a phrase may end
-        ends = table.end_phrase[image].view(B, R)  # (B, R) the phrase must end its noun phrase
-        after = ((self.age == 0) & ends).unsqueeze(-1)  # (B, R, 1) the phrase just ended: no noun now
-        in1 &= ~(after & (table.slot_words[image].view(B, R, V) > 0))
-        noun = slots[:, -1] & (table.slot_mass[image] > 0)  # (B*R,) a noun expected now (slot_mass 0: never)
-        later = (self.age == 1) & ends & noun.view(B, R)  # (B, R) one word after the phrase a noun is expected again
-        in1 &= ~later.unsqueeze(-1)  # "a frog brown ___": that word began another noun phrase
-        # state 1 keeps captions that say a phrase first, then those furthest into one, then fresh starts:
-        # a phrase's later words cost log-probability, and fresh starts would crowd out those under way
-        tier = new_sat.float() * 2 + (going & pend).float()  # (B, R, V)
-        picks = [self._bank(ranked.masked_fill(~in0, float("-inf")).view(B, R * V), V),
-                 self._bank(ranked.masked_fill(~in1, float("-inf")).view(B, R * V), V, tier.view(B, R * V))]
-        self._finish(picks[1], true.view(B, R * V), alpha, R, V)
-        keep = torch.cat([p[1] for p in picks], 1)  # (B, 2K) candidates in R*V
-        rows = (torch.arange(B, device=logp.device).unsqueeze(1) * R + keep // V).view(-1)  # (B*2K,) floor division
-        self.scores = torch.cat([p[0] for p in picks], 1)  # (B, 2K)
-        self.logps = true.view(B, R * V).gather(1, keep)  # (B, 2K)
-        said = new_sat.view(B, R * V).gather(1, picks[1][1])  # (B, K) of state 1: said, else under way
-        self.sat = torch.cat([torch.zeros_like(picks[0][1], dtype=torch.bool), said], 1)  # (B, 2K)
-        self.pend = torch.cat([torch.zeros_like(picks[0][1], dtype=torch.bool), ~said], 1)  # (B, 2K)
-        ended = (new_sat & ~sat).view(B, R * V).gather(1, picks[1][1])  # (B, K) said it with this word
-        age = torch.where(self.age >= 0, self.age + 1, -1).unsqueeze(-1).expand(B, R, V).reshape(B, R * V)
-        age = torch.where(ended, 0, age.gather(1, picks[1][1]))  # (B, K)
-        self.age = torch.cat([torch.full_like(picks[0][1], -1), age], 1)  # (B, 2K)
-        self.prev = (keep % V).view(-1)  # (B*2K,) next words
-        self.tokens = torch.cat([self.tokens[rows], self.prev.unsqueeze(1)], 1)  # (B*2K, t+1)
-        self.slots = slots[rows]  # (B*2K, t+1)
-        self.alphas = torch.cat([self.alphas[rows], alpha.to(self.alphas.dtype)[rows].unsqueeze(1)], 1)  # (B*2K, t+1, L)
-        return rows
-
-    def _bank(self, cand: torch.Tensor, V: int, tier: torch.Tensor | None = None):
-        """One state's top 2K candidates of cand (B, R*V) (by ``tier`` first, then score); the best
-        K that do not end go on. Returns the kept scores (B, K) (-inf for a dead slot), their
-        indices (B, K) in R*V, and the top scores and indices (B, C) for :meth:`_finish`."""
-        C = min(2 * self.K, cand.shape[1])
-        if tier is None:
-            top, idx = cand.topk(C, dim=1)  # (B, C)
-        else:  # tiers far apart, scores within a tier; -inf stays last
-            key = torch.where(torch.isfinite(cand), cand.double() + tier.double() * _TIER, cand.double())  # (B, R*V)
-            idx = key.topk(C, dim=1).indices  # (B, C)
-            top = cand.gather(1, idx)
-        rank = torch.arange(top.shape[1], device=cand.device)
-        is_end = (idx % V) == END_ID
-        keep = torch.argsort(is_end.long() * top.shape[1] + rank, dim=1)[:, : self.K]  # (B, K) best non-<end>
-        scores = top.gather(1, keep).masked_fill(is_end.gather(1, keep), float("-inf"))  # (B, K)
-        return scores, idx.gather(1, keep), top, idx
-
-    def _finish(self, pick, true: torch.Tensor, alpha: torch.Tensor, R: int, V: int) -> None:
-        """Set aside the satisfied captions that end among their bank's top K candidates."""
-        _, _, top, idx = pick
-        rank = torch.arange(top.shape[1], device=top.device)
-        fin = ((idx % V) == END_ID) & (rank < self.K) & torch.isfinite(top)  # (B, C)
-        need = self.K if self.options.alternatives else 1
-        for b, j in fin.nonzero().tolist():
-            c = int(idx[b, j])
-            r = b * R + c // V
-            seq = self.tokens[r].tolist() + [END_ID]
-            maps = torch.cat([self.alphas[r], alpha[r : r + 1].to(self.alphas.dtype)], 0)  # (T, L)
-            self.finished[b].append((normalised(float(top[b, j]), len(seq), self.options.length_penalty),
-                                     Hypothesis(seq, float(true[b, c]), maps, True)))
-            norms = sorted((s for s, _ in self.finished[b]), reverse=True)
-            self.best_finished[b] = norms[need - 1] if len(norms) >= need else float("-inf")
-
-    def done(self) -> bool:
-        """Whether no live beam (of either state) can still beat each image's best finished caption."""
-        bound = self.scores.max(1).values / self.options.max_len**self.options.length_penalty  # (B,)
-        return bool((self.best_finished >= bound).all())
-
-    def best(self, b: int) -> Hypothesis | None:
-        """Image b's best satisfied caption (finished, or live at the length cap), with runners-up
-        when ``options.alternatives``; None when there is none."""
-        options, R = self.options, self.scores.shape[1]
-        pool = list(self.finished[b])
-        if self.tokens.shape[1] == options.max_len:  # live captions count only at the cap
-            for k in range(R):
-                s = float(self.scores[b, k])
-                if bool(self.sat[b, k]) and math.isfinite(s):
-                    hyp = Hypothesis(self.tokens[b * R + k].tolist(), float(self.logps[b, k]), self.alphas[b * R + k], False)
-                    pool.append((normalised(s, len(hyp.tokens), options.length_penalty), hyp))
-        if not pool:
-            return None
-        pool.sort(key=lambda pair: pair[0], reverse=True)
-        if not options.alternatives:
-            return pool[0][1]
-        return dataclasses.replace(pool[0][1], others=tuple(h for _, h in pool[1 : options.beam_size]))
+    return beams.results(memory, eligible=progress.says)

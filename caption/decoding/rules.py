@@ -40,27 +40,28 @@ def _repeats(tokens: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor] 
     return rows, grams[rows, at, n - 1]
 
 
-def banned_words(vocab_size: int, t: int, options: DecodeConfig, tokens: torch.Tensor) -> torch.Tensor:
-    """(N, V) bool, True for the words step ``t`` may not emit: <pad>/<start>, <unk> (when
-    suppressed), <end> before ``min_len``, and words that would repeat an n-gram of ``tokens``
-    (N, t), each row's words so far."""
-    banned = torch.zeros(tokens.shape[0], vocab_size, dtype=torch.bool, device=tokens.device)  # (N, V)
-    banned[:, _banned_columns(t, options)] = True
+def ban(scores: torch.Tensor, t: int, options: DecodeConfig, tokens: torch.Tensor) -> torch.Tensor:
+    """``scores`` (N, V) (logits or log-probabilities) with -inf, set in place, at the words step ``t``
+    may not emit: <pad>/<start>, <unk> (when suppressed), <end> before ``min_len``, and words that
+    would repeat an n-gram of ``tokens`` (N, t), each row's words so far. A row whose every word is
+    ruled out may still end, so no search runs dry. Every search bans through this one function."""
+    columns = _banned_columns(t, options)
     repeats = _repeats(tokens, options.no_repeat_ngram)
-    if repeats is not None:
+    if repeats is not None and repeats[0].numel() >= scores.shape[1] - len(columns):  # a row may be stuck
+        banned = torch.zeros(scores.shape, dtype=torch.bool, device=scores.device)  # (N, V)
+        banned[:, columns] = True
         banned[repeats] = True
-    return banned
+        banned[:, END_ID] &= ~banned.all(1)
+        return scores.masked_fill_(banned, float("-inf"))
+    scores[:, columns] = float("-inf")  # column by column, without forming the (N, V) mask
+    if repeats is not None:
+        scores[repeats] = float("-inf")
+    return scores
 
 
 def log_probs(logits: torch.Tensor, t: int, options: DecodeConfig, tokens: torch.Tensor) -> torch.Tensor:
-    """(N, V) fp32 log-softmax of the logits, -inf at the words :func:`banned_words` rules out
-    (set in place, column by column, without forming the (N, V) mask)."""
-    logp = torch.log_softmax(logits.float(), dim=-1)  # (N, V)
-    logp[:, _banned_columns(t, options)] = float("-inf")
-    repeats = _repeats(tokens, options.no_repeat_ngram)
-    if repeats is not None:
-        logp[repeats] = float("-inf")
-    return logp
+    """(N, V) fp32 log-softmax of the logits, -inf at the words :func:`ban` rules out."""
+    return ban(torch.log_softmax(logits.float(), dim=-1), t, options, tokens)  # (N, V)
 
 
 class _ReadCells:

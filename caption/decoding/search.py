@@ -2,17 +2,18 @@
 
 :func:`run` feeds each row's previous word to the decoder's ``step`` and lets a small
 :class:`TokenPicker` choose the next word from the step's logits: :class:`Argmax` (greedy search)
-or :class:`Sampler` (softmax at a temperature). Both see the same words ruled out
-(:func:`banned_words`: ``<pad>``/``<start>``, ``<unk>`` when suppressed, ``<end>`` before
-``min_len``, words that would repeat an n-gram). Rows stop at ``<end>`` or ``max_len``.
-Beam search (:mod:`caption.decoding.beam`) scores K candidates per image instead of picking one
-word per row, so it has its own loop over the same ``step`` and the same rules.
+or :class:`Sampler` (softmax at a temperature). Both see the words ruled out by
+:func:`caption.decoding.rules.ban` (``<pad>``/``<start>``, ``<unk>`` when suppressed, ``<end>``
+before ``min_len``, words that would repeat an n-gram), as beam search does. Rows stop at ``<end>``
+or ``max_len``. Beam search (:mod:`caption.decoding.beam`) scores K candidates per image instead of
+picking one word per row, so it has its own loop over the same ``step`` and the same rules.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol
+import functools
+from typing import Callable, Protocol
 
 import torch
 from torch import nn
@@ -21,22 +22,25 @@ from caption.config import DecodeConfig
 from caption.decoding.beam import beam_search
 from caption.decoding.guide import Guide, guided_search
 from caption.decoding.results import DecodingResult, Hypothesis, Samples, default_grid, to_result
-from caption.decoding.rules import banned_words, eval_mode, read_cells
+from caption.decoding.rules import ban, eval_mode, read_cells
 from caption.vocab import END_ID, PAD_ID, START_ID, Vocabulary
 
 
-class TokenPicker(Protocol):
-    """Chooses each row's next word: logits (N, V), banned (N, V) -> word (N,), log-probs (N, V)."""
+Ban = Callable[[torch.Tensor], torch.Tensor]  # sets -inf, in place, at the words this step may not emit (N, V)
 
-    def __call__(self, logits: torch.Tensor, banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+
+class TokenPicker(Protocol):
+    """Chooses each row's next word: logits (N, V) and the step's ban -> word (N,), log-probs (N, V)."""
+
+    def __call__(self, logits: torch.Tensor, ban: Ban) -> tuple[torch.Tensor, torch.Tensor]:
         ...
 
 
 class Argmax:
     """Greedy search: the most likely allowed word, scored by the model's own log-probability."""
 
-    def __call__(self, logits: torch.Tensor, banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax(logits.float(), dim=-1).masked_fill(banned, float("-inf"))  # (N, V)
+    def __call__(self, logits: torch.Tensor, ban: Ban) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = ban(torch.log_softmax(logits.float(), dim=-1))  # (N, V)
         return logp.argmax(dim=-1), logp
 
 
@@ -46,8 +50,8 @@ class Sampler:
     def __init__(self, temperature: float, generator: torch.Generator | None = None):
         self.temperature, self.generator = temperature, generator
 
-    def __call__(self, logits: torch.Tensor, banned: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        logp = torch.log_softmax((logits.float() / self.temperature).masked_fill(banned, float("-inf")), dim=-1)
+    def __call__(self, logits: torch.Tensor, ban: Ban) -> tuple[torch.Tensor, torch.Tensor]:
+        logp = torch.log_softmax(ban(logits.float() / self.temperature), dim=-1)  # (N, V)
         word = torch.multinomial(logp.detach().exp(), 1, generator=self.generator).squeeze(1)  # (N,)
         return word, logp
 
@@ -66,9 +70,7 @@ def run(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, pick:
     for t in range(options.max_len):
         out = decoder.step(prev, state, memory)
         said = torch.stack(words, 1) if words and options.no_repeat_ngram else prev.new_empty(B * rows, 0)  # (N, t)
-        banned = banned_words(out.logits.shape[1], t, options, said)  # (N, V)
-        banned[:, END_ID] &= ~banned.all(1)  # a row whose every word is ruled out (no_repeat_ngram) may still end
-        word, logp = pick(out.logits, banned)  # (N,), (N, V)
+        word, logp = pick(out.logits, functools.partial(ban, t=t, options=options, tokens=said))  # (N,), (N, V)
         live.append(~done)
         logps.append(logp.gather(1, word.unsqueeze(1)).squeeze(1).masked_fill(done, 0.0))  # (N,)
         alphas.append(out.alpha.detach().masked_fill(done.unsqueeze(1), 0.0))  # (N, L)
