@@ -50,6 +50,7 @@ LAYERS = (
     ("caption.training",),
     ("caption.viz",),
     ("caption.inference",),  # the user API: caption.load and CaptionModel
+    ("caption.serve",),  # caption serve: the HTTP app over the user API
     ("caption.commands", "caption.__main__"),
 )
 

@@ -43,3 +43,25 @@ def test_decoder_benchmark_names_its_precision(monkeypatch, capsys):
                      "--repeats", "1", "--precision", "bf16")
     assert (out["precision"], out["requested"], out["device"], out["cpu"]) == ("bf16", "bf16", "cpu", cpu_name())
     assert out["train_captions_per_s"] > 0 and out["beam_images_per_s"] > 0
+
+
+def test_serve_benchmark_reports_rates_latencies_and_the_mixed_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
+    import pytest
+
+    pytest.importorskip("fastapi", reason="the serve extra is not installed")
+    for i in range(4):
+        Image.new("RGB", (40 + i, 30), (10 * i, 90, 200)).save(tmp_path / f"{i}.jpg")
+    out = _benchmark(monkeypatch, capsys, "serve.py", "--folder", str(tmp_path), "--images", "4", "--requests", "6",
+                     "--repeats", "1", "--clients", "1", "4", "--mixed", "30", "--threads", "1", "--precision", "fp32",
+                     "--max-batch", "4", "--checkpoint", str(tiny_checkpoint), "--time-cap", "120")
+    assert out["cpu"] == cpu_name() and out["model"]["precision"] == "fp32" and out["model"]["threads"] == 1
+    assert [(r["batching"], r["clients"]) for r in out["runs"]] == [(True, 1), (False, 1), (True, 4), (False, 4)]
+    for run in out["runs"]:
+        assert run["requests"] == 6 and run["non_200"] == 0 and run["requests_per_s"] > 0
+        assert 0 < run["p50_ms"] <= run["p95_ms"] <= run["p99_ms"]
+    assert set(out["speedup"]) == {"1", "4"}
+    assert [r["mean_batch"] for r in out["runs"] if not r["batching"]] == [1.0, 1.0]
+    mixed = out["mixed"]
+    assert mixed["requests"] == 30 and mixed["bad"] == 10 and mixed["bad_4xx"] == 10
+    assert mixed["good_200"] == mixed["good_equal_to_predict"] == 20
+    assert mixed["status_5xx"] == 0 and mixed["client_errors"] == 0 and mixed["rss_after_mb"] > 0

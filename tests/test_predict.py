@@ -230,14 +230,14 @@ def test_predict_json_greedy_has_no_alternatives(tiny_checkpoint, good, capsys) 
 
 def test_predict_json_init_attention() -> None:
     """A result with a map before the first word (model.init_state=attend) prints it as init_attention."""
-    from caption.commands.predict import _record
     from caption.decoding import DecodingResult
+    from caption.decoding.results import result_record
 
     init = torch.tensor([[0.123456, 0.876544]])
     alphas = torch.tensor([[[0.25, 0.75]], [[0.5, 0.5]]])
     result = DecodingResult(tokens=[5, 3], words=["dog", "<end>"], log_prob=-1.5, score=-1.5, alphas=alphas,
                             finished=True, init_alphas=init)
-    record = json.loads(_record(Path("x.jpg"), result, beam=1))
+    record = result_record("x.jpg", result, beam=1)
     assert record["init_attention"] == [[0.1235, 0.8765]]
     assert record["attention"] == [[[0.25, 0.75]], [[0.5, 0.5]]] and record["grid"] == [1, 2]
 

@@ -6,70 +6,22 @@ keep its aspect ratio on screen (a portrait fixture, EXIF-rotated). One browser 
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import make_tiny_checkpoint
+from conftest import CANVAS_HASH, make_tiny_checkpoint
 from PIL import Image
 from test_viewer import fake
 
 from caption.commands.main import main
 from caption.viz import viewer
 
-CANVAS_HASH = """
-var c = arguments[0], d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data, h = 7;
-for (var i = 0; i < d.length; i++) { h = (h * 31 + d[i]) >>> 0; }
-return [c.width, c.height, h];
-"""
 ASPECT = """
 var r = arguments[0].getBoundingClientRect(), c = arguments[1].getBoundingClientRect();
 return [r.width, r.height, c.left - r.left, c.top - r.top, c.width, c.height];
 """
-
-
-def _chromium() -> str | None:
-    for name in ("chromium", "chromium-browser", "google-chrome", "chrome"):
-        if shutil.which(name):
-            return shutil.which(name)
-    return None
-
-
-@pytest.fixture(scope="module")
-def driver(tmp_path_factory):
-    """Headless Chromium via selenium, fully offline; skips only if a piece is missing."""
-    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium not installed (pip install selenium)")
-    from selenium.webdriver.chrome.service import Service
-
-    browser, chromedriver = _chromium(), shutil.which("chromedriver")
-    if browser is None or chromedriver is None:
-        pytest.skip("chromium/chromedriver not found (apt-get install chromium chromium-driver)")
-    before = os.environ.get("SE_OFFLINE")
-    os.environ["SE_OFFLINE"] = "true"  # never let selenium-manager download anything
-    opts = webdriver.ChromeOptions()
-    opts.binary_location = browser
-    for flag in (
-        "--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-        "--disable-quic", "--no-first-run", "--disable-background-networking",
-        "--disable-component-update", "--disable-sync", "--disable-extensions",
-        "--window-size=1000,900", f"--user-data-dir={tmp_path_factory.mktemp('profile')}",
-    ):
-        opts.add_argument(flag)
-    service = Service(executable_path=chromedriver, log_output=subprocess.DEVNULL)
-    drv = webdriver.Chrome(options=opts, service=service)
-    drv.set_page_load_timeout(15)
-    try:
-        yield drv
-    finally:
-        drv.quit()
-        if before is None:
-            os.environ.pop("SE_OFFLINE", None)
-        else:
-            os.environ["SE_OFFLINE"] = before
 
 
 @pytest.fixture(scope="module")

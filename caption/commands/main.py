@@ -16,6 +16,7 @@ from caption.commands.evaluate import add_evaluate_command
 from caption.commands.export import add_export_command
 from caption.commands.predict import add_predict_command
 from caption.commands.prepare import add_prepare_command
+from caption.commands.serve import add_serve_command
 from caption.commands.shapes import add_shapes_command
 from caption.commands.train import add_train_command
 from caption.errors import CaptionError
@@ -26,7 +27,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("-v", "--verbose", action="store_true", help="log more")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (add_demo_command, add_shapes_command, add_prepare_command, add_train_command, add_evaluate_command,
-                add_predict_command, add_attend_command, add_export_command):
+                add_predict_command, add_attend_command, add_export_command, add_serve_command):
         add(sub)
     return parser
 

@@ -10,7 +10,6 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from pathlib import Path
 
 from caption.commands._common import (
     EXIT_BAD_INPUT,
@@ -21,44 +20,12 @@ from caption.commands._common import (
     positive_int,
 )
 
-MAP_DECIMALS = 4  # attention weights in --json
-
-
-def _maps(alphas) -> list:
-    """Attention maps (..., gh, gw) as nested lists rounded to MAP_DECIMALS."""
-    return alphas.double().round(decimals=MAP_DECIMALS).tolist()
-
-
-def _record(path: Path, result, beam: int) -> str:
-    """One JSON line: the caption, its emitted words and their attention maps, and, for a beam,
-    its runners-up with theirs."""
-    record = {
-        "image": str(path),
-        "caption": result.caption,
-        "tokens": list(result.words),  # emitted words, "<end>" included when emitted
-        "log_prob": round(float(result.log_prob), 6),
-        "beam": beam,
-        "grid": list(result.alphas.shape[1:]),  # [gh, gw]
-        "attention": _maps(result.alphas),  # T maps (gh, gw), aligned with tokens
-    }
-    init = getattr(result, "init_alphas", None)
-    if init is not None:
-        record["init_attention"] = _maps(init)  # (gh, gw), the map used before the first word
-    if getattr(result, "guide", None) is not None:  # the classifier's labels and what they made the caption say
-        record["guide"] = result.guide.as_dict()
-    if beam > 1:
-        record["alternatives"] = [
-            {"caption": alt.caption, "tokens": list(alt.words), "log_prob": round(float(alt.log_prob), 6),
-             "attention": _maps(alt.alphas)}
-            for alt in result.alternatives
-        ]
-    return json.dumps(record, ensure_ascii=False)
-
 
 def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from caption.data.images import ImageError, find_images
+    from caption.decoding.results import result_record
 
     model = load_model(args)
     if model is None:
@@ -78,7 +45,8 @@ def cmd_predict(args: argparse.Namespace) -> int:
             with bar.external_write_mode(file=sys.stderr):
                 error(args, str(result))
             continue
-        line = _record(path, result, beam) if args.json else f"{path}\t{result.caption}"
+        line = (json.dumps(result_record(str(path), result, beam), ensure_ascii=False) if args.json
+                else f"{path}\t{result.caption}")
         with bar.external_write_mode(file=sys.stdout):
             print(line, flush=True)
     bar.close()

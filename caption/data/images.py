@@ -11,6 +11,7 @@ whole photo; ToTensor; Normalize). Every failure to read a file is an :class:`Im
 from __future__ import annotations
 
 import collections
+import io
 import math
 import os
 import warnings
@@ -43,6 +44,10 @@ class ImageError(Exception):
         self.path = Path(path)
         self.reason = reason.strip().splitlines()[0] if reason.strip() else "unreadable"
         super().__init__(f"{self.path}: {self.reason}")
+
+
+class TooManyPixelsError(ImageError):
+    """An image over the decompression-bomb limit: refused before its pixels are decoded."""
 
 
 def _draft_size(size: tuple[int, int], max_side: int) -> tuple[int, int]:
@@ -82,12 +87,15 @@ def to_rgb(image: Image.Image) -> Image.Image:
     return image.convert("RGB")  # L, 1, P, CMYK, YCbCr, LAB, HSV
 
 
-def _open_and_load(path: Path, max_side: int | None) -> Image.Image:
-    """Open, draft JPEGs near max_side, decode fully (so truncation is caught here), orient."""
+def _open_and_load(source, max_side: int | None, max_pixels: int | None = None) -> Image.Image:
+    """Open (a path or a binary file), refuse more than ``max_pixels``, draft JPEGs near max_side,
+    decode fully (so truncation is caught here), orient."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", Image.DecompressionBombWarning)
-        opened = Image.open(path)
+        opened = Image.open(source)
     with opened as image:
+        if max_pixels is not None and image.width * image.height > max_pixels:
+            raise Image.DecompressionBombError(f"{image.width}x{image.height} pixels, over the limit of {max_pixels}")
         if max_side is not None and image.format == "JPEG" and max(image.size) > max_side:
             image.draft(image.mode, _draft_size(image.size, max_side))  # decodes at 1/2, 1/4, 1/8
         image.load()  # inside the caller's try: a truncated file fails here, never decodes grey
@@ -106,26 +114,45 @@ def load_image(path: str | Path, max_side: int | None = None) -> Image.Image:
     than Pillow's decompression-bomb limit.
     """
     path = Path(path)
-    if max_side is not None and max_side < 1:
-        raise ValueError(f"max_side must be >= 1, got {max_side}")
+    _check_max_side(max_side)
     if not path.exists():
         raise ImageError(path, "no such file")
     if path.is_dir():
         raise ImageError(path, "is a folder, not an image file")
+    return _decode(path, path, max_side)
+
+
+def read_image(data: bytes, name: str, max_side: int | None = None, max_pixels: int | None = None) -> Image.Image:
+    """The image in ``data`` (an upload's bytes) exactly as :func:`load_image` reads a file holding
+    them; ``max_pixels`` also refuses images with more pixels (before decoding them). Raises
+    :class:`ImageError` naming ``name`` for empty, non-image, truncated or too large data."""
+    _check_max_side(max_side)
+    if not data:
+        raise ImageError(name, "empty: no image data")
+    return _decode(io.BytesIO(data), name, max_side, max_pixels)
+
+
+def _check_max_side(max_side: int | None) -> None:
+    if max_side is not None and max_side < 1:
+        raise ValueError(f"max_side must be >= 1, got {max_side}")
+
+
+def _decode(source, name: str | Path, max_side: int | None, max_pixels: int | None = None) -> Image.Image:
+    """A path or binary file -> RGB, upright, at most ``max_side`` long; every failure an ImageError."""
     try:
-        image = _open_and_load(path, max_side)
+        image = _open_and_load(source, max_side, max_pixels)
         image = to_rgb(image)
         if max_side is not None and max(image.size) > max_side:
             image.thumbnail((max_side, max_side), Image.Resampling.BILINEAR, reducing_gap=2.0)
     except Image.DecompressionBombError as err:
-        raise ImageError(path, f"too many pixels to decode safely ({err})") from err
+        raise TooManyPixelsError(name, f"too many pixels to decode safely ({err})") from err
     except ImageError:
         raise
     except Exception as err:  # Pillow plugins raise OSError, SyntaxError, ValueError, struct.error...
         reason = str(err).strip() or type(err).__name__
         if "cannot identify image file" in reason:
             reason = "not an image file (or an unsupported format)"
-        raise ImageError(path, reason) from err
+        raise ImageError(name, reason) from err
     return image
 
 

@@ -1,5 +1,7 @@
 """What decoding returns: one :class:`DecodingResult` per image (searched), or :class:`Samples`
-(sampled, K rows per image, with log-probabilities that can carry gradients)."""
+(sampled, K rows per image, with log-probabilities that can carry gradients); and
+:func:`result_record`, a result as the plain JSON that ``caption predict --json`` prints and
+``caption serve`` returns."""
 
 from __future__ import annotations
 
@@ -10,6 +12,8 @@ import torch
 
 from caption.config import DecodeConfig
 from caption.vocab import END, END_ID, SPECIALS, Vocabulary
+
+MAP_DECIMALS = 4  # attention weights in a result record
 
 
 @dataclass(frozen=True)
@@ -130,3 +134,39 @@ class Samples:
         """Each row as a DecodingResult (``score`` is its log-probability), rows in order."""
         grid = default_grid(self.alphas.shape[-1]) if grid is None else grid
         return [to_result(h, DecodeConfig(), vocab, grid) for h in self.hypotheses()]
+
+
+def _maps(alphas: torch.Tensor) -> list:
+    """Attention maps (..., gh, gw) as nested lists rounded to MAP_DECIMALS."""
+    return alphas.double().round(decimals=MAP_DECIMALS).tolist()
+
+
+def result_record(image: str, result: DecodingResult, beam: int, *, attention: bool = True,
+                  alternatives: bool | None = None) -> dict:
+    """One image's caption as plain JSON values: the caption, its emitted words and their attention
+    maps, the guide's labels, and the beam's runners-up with theirs (``alternatives``; None: when
+    ``beam`` > 1). ``attention=False`` leaves every map out. The one shape of ``caption predict --json``
+    and ``caption serve``."""
+    record = {
+        "image": image,
+        "caption": result.caption,
+        "tokens": list(result.words),  # emitted words, "<end>" included when emitted
+        "log_prob": round(float(result.log_prob), 6),
+        "beam": beam,
+        "grid": list(result.alphas.shape[1:]),  # [gh, gw]
+    }
+    if attention:
+        record["attention"] = _maps(result.alphas)  # T maps (gh, gw), aligned with tokens
+        init = getattr(result, "init_alphas", None)
+        if init is not None:
+            record["init_attention"] = _maps(init)  # (gh, gw), the map used before the first word
+    guide = getattr(result, "guide", None)
+    if guide is not None:  # the classifier's labels and what they made the caption say
+        record["guide"] = guide.as_dict()
+    if beam > 1 if alternatives is None else alternatives:
+        record["alternatives"] = [
+            {"caption": alt.caption, "tokens": list(alt.words), "log_prob": round(float(alt.log_prob), 6),
+             **({"attention": _maps(alt.alphas)} if attention else {})}
+            for alt in result.alternatives
+        ]
+    return record

@@ -104,13 +104,19 @@ def _script_json(data: Any) -> str:
 
 
 def render_page(photos: Sequence[dict[str, Any]], *, title: str, labels: Sequence[str], gallery: bool,
-                errors: Sequence[str] = (), cmap: str = "jet", alpha: float = 0.6) -> str:
-    """The page's HTML from :func:`photo_entry` dicts (every photo read by the same ``labels`` models)."""
+                errors: Sequence[str] = (), cmap: str = "jet", alpha: float = 0.6, head: str = "",
+                before: str = "", after: str = "") -> str:
+    """The page's HTML from :func:`photo_entry` dicts (every photo read by the same ``labels`` models).
+
+    ``head``, ``before`` and ``after`` are trusted HTML put at the end of <head>, under the title and
+    after the viewer's script: how ``caption serve``'s page adds its upload form to this viewer,
+    whose script draws any page data given to ``window.captionViewer.show(data)``."""
     data = {"title": title, "gallery": bool(gallery), "labels": list(labels), "errors": list(errors),
             "alpha": min(max(float(alpha), 0.0), 1.0), "colormap": colormap_table(cmap).ravel().tolist(),
             "photos": list(photos)}
     values = {"title": html.escape(title), "style": _asset("viewer.css"), "script": _asset("viewer.js"),
-              "data": _script_json(data), "alpha": f"{data['alpha']:g}"}
+              "data": _script_json(data), "alpha": f"{data['alpha']:g}", "head": head, "before": before,
+              "after": after}
     return _SLOT.sub(lambda m: values[m.group(1)], _asset("viewer.html"))  # one pass: inserted text stays as is
 
 

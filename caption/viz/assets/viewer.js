@@ -1,11 +1,11 @@
 /* The attention viewer (caption/viewer.py writes the page data into <script id="data">).
    Heatmaps are drawn here from the attention grids: bilinear upsampling with cell centres at
    the centres of the grid's rectangles (as Pillow's resize), min-max scaled, coloured with the
-   PNG overlays' colormap table, shown over the photo at the opacity of the slider. */
+   PNG overlays' colormap table, shown over the photo at the opacity of the slider.
+   window.captionViewer.show(data) draws other page data of the same shape (caption serve's page). */
 (function () {
   "use strict";
-  var data = JSON.parse(document.getElementById("data").textContent);
-  var photos = data.photos, lut = data.colormap;
+  var data = null, photos = [], lut = [];
   var state = {photo: -1, pos: 0, hyp: [], compare: true, preview: null};
   var columns = [];
 
@@ -195,6 +195,7 @@
 
   function buildGrid() {
     var grid = $("grid");
+    grid.textContent = "";
     photos.forEach(function (p, i) {
       var card = el("figure", "card");
       card.tabIndex = 0;
@@ -229,33 +230,40 @@
 
   function setOpacity(v) { document.body.style.setProperty("--alpha", String(v)); }
   $("opacity").addEventListener("input", function (e) { setOpacity(e.target.value); });
-  setOpacity(data.alpha);
   $("compare").addEventListener("change", function (e) {
     state.compare = e.target.checked;
     document.body.classList.toggle("no-compare", !state.compare);
     state.preview = null;
     render();
   });
-  $("compare-toggle").hidden = data.labels.length < 2;
-  if (data.labels.length > 1) {
-    data.labels.forEach(function (label, m) { $("legend").appendChild(el("span", m ? "second" : "first", label)); });
-    $("legend").hidden = false;
-  }
+  $("back").addEventListener("click", close);
+  $("prev").addEventListener("click", function () { open(Math.max(0, state.photo - 1)); });
+  $("next").addEventListener("click", function () { open(Math.min(photos.length - 1, state.photo + 1)); });
   window.addEventListener("resize", layout);
 
-  if (data.errors.length) {
+  // draw one page's data (the one in <script id="data">, or another given later)
+  function show(d) {
+    data = d; photos = d.photos; lut = d.colormap;
+    state.photo = -1;
+    $("opacity").value = String(d.alpha);
+    setOpacity(d.alpha);
+    $("compare-toggle").hidden = d.labels.length < 2;
+    $("legend").textContent = "";
+    if (d.labels.length > 1) {
+      d.labels.forEach(function (label, m) { $("legend").appendChild(el("span", m ? "second" : "first", label)); });
+    }
+    $("legend").hidden = d.labels.length < 2;
     var list = $("errors");
-    data.errors.forEach(function (line) { list.appendChild(el("li", "", "could not caption " + line)); });
-    list.hidden = false;
+    list.textContent = "";
+    d.errors.forEach(function (line) { list.appendChild(el("li", "", "could not caption " + line)); });
+    list.hidden = !d.errors.length;
+    document.body.classList.toggle("gallery", d.gallery);
+    $("nav").hidden = !d.gallery;
+    $("grid").hidden = $("detail").hidden = true;
+    if (d.gallery) { buildGrid(); }
+    else if (photos.length) { open(0); }
   }
-  if (data.gallery) {
-    document.body.classList.add("gallery");
-    $("nav").hidden = false;
-    $("back").addEventListener("click", close);
-    $("prev").addEventListener("click", function () { open(Math.max(0, state.photo - 1)); });
-    $("next").addEventListener("click", function () { open(Math.min(photos.length - 1, state.photo + 1)); });
-    buildGrid();
-  } else if (photos.length) {
-    open(0);
-  }
+
+  window.captionViewer = {show: show};
+  show(JSON.parse($("data").textContent));
 })();
