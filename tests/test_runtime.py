@@ -1,5 +1,5 @@
 """The runtime (device, precision, threads): auto's choice on faked machines, explicit precisions and
-refusals, the old ``train.amp`` switch, threads, and the one stderr line every command prints."""
+refusals, threads, and the one stderr line every command prints."""
 
 from __future__ import annotations
 
@@ -8,20 +8,15 @@ import platform
 
 import pytest
 import torch
-import yaml
 from PIL import Image
 
-from caption.checkpoint import load_checkpoint
 from caption.config import (
     Config,
     ConfigError,
-    from_dict,
     load_config,
     save_config,
-    to_dict,
 )
 from caption.errors import CaptionError
-from caption.inference import SHIPPED_MODEL
 from caption.runtime import (
     Capabilities,
     cpu_capabilities,
@@ -93,35 +88,18 @@ def test_autocast_context_matches_the_precision():
         assert not torch.is_autocast_enabled("cpu")
 
 
-# ----------------------------------------------------------------------------- config: precision, train.amp
+# ----------------------------------------------------------------------------- config: precision
 
 
-def test_precision_is_one_config_value_and_amp_still_loads(tmp_path):
+def test_precision_is_one_config_value(tmp_path):
     assert Config().precision == "auto"
-    old = tmp_path / "old.yaml"
-    for amp, expected in ((True, "auto"), (False, "fp32")):
-        old.write_text(yaml.safe_dump({"train": {"amp": amp, "epochs": 3}}))
-        cfg = load_config(old)
-        assert cfg.precision == expected and cfg.train.epochs == 3
-        assert "amp" not in to_dict(cfg)["train"]
-    assert load_config(None, ["train.amp=false"]).precision == "fp32"  # the old override too
-    old.write_text(yaml.safe_dump({"precision": "bf16", "train": {"amp": False}}))
-    assert load_config(old).precision == "bf16"  # an explicit precision wins
     cfg = load_config(None, ["precision=bf16"])
     save_config(cfg, tmp_path / "saved.yaml")
     assert load_config(tmp_path / "saved.yaml") == cfg
     with pytest.raises(ConfigError, match="'precision'"):
         load_config(None, ["precision=fp8"])
-    with pytest.raises(ConfigError, match="train.amp"):
-        load_config(None, ["train.amp=maybe"])
-
-
-def test_the_shipped_checkpoint_carrying_amp_keeps_loading():
-    raw = torch.load(SHIPPED_MODEL, map_location="cpu", weights_only=True)
-    assert raw["config"]["train"]["amp"] is True  # the file as shipped
-    assert from_dict(Config, raw["config"]).precision == "auto"
-    loaded = load_checkpoint(SHIPPED_MODEL)
-    assert loaded.config.precision == "auto"
+    with pytest.raises(ConfigError, match="train.amp"):  # the old switch is gone: precision replaces it
+        load_config(None, ["train.amp=false"])
 
 
 # ----------------------------------------------------------------------------- commands

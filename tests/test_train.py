@@ -17,8 +17,7 @@ from caption.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from caption.config import Config, ConfigError, load_config
-from caption.data.shapes import generate_shapes
+from caption.config import ConfigError, load_config
 from caption.training.loop import fit
 from caption.training.splits import prepare
 from caption.vocab import Vocabulary, tokenize

@@ -62,6 +62,9 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", default=None, metavar="PATH",
                    help="checkpoint file or run directory (default: the shipped model); several make an ensemble "
                         "of their decoders (they must share the encoder and vocabulary)")
+    p.add_argument("--single", action="store_true",
+                   help="the first checkpoint alone, for speed (default: every one given, or the whole shipped "
+                        "ensemble)")
     p.add_argument("--beam", type=positive_int, default=None, metavar="K",
                    help="beam size; 1 = greedy (default: the run's decode.beam_size)")
     p.add_argument("--hard-test", default=None, choices=("argmax", "expect"),
@@ -84,8 +87,8 @@ def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None)
     given = getattr(args, flag)
     try:
         model = load([given] if isinstance(given, str) else given, args.device, args.precision, args.threads,
-                     guide=getattr(args, "guide", True), runtime=runtime, prog=f"caption {args.command}",
-                     report=runtime is None)
+                     guide=getattr(args, "guide", True), single=getattr(args, "single", False), runtime=runtime,
+                     prog=f"caption {args.command}", report=runtime is None)
     except CheckpointError as err:
         error(args, f"--{flag} {' '.join(str(p) for p in given)}: {err}" if given else str(err))
         return None

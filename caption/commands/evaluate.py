@@ -15,7 +15,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     model = load_model(args)
     if model is None:
         return EXIT_NO_MODEL
-    scores = evaluate(model, checkpoint=args.checkpoint or default_checkpoint(), split=args.split,
+    checkpoint = (args.checkpoint or default_checkpoint())[:1 if args.single else None]
+    scores = evaluate(model, checkpoint=checkpoint, split=args.split,
                       captions=args.captions, images=args.images, beam=args.beam, length_penalty=args.length_penalty,
                       no_repeat_ngram=args.no_repeat_ngram, out_dir=args.out, java=None if not args.no_java else False)
     if args.json:
