@@ -33,8 +33,9 @@ from caption.training.run_dir import DEMO_RUN_DIR
 from caption.vocab import Vocabulary
 
 ASSETS = Path(__file__).parent / "assets"
-# The default model: an ensemble of Flickr8k decoders over EfficientNet-Lite0 features, best member
-# first (MODEL_CARD.md says how each was trained and what the ensemble scores).
+# The default model: an ensemble of Flickr8k decoders over EfficientNet-Lite0 features; the first is
+# the model shipped before the ensemble, what `single` keeps (MODEL_CARD.md: how each was trained and
+# what the ensemble scores).
 SHIPPED_MODELS = tuple(ASSETS / name for name in (
     "flickr8k_lite0_additive.pt", "flickr8k_lite0_seed1.pt", "flickr8k_lite0_seed2.pt"))
 SAMPLE_PHOTO = ASSETS / "sample.jpg"  # from google-coral/test_data, Apache-2.0
