@@ -42,6 +42,7 @@ class DataConfig:
     min_freq: int = 5  # words seen fewer times on the training split become <unk>
     max_caption_len: int = 50  # longer training captions are truncated (in words)
     cache_dir: str = ""  # feature cache folder; "" means <run dir>/cache
+    cache: str = "f16"  # frozen encoder's features on disk: "f16", "int8" (half the disk: a scale per cell) or "none" (encode every batch)
     num_workers: int = 0
     metric: str = ""  # the data set's own scores beside the COCO metrics, read from its captions files: "" or "shapes"
     keep_images: bool = False  # decode each training image once and keep it (uint8) in RAM (each DataLoader worker keeps its own, for one epoch)
@@ -114,6 +115,7 @@ class TrainConfig:
     val_every_steps: int = 0  # also validate (and keep best.pt) every N optimizer steps within an epoch; 0: at epoch ends only
     seed: int = 0
     checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: at epoch ends only)
+    max_steps: int = 0  # stop after this many optimizer steps in all, last.pt written (a larger value and --resume go on); 0: no limit
     objective: str = "xent"  # "xent" (cross-entropy, teacher forcing) or "scst" (self-critical: CIDEr-D of samples)
     init_from: str = ""  # a run directory or .pt whose weights and vocabulary the run starts from (not its optimizer)
     scst_samples: int = 5  # scst: captions sampled per image (K); a step takes batch_size images

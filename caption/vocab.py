@@ -7,6 +7,7 @@ is ever needed), lower-cases, and drops punctuation-only tokens, as the COCO anc
 from __future__ import annotations
 
 import json
+import re
 from collections import Counter
 from functools import lru_cache
 from pathlib import Path
@@ -27,9 +28,25 @@ def _tokenizer():
     return TreebankWordTokenizer()
 
 
+_PLAIN = re.compile(r"[a-z0-9\s]*")  # a caption of words and spaces only: Treebank only splits it on spaces...
+_SPLIT_BY_TREEBANK = frozenset("cannot gimme gonna gotta lemme wanna".split())  # ...except these ("can not")
+
+
 def tokenize(text: str) -> list[str]:
-    """Lower-cased word tokens of a caption, punctuation removed."""
-    tokens = _tokenizer().tokenize(text.lower())
+    """Lower-cased word tokens of a caption, punctuation removed.
+
+    Most captions are plain words with at most a final period; those are split on spaces, which
+    gives the Treebank tokens (tests/test_vocab.py checks it on every Flickr8k caption) ~100x
+    faster, so that COCO's 616k captions take seconds, not minutes.
+    """
+    text = text.lower()
+    body = text.rstrip()
+    body = body[:-1] if body.endswith(".") else body
+    if _PLAIN.fullmatch(body):
+        words = body.split()
+        if _SPLIT_BY_TREEBANK.isdisjoint(words):
+            return words
+    tokens = _tokenizer().tokenize(text)
     return [t for t in tokens if any(ch.isalnum() for ch in t)]
 
 

@@ -24,6 +24,7 @@ from caption.training.cache import (
     build_features,
     cache_key,
     open_or_build,
+    quantize,
 )
 from caption.vocab import Vocabulary
 
@@ -218,3 +219,43 @@ def test_a_bf16_cache_is_its_own_file_close_to_the_fp32_one(tmp_path):
         torch.testing.assert_close(stores["bf16"][i], stores["fp32"][i], atol=0.05, rtol=0.05)
     direct = build_features(encoder, records[:5], transform, tmp_path / "direct", batch_size=5, progress=False)
     torch.testing.assert_close(direct[3], stores["fp32"][3])  # threads or not, the same features
+
+
+def test_quantize_keeps_every_value_within_half_a_step_of_its_cells_scale():
+    rng = np.random.default_rng(1)
+    feats = (rng.standard_normal((3, 6, 40)) * rng.uniform(0.01, 50, (3, 6, 1))).astype(np.float32)  # (B, L, D)
+    feats[1, 2] = 0.0  # an all-zero cell
+    q, scale = quantize(feats)
+    assert q.dtype == np.int8 and scale.dtype == np.float32 and scale.shape == (3, 6)
+    assert np.abs(q).max() == 127 and scale[1, 2] == 0 and not q[1, 2].any()
+    error = np.abs(q * scale[..., None] - feats)  # (B, L, D)
+    assert (error <= scale[..., None] / 2 * (1 + 1e-5) + 1e-12).all()
+
+
+def test_an_int8_cache_takes_half_the_disk_resumes_and_reads_back_within_a_step(records, tmp_path):
+    f16 = _build(_encoder(), records, tmp_path / "f16")
+    first = _encoder(fail_on_call=3)
+    with pytest.raises(RuntimeError, match="simulated interruption"):
+        _build(first, records, tmp_path / "i8", storage="int8", flush_every=1)
+    second = _encoder()
+    int8 = _build(second, records, tmp_path / "i8", storage="int8")
+    assert second.images == N_IMAGES - 2 * BATCH  # resumed after the two flushed batches
+    assert int8.storage == "int8" and int8.shape == f16.shape and "storage=int8" in repr(int8)
+    assert (tmp_path / "i8.i8").stat().st_size == N_IMAGES * 4 * 5 and (tmp_path / "i8.scale").stat().st_size == N_IMAGES * 4 * 4
+    assert (tmp_path / "f16.f16").stat().st_size == 2 * N_IMAGES * 4 * 5 and not (tmp_path / "i8.f16").exists()
+    for i in range(N_IMAGES):
+        exact = _direct(second, records[i])  # (L, D)
+        step = exact.abs().amax(dim=1, keepdim=True) / 127  # (L, 1)
+        assert int8[i].dtype == torch.float32
+        assert ((int8[i] - exact).abs() <= step / 2 + 2e-3).all()
+    clone = pickle.loads(pickle.dumps(int8))
+    assert torch.equal(clone[3], int8[3])
+
+
+def test_storage_is_part_of_the_cache_name_and_unknown_storage_is_refused(records, tmp_path):
+    cfg = EncoderConfig.of(ModelConfig(encoder="small", grid=2))
+    store = open_or_build(_encoder(), records, TRANSFORM, tmp_path, cfg, 8, "train", batch_size=BATCH,
+                          progress=False, storage="int8")
+    assert store.prefix == tmp_path / f"train-{cache_key(cfg, 8)}-int8" and store.storage == "int8"
+    with pytest.raises(ValueError, match="storage must be one of f16, int8"):
+        _build(_encoder(), records, tmp_path / "x", storage="int4")

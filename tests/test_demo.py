@@ -63,7 +63,7 @@ class _Clock:
 def _train(remaining: demo.RemainingTime, clock: _Clock, *, epochs: int, steps: int, step_s: float, val_s: float,
            first_epoch: int = 0) -> None:
     """Call ``remaining`` as ``fit`` would: after every step; a validation between epochs."""
-    from caption.training.loop import Progress
+    from caption.training.state import Progress
 
     progress = Progress(epoch=first_epoch, step=first_epoch * steps)
     for epoch in range(first_epoch, epochs):

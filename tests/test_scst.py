@@ -38,7 +38,7 @@ def test_reward_keeps_end_and_uses_training_frequencies():
     assert full > no_end and full > cut  # a caption without <end>, or stopping on "on", earns less
     assert reward([ids + [END_ID]], [1])[0] < 0.1 * full  # another image's references
     # words outside the vocabulary ("walking", "city", "parked") match nothing a caption can say
-    oov = {t for refs in reward.refs for ref in refs for g in ref.weights for t in g if t >= len(vocab)}
+    oov = {t for refs in reward.refs for ref in refs for t in ref if t >= len(vocab)}
     assert len(oov) == 4  # walking, in, city, parked: each its own id
 
 

@@ -17,7 +17,7 @@ from caption.checkpoint import (
     read_checkpoint,
     save_checkpoint,
 )
-from caption.config import ConfigError, load_config
+from caption.config import ConfigError, apply_overrides, load_config
 from caption.training.loop import fit
 from caption.training.splits import prepare
 from caption.vocab import Vocabulary, tokenize
@@ -86,6 +86,33 @@ def test_validation_every_n_steps_selects_mid_epoch_and_resumes_exactly(shapes_d
         assert torch.equal(value, _weights(tmp_path / "resumed")[key]), key
 
 
+def test_max_steps_stops_mid_epoch_with_last_pt_and_a_larger_budget_goes_on_exactly(shapes_dir, tmp_path):
+    """train.max_steps=7 with 10-step epochs: last.pt at step 7, no validation row; resumed with
+    train.max_steps=0 the run ends with the weights and metrics of one that never stopped."""
+    cfg = tiny_config(shapes_dir, "train.epochs=2")
+    fit(cfg, tmp_path / "straight", progress_bars=False)
+    result = fit(apply_overrides(cfg, ["train.max_steps=7"]), tmp_path / "budget", progress_bars=False)
+    state = read_checkpoint(tmp_path / "budget" / "last.pt")
+    assert state["progress"]["step"] == 7 and state["progress"]["batch"] == 7 and state["progress"]["epoch"] == 0
+    assert result.epochs == 0 and result.history == [] and not (tmp_path / "budget" / "metrics.csv").exists()
+    fit(apply_overrides(cfg, ["train.max_steps=7"]), tmp_path / "budget", resume=True, progress_bars=False)
+    assert read_checkpoint(tmp_path / "budget" / "last.pt")["progress"]["step"] == 7  # spent: nothing more
+    fit(cfg, tmp_path / "budget", resume=True, progress_bars=False)
+    straight, budget = ((tmp_path / run / "metrics.csv").read_text() for run in ("straight", "budget"))
+    assert budget == straight
+    for key, value in _weights(tmp_path / "straight").items():
+        assert torch.equal(value, _weights(tmp_path / "budget")[key]), key
+
+
+def test_max_steps_at_an_epoch_end_validates_that_epoch(shapes_dir, tmp_path):
+    result = fit(tiny_config(shapes_dir, "train.epochs=3", "train.max_steps=10"), tmp_path / "run", progress_bars=False)
+    assert result.epochs == 1 and len(result.history) == 1
+    assert read_checkpoint(tmp_path / "run" / "last.pt")["progress"]["step"] == 10
+    with pytest.raises(ConfigError, match="train.max_steps"):
+        fit(tiny_config(shapes_dir, "train.max_steps=-1"), tmp_path / "bad", progress_bars=False)
+    assert not (tmp_path / "bad").exists()
+
+
 def test_fp16_grad_scaler_is_built_once_saved_and_restored(shapes_dir, tmp_path, monkeypatch):
     import caption.training.loop
 
@@ -136,6 +163,46 @@ def test_frozen_encoder_trains_from_the_cache_without_running_the_cnn(shapes_dir
     monkeypatch.setattr(Encoder, "forward", no_cnn)
     result = fit(cfg, tmp_path / "run", progress_bars=False)
     assert result.epochs == 1
+
+
+def test_int8_cache_halves_the_files_and_trains(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, "model.fine_tune=false", "train.epochs=1")
+    f16 = prepare(cfg, tmp_path / "f16")
+    int8 = prepare(apply_overrides(cfg, ["data.cache=int8"]), tmp_path / "int8")
+    for split in ("train", "val"):
+        assert int8[f"{split}_cache"]["path"].endswith("-int8") and int8[f"{split}_cache"]["images"] == f16[f"{split}_cache"]["images"]
+    size = lambda run, pattern: sum(p.stat().st_size for p in (tmp_path / run / "cache").glob(pattern))  # noqa: E731
+    assert size("int8", "*.i8") * 2 == size("f16", "*.f16") and not list((tmp_path / "int8" / "cache").glob("*.f16"))
+    result = fit(apply_overrides(cfg, ["data.cache=int8"]), tmp_path / "int8", progress_bars=False)
+    assert result.epochs == 1 and "val_content_accuracy" in result.history[0]
+
+
+def test_no_cache_runs_the_frozen_encoder_on_every_batch_and_leaves_it_unchanged(shapes_dir, tmp_path, monkeypatch):
+    cfg = tiny_config(shapes_dir, "model.fine_tune=false", "train.epochs=1", "data.cache=none")
+    summary = prepare(cfg, tmp_path / "run")
+    assert summary["cache"].startswith("none (data.cache=none") and not (tmp_path / "run" / "cache").exists()
+    from caption.model.encoder import Encoder
+
+    images = []
+    forward = Encoder.forward
+
+    def counting(self, x):
+        images.append(len(x))
+        return forward(self, x)
+
+    monkeypatch.setattr(Encoder, "forward", counting)
+    result = fit(cfg, tmp_path / "run", progress_bars=False)
+    assert result.epochs == 1 and sum(images) >= 32 and not (tmp_path / "run" / "cache").exists()
+    fresh = read_checkpoint(tmp_path / "run" / "last.pt")["model"]
+    torch.manual_seed(cfg.train.seed)
+    from caption.model import build_model
+
+    initial = build_model(cfg.model, 10).encoder.state_dict()
+    for key, value in initial.items():  # the seeded frozen encoder: the same weights after training
+        assert torch.equal(fresh[f"encoder.{key}"], value), key
+    with pytest.raises(ConfigError, match="data.cache must be one of f16, int8, none"):
+        fit(apply_overrides(cfg, ["data.cache=int4"]), tmp_path / "bad", progress_bars=False)
+    assert not (tmp_path / "bad").exists()
 
 
 def test_checkpoints_load_safely_and_mismatches_are_clear(shapes_dir, tmp_path):

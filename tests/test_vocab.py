@@ -1,3 +1,6 @@
+import json
+from pathlib import Path
+
 import nltk
 import pytest
 
@@ -44,3 +47,24 @@ def test_save_load(tmp_path):
     assert Vocabulary.load(tmp_path / "vocab.json") == vocab
     with pytest.raises(ValueError):
         Vocabulary.from_dict({"itos": ["a", "b"]})
+
+
+def _treebank(text):
+    from nltk.tokenize import TreebankWordTokenizer
+
+    return [t for t in TreebankWordTokenizer().tokenize(text.lower()) if any(ch.isalnum() for ch in t)]
+
+
+FLICKR_CAPTIONS = Path(__file__).resolve().parents[2] / "shared" / "data" / "flickr8k" / "captions_flickr8k_train.json"
+
+
+def test_plain_captions_take_a_fast_path_that_gives_the_treebank_tokens():
+    tricky = ["A dog runs.", "a dog runs .", "A dog cannot run", "they are gonna play", "wanna play", "2 dogs.",
+              "a dog runs..", "a dog  runs \n fast.\t", ".", "", "   ", "the dog's ball", "3.5 dogs", "a b.c d",
+              "gotta go", "lemme see", "gimme that.", "can not", "dogs, cats and mice.", "a man (left)"]
+    texts = list(tricky)
+    if FLICKR_CAPTIONS.is_file():  # every caption of ../shared's Flickr8k training split
+        texts += [a["caption"] for a in json.loads(FLICKR_CAPTIONS.read_text())["annotations"]]
+    mismatched = [t for t in texts if tokenize(t) != _treebank(t)]
+    assert mismatched == []
+    assert tokenize("A dog cannot run.") == ["a", "dog", "can", "not", "run"]

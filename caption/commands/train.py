@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 from pathlib import Path
 
 from caption.commands._common import add_runtime_args, resolve
@@ -49,7 +50,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     runtime = resolve(args, cfg.precision, quiet=not is_main_process())  # under torchrun only rank 0 reports
     result = fit(cfg, run_dir, resume=bool(args.resume), overwrite=args.overwrite, runtime=runtime)
     if is_main_process():  # under torchrun every process gets here
-        best = f"best val {cfg.train.select_metric} {result.best_score:.4f}"
+        best = (f"best val {cfg.train.select_metric} {result.best_score:.4f}" if math.isfinite(result.best_score)
+                else "not validated yet")
         print(f"run directory: {result.run_dir}  ({best} after {result.epochs} epochs)")
     return 0
 

@@ -61,7 +61,9 @@ class CiderD:
         self.n, self.sigma = n, sigma
         self.documents = documents
         self.log_documents = math.log(documents)
-        self.idf = {gram: self.log_documents - math.log(count) for gram, count in df.items()}  # df >= 1 here
+        # an n-gram of one document has the idf of one never seen, log(documents): only the others are kept
+        # (most distinct 3- and 4-grams of a large corpus occur once)
+        self.idf = {gram: self.log_documents - math.log(count) for gram, count in df.items() if count > 1}
 
     def vector(self, tokens: Sequence[Hashable]) -> TfIdf:
         """tf-idf vector of one caption (an n-gram never seen in the corpus gets the largest idf)."""

@@ -1,7 +1,9 @@
 """Feature cache for a frozen encoder: encode every image once, train the decoder from disk.
 
 Layout: ``<prefix>.f16`` is a raw float16 array (N, L, D) read with ``np.memmap``; ``<prefix>.json``
-is its index (key, sizes, image ids, how many images are done, which were unreadable). Building is
+is its index (key, sizes, storage, image ids, how many images are done, which were unreadable). With
+``storage="int8"`` (``data.cache=int8``, half the disk) the grid is ``<prefix>.i8``, int8 (N, L, D), and
+``<prefix>.scale``, float32 (N, L): each cell is rounded to 255 levels of its own largest magnitude. Building is
 resumable: progress is flushed every few batches and on any exception (index written atomically
 after the array), and a rerun encodes only the images not yet done. A stale cache (other key,
 records, encoder weights or preprocessing) is rebuilt from scratch. :class:`FeatureStore` reopens
@@ -36,6 +38,25 @@ log = logging.getLogger("caption.training.cache")
 
 FORMAT_VERSION = 1
 _FP16_MAX = 65504.0
+STORAGES = ("f16", "int8")  # data.cache's on-disk forms ("none" caches nothing)
+
+
+def quantize(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """float32 (B, L, D) -> int8 (B, L, D) and float32 (B, L) scales, one per cell: x ≈ q * scale
+    with |error| <= scale / 2 = max|x_cell| / 254."""
+    scale = np.abs(feats).max(axis=-1) / 127.0  # (B, L)
+    safe = np.where(scale > 0, scale, 1.0)[..., None]  # (B, L, 1); an all-zero cell stays zero
+    return np.clip(np.rint(feats / safe), -127, 127).astype(np.int8), scale.astype(np.float32)
+
+
+def _arrays(prefix: Path, storage: str) -> list[tuple[Path, np.dtype, int]]:
+    """The files of a cache: (path, dtype, how many leading axes of (N, L, D) it has)."""
+    if storage not in STORAGES:
+        raise ValueError(f"feature cache storage must be one of {', '.join(STORAGES)}, got '{storage}'")
+    name = prefix.name
+    if storage == "f16":
+        return [(prefix.with_name(name + ".f16"), np.dtype(np.float16), 3)]
+    return [(prefix.with_name(name + ".i8"), np.dtype(np.int8), 3), (prefix.with_name(name + ".scale"), np.dtype(np.float32), 2)]
 
 
 def cache_key(encoder: EncoderConfig, image_size: int, precision: str = "fp32") -> str:
@@ -63,9 +84,8 @@ def encoder_digest(encoder: nn.Module) -> str:
     return h.hexdigest()[:16]
 
 
-def _paths(prefix: Path) -> tuple[Path, Path]:
-    prefix = Path(prefix)
-    return prefix.with_name(prefix.name + ".f16"), prefix.with_name(prefix.name + ".json")
+def _index_path(prefix: Path) -> Path:
+    return prefix.with_name(prefix.name + ".json")
 
 
 def _read_index(path: Path) -> dict | None:
@@ -80,7 +100,7 @@ class FeatureStore:
 
     def __init__(self, path_prefix: str | Path):
         self.prefix = Path(path_prefix)
-        self.array_path, self.index_path = _paths(self.prefix)
+        self.index_path = _index_path(self.prefix)
         index = _read_index(self.index_path)
         if index is None:
             raise FileNotFoundError(f"no feature cache index at {self.index_path}")
@@ -89,21 +109,28 @@ class FeatureStore:
                              "images); run build_features again to finish it")
         self.key = index.get("key")
         self.shape = (int(index["N"]), int(index["L"]), int(index["D"]))
+        self.storage: str = index.get("storage", "f16")
+        self.files = _arrays(self.prefix, self.storage)
         self.image_ids: list[int] = [int(i) for i in index["image_ids"]]
         self.bad: set[int] = {int(i) for i in index.get("bad", [])}
         self._positions: dict[int, int] | None = None
-        self._array: np.memmap | None = None
+        self._arrays: list[np.memmap] | None = None
 
-    def _mm(self) -> np.memmap:
-        if self._array is None:  # opened lazily, once per process
-            self._array = np.memmap(self.array_path, dtype=np.float16, mode="r", shape=self.shape)
-        return self._array
+    def _mm(self) -> list[np.memmap]:
+        if self._arrays is None:  # opened lazily, once per process
+            self._arrays = [np.memmap(path, dtype=dtype, mode="r", shape=self.shape[:ndim])
+                            for path, dtype, ndim in self.files]
+        return self._arrays
 
     def __len__(self) -> int:
         return self.shape[0]
 
     def __getitem__(self, i: int) -> torch.Tensor:
-        return torch.from_numpy(np.array(self._mm()[i], dtype=np.float32))  # (L, D)
+        arrays = self._mm()
+        grid = np.array(arrays[0][i], dtype=np.float32)  # (L, D)
+        if self.storage == "int8":
+            grid *= arrays[1][i][:, None]  # (L, 1) per-cell scales
+        return torch.from_numpy(grid)
 
     def index_of(self, image_id: int) -> int:
         """Position of an image id in the store (KeyError if absent)."""
@@ -113,46 +140,53 @@ class FeatureStore:
 
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
-        state["_array"] = None  # never ship an open file mapping to another process
+        state["_arrays"] = None  # never ship an open file mapping to another process
         state["_positions"] = None
         return state
 
     def __repr__(self) -> str:
-        return f"FeatureStore({str(self.prefix)!r}, shape={self.shape}, bad={len(self.bad)})"
+        return f"FeatureStore({str(self.prefix)!r}, shape={self.shape}, storage={self.storage}, bad={len(self.bad)})"
 
 
 class _Progress:
-    """The build's running state, flushed to disk as memmap first, index second."""
+    """The build's running state, flushed to disk as memmaps first, index second."""
 
-    def __init__(self, array_path: Path, index_path: Path, header: dict):
-        self.array_path, self.index_path, self.header = array_path, index_path, header
-        self.array: np.memmap | None = None
+    def __init__(self, prefix: Path, storage: str, header: dict):
+        self.files, self.index_path, self.header = _arrays(prefix, storage), _index_path(prefix), header
+        self.storage = storage
+        self.arrays: list[np.memmap] | None = None
         self.done = 0
         self.bad: list[int] = []
 
     def resume(self, index: dict) -> bool:
-        """Adopt a matching unfinished index; False if the array file is missing or the wrong size."""
+        """Adopt a matching unfinished index; False if an array file is missing or the wrong size."""
         shape = (int(index["N"]), int(index["L"]), int(index["D"]))
-        expected = int(np.prod(shape)) * 2
-        if not self.array_path.is_file() or self.array_path.stat().st_size != expected:
-            return False
-        self.array = np.memmap(self.array_path, dtype=np.float16, mode="r+", shape=shape)
+        for path, dtype, ndim in self.files:
+            if not path.is_file() or path.stat().st_size != int(np.prod(shape[:ndim])) * dtype.itemsize:
+                return False
+        self.arrays = [np.memmap(path, dtype=dtype, mode="r+", shape=shape[:ndim]) for path, dtype, ndim in self.files]
         self.done, self.bad = int(index["done"]), [int(i) for i in index.get("bad", [])]
         return True
 
-    def ensure_array(self, n: int, length: int, dim: int) -> np.memmap:
-        if self.array is None:
-            self.array = np.memmap(self.array_path, dtype=np.float16, mode="w+", shape=(n, length, dim))
-        elif self.array.shape[1:] != (length, dim):
-            raise ValueError(f"encoder output changed shape mid-build: {self.array.shape[1:]} -> {(length, dim)}")
-        return self.array
+    def write(self, rows: list[int], feats: np.ndarray) -> None:
+        """Store float32 (B', L, D) features at ``rows``, creating the arrays on the first call."""
+        n, (length, dim) = self.header["N"], feats.shape[1:]
+        if self.arrays is None:
+            self.arrays = [np.memmap(path, dtype=dtype, mode="w+", shape=(n, length, dim)[:ndim])
+                           for path, dtype, ndim in self.files]
+        elif self.arrays[0].shape[1:] != (length, dim):
+            raise ValueError(f"encoder output changed shape mid-build: {self.arrays[0].shape[1:]} -> {(length, dim)}")
+        if self.storage == "int8":
+            self.arrays[0][rows], self.arrays[1][rows] = quantize(feats)  # (B', L, D), (B', L)
+        else:
+            self.arrays[0][rows] = np.clip(feats, -_FP16_MAX, _FP16_MAX).astype(np.float16)  # (B', L, D)
 
     def save(self, complete: bool = False) -> None:
-        if self.array is not None:
-            self.array.flush()
-            length, dim = self.array.shape[1:]
-        else:
-            length, dim = None, None
+        length, dim = None, None
+        if self.arrays is not None:
+            for array in self.arrays:
+                array.flush()
+            length, dim = self.arrays[0].shape[1:]
         index = dict(self.header, L=length, D=dim, done=self.done, bad=self.bad, complete=complete)
         atomic_write_json(self.index_path, index)
 
@@ -163,8 +197,10 @@ def _matches(index: dict | None, header: dict) -> bool:
 
 def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
                    path_prefix: str | Path, *, runtime: Runtime | None = None, batch_size: int = 32,
-                   progress: bool = True, key: str | None = None, flush_every: int = 20) -> FeatureStore:
-    """Encode every record's image once into ``<prefix>.f16`` / ``<prefix>.json``; resume if interrupted.
+                   progress: bool = True, key: str | None = None, flush_every: int = 20,
+                   storage: str = "f16") -> FeatureStore:
+    """Encode every record's image once into ``<prefix>.f16`` (or, ``storage="int8"``, ``.i8`` and
+    ``.scale``) and ``<prefix>.json``; resume if interrupted.
 
     ``key`` (default: the prefix's file name) identifies the encoder settings; with the image ids, the
     encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
@@ -176,25 +212,26 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
     if not records:
         raise ValueError("build_features needs at least one record")
     runtime = runtime or resolve_runtime("cpu", "fp32")
-    array_path, index_path = _paths(Path(path_prefix))
-    array_path.parent.mkdir(parents=True, exist_ok=True)
+    prefix = Path(path_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "version": FORMAT_VERSION, "key": key or Path(path_prefix).name, "N": len(records),
         "image_ids": [int(r.image_id) for r in records], "encoder": encoder_digest(encoder),
         "transform": re.sub(r" at 0x[0-9a-fA-F]+", "", repr(transform)),  # no object addresses
+        **({} if storage == "f16" else {"storage": storage}),  # f16 indexes predate the field
     }
-    state = _Progress(array_path, index_path, header)
-    index = _read_index(index_path)
+    state = _Progress(prefix, storage, header)
+    index = _read_index(state.index_path)
     if _matches(index, header) and state.resume(index):
         if index.get("complete"):
             return FeatureStore(path_prefix)
         log.info("resuming feature cache %s at %d/%d images", path_prefix, state.done, len(records))
     else:
-        for stale in (array_path, index_path):
+        for stale in [*(path for path, _, _ in state.files), state.index_path]:
             stale.unlink(missing_ok=True)
     runner = inference_encoder(encoder, transform.image_size) if isinstance(encoder, Encoder) else encoder
     _encode_remaining(runner, records, transform, state, runtime, batch_size, progress, flush_every)
-    if state.array is None:
+    if state.arrays is None:
         raise DataError(f"none of the {len(records)} images could be read; no features were cached")
     state.save(complete=True)
     if state.bad:
@@ -217,9 +254,7 @@ def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transf
                                 transform, runtime, batch_size=batch_size)
         for b, batch in enumerate(batches):
             if batch.features is not None:
-                feats = batch.features.float().clamp_(-_FP16_MAX, _FP16_MAX).cpu().numpy().astype(np.float16)
-                rows = [batch.items[i] for i in batch.rows()]
-                state.ensure_array(n, feats.shape[1], feats.shape[2])[rows] = feats  # (B', L, D)
+                state.write([batch.items[i] for i in batch.rows()], batch.features.float().cpu().numpy())
             state.bad.extend(int(records[i].image_id) for i, r in zip(batch.items, batch.results)
                              if isinstance(r, ImageError))
             state.done = batch.items[-1] + 1
@@ -234,10 +269,11 @@ def _encode_remaining(encoder: nn.Module, records: Sequence[ImageRecord], transf
 
 def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
                   cache_dir: str | Path, encoder_cfg: EncoderConfig, image_size: int, split: str,
-                  runtime: Runtime | None = None, **kwargs) -> FeatureStore:
-    """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``), built or finished if needed,
-    by the encoder running in ``runtime`` (default: the CPU in fp32)."""
+                  runtime: Runtime | None = None, storage: str = "f16", **kwargs) -> FeatureStore:
+    """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``, ``-int8`` added for that
+    storage), built or finished if needed, by the encoder running in ``runtime`` (default: the CPU in fp32)."""
     runtime = runtime or resolve_runtime("cpu", "fp32")
     key = cache_key(encoder_cfg, image_size, runtime.precision.name)
-    return build_features(encoder, records, transform, Path(cache_dir) / f"{split}-{key}", key=key,
-                          runtime=runtime, **kwargs)
+    name = f"{split}-{key}" if storage == "f16" else f"{split}-{key}-{storage}"
+    return build_features(encoder, records, transform, Path(cache_dir) / name, key=key,
+                          runtime=runtime, storage=storage, **kwargs)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import csv
 import dataclasses
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass
@@ -28,7 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm import tqdm
 
 from caption.checkpoint import BEST, LAST, load_init_from, load_state, read_checkpoint, save_checkpoint
-from caption.config import Config, ConfigError, save_config
+from caption.config import Config, save_config
 from caption.data.records import load_split
 from caption.evaluation.scoring import caption_records, score_results
 from caption.model import Captioner, build_model
@@ -38,57 +37,11 @@ from caption.training.objectives import Objective, build_objective, check_object
 from caption.training.run_dir import METRICS, claim_run_dir
 from caption.training.sampler import GlobalBatchSampler, batches_per_epoch
 from caption.training.schedule import Schedule
+from caption.training.state import Progress, check_resumable, restore, rng_state
 from caption.training.splits import SplitData, TrainingData, build_vocab, check_config, load_training_data
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.training.loop")
-
-
-@dataclass
-class Progress:
-    """Where training stands; saved in every checkpoint."""
-
-    epoch: int = 0  # current epoch (0-based)
-    batch: int = 0  # batches done within the current epoch
-    step: int = 0  # optimizer steps done in total
-    best_score: float = -math.inf
-    bad_epochs: int = 0  # epochs since the best validation score
-    improved_in_epoch: bool = False  # a validation within this epoch (train.val_every_steps) set a new best
-    sums: dict = dataclasses.field(default_factory=dict)  # this epoch so far (this process): metric -> [sum, count]
-
-    def add(self, metrics: dict[str, tuple[float, float]]) -> None:
-        """Add one step's metric sums and counts (StepResult.metrics)."""
-        for name, (total, count) in metrics.items():
-            acc = self.sums.setdefault(name, [0.0, 0.0])
-            acc[0], acc[1] = acc[0] + total, acc[1] + count
-
-    def means(self) -> dict[str, float]:
-        """The epoch's ``train_<metric>`` columns so far."""
-        return {f"train_{name}": round(total / max(count, 1.0), 4) for name, (total, count) in self.sums.items()}
-
-    @classmethod
-    def from_dict(cls, state: dict, objective: str) -> "Progress":
-        """A saved Progress; one written before ``sums`` (an epoch's ``loss_sum``/``tokens``/``stats``) is read too."""
-        state = dict(state)
-        if "loss_sum" in state:
-            total, count = state.pop("loss_sum"), state.pop("tokens")
-            name = "reward" if objective == "scst" else "xent"
-            state["sums"] = {name: [total, count], **{k: [v, count] for k, v in state.pop("stats", {}).items()}}
-        return cls(**state)
-
-
-def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]), "python_pos": random.getstate()[2]}
-    if torch.cuda.is_available():
-        state["cuda"] = torch.cuda.get_rng_state_all()
-    return state
-
-
-def _set_rng_state(state: dict) -> None:
-    torch.set_rng_state(state["torch"])
-    random.setstate((3, tuple(state["python"]), state["python_pos"]))
-    if "cuda" in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(state["cuda"])
 
 
 def _optimizer(model: Captioner, cfg: Config) -> torch.optim.Optimizer:
@@ -122,9 +75,9 @@ def grad_scaler(runtime: Runtime) -> torch.amp.GradScaler:
     return torch.amp.GradScaler(runtime.device.type, enabled=runtime.precision.name == "fp16")
 
 
-def run_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None = None) -> dict[str, float]:
-    """One pass over the objective's items (the rest of it, when resumed mid-epoch); returns the
-    epoch's ``train_<metric>`` means of this process."""
+def run_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None = None) -> bool:
+    """One pass over the objective's items (the rest of it, when resumed mid-epoch), or up to
+    ``train.max_steps``; returns whether the epoch was finished."""
     objective, progress, dist = run.objective, run.progress, run.dist
     loader, bar = run.epoch_batches()
     run.model.train()
@@ -138,8 +91,11 @@ def run_epoch(run: "_Run", ddp_model: torch.nn.Module, on_step: Callable | None 
         shown = {name: f"{total / max(count, 1.0):.3f}" for name, (total, count) in result.metrics.items()}
         bar.set_postfix(**shown, **{f"{objective.unit}s_s": f"{seen / (time.perf_counter() - t0):.1f}"})
         run.step_done(bar, on_step)
+        if run.out_of_steps():
+            break
+    finished = progress.batch >= bar.total  # this rank's count (a disabled bar does not count)
     bar.close()
-    return progress.means()
+    return finished
 
 
 def _append_csv(path: Path, row: dict) -> None:
@@ -190,7 +146,7 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bo
     with claim_run_dir(run_dir, resume=resume, overwrite=overwrite, lock=dist.is_main):  # before any write
         state = read_checkpoint(run_dir / LAST) if resume else None
         if state is not None:
-            _check_resumable(state, cfg, run_dir)
+            check_resumable(state, cfg, run_dir)
         run = _prepare(cfg, run_dir, dist, runtime.on(dist.device), state, progress_bars)
         history = _train_epochs(run, on_step)
     dist.close()
@@ -254,6 +210,10 @@ class _Run:
         if on_step is not None:
             on_step(self.progress)
 
+    def out_of_steps(self) -> bool:
+        """Whether ``train.max_steps`` optimizer steps are done (never, when it is 0)."""
+        return 0 < self.cfg.train.max_steps <= self.progress.step
+
     def validate(self, fraction: float = 1.0) -> tuple[float, bool, dict]:
         """Score the val split (rank 0; every rank gets the score) and keep best.pt when it is the best
         so far; returns (score, improved, the metrics row at ``fraction`` of the current epoch)."""
@@ -292,7 +252,7 @@ class _Run:
             objective = getattr(self.objective, "state_dict", None)  # e.g. hard attention's reward baseline
             save_checkpoint(self.run_dir / name, self.model, self.cfg, self.vocab, optimizer=self.optim.state_dict(),
                             scheduler=self.sched.state_dict(), scaler=self.scaler.state_dict(),
-                            progress=dataclasses.asdict(self.progress), rng=_rng_state(),
+                            progress=dataclasses.asdict(self.progress), rng=rng_state(),
                             objective=objective() if objective is not None else {})
 
 
@@ -326,7 +286,7 @@ def _prepare(cfg: Config, run_dir: Path, dist: Dist, runtime: Runtime, state: di
     scaler = grad_scaler(runtime)
     progress = Progress()
     if state is not None:
-        progress = _restore(state, model, optim, sched, scaler, run_dir / LAST, cfg.train.objective)
+        progress = restore(state, model, optim, sched, scaler, run_dir / LAST, cfg.train.objective)
         if state.get("objective"):
             objective.load_state_dict(state["objective"])
     return _Run(cfg, run_dir, dist, runtime, vocab, model, data, objective, optim, sched, scaler, progress)
@@ -338,10 +298,16 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
     run.writer = _tensorboard(run.run_dir) if dist.is_main else None
     ddp_model = None
     try:
-        while progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience:
+        while (progress.epoch < cfg.train.epochs and progress.bad_epochs < cfg.train.early_stop_patience
+               and not run.out_of_steps()):
             model.encoder.fine_tune(_fine_tuning(cfg, progress.epoch), cfg.model.fine_tune_blocks)
             ddp_model = dist.wrap(model, ddp_model)  # again when fine_tune changed which parameters train
-            run_epoch(run, ddp_model, on_step)
+            if not run_epoch(run, ddp_model, on_step):  # train.max_steps reached mid-epoch
+                run.save(LAST)
+                if dist.is_main:
+                    tqdm.write(f"stopped at train.max_steps={cfg.train.max_steps} in epoch {progress.epoch + 1}; "
+                               f"last.pt written (--resume with a larger train.max_steps goes on)")
+                break
             # best.pt (when improved), then last.pt, then metrics.csv: when a write fails (a full disk),
             # resuming from the last.pt that stayed redoes the epoch and writes all of them again
             score, improved, row = run.validate()
@@ -356,17 +322,6 @@ def _train_epochs(run: _Run, on_step: Callable[[Progress], None] | None) -> list
     return run.history
 
 
-def _restore(state: dict, model: Captioner, optim, sched, scaler, path: Path, objective: str) -> Progress:
-    """Model, optimizer, scheduler, gradient scaler and RNG states from a checkpoint; where training stood."""
-    load_state(model, state["model"], path)
-    optim.load_state_dict(state["optimizer"])
-    sched.load_state_dict(state["scheduler"])
-    if state.get("scaler"):  # else fp16 starts here: a fresh scale
-        scaler.load_state_dict(state["scaler"])
-    _set_rng_state(state["rng"])
-    return Progress.from_dict(state["progress"], objective)
-
-
 def _log_epoch(run_dir: Path, writer, row: dict, improved: bool) -> None:
     _append_csv(run_dir / METRICS, row)
     if writer is not None:
@@ -376,15 +331,3 @@ def _log_epoch(run_dir: Path, writer, row: dict, improved: bool) -> None:
         writer.flush()
     summary = ", ".join(f"{k}={v}" for k, v in row.items())
     tqdm.write(f"{summary}{'  (best)' if improved else ''}")
-
-
-def _check_resumable(state: dict, cfg: Config, path: Path) -> None:
-    """Resuming must keep the model and data of the run; epochs, lr and the like may change."""
-    from caption.config import from_dict
-
-    saved = from_dict(Config, state["config"])
-    if (saved.model, saved.data) != (cfg.model, cfg.data):
-        raise ConfigError(f"cannot resume {path}: its model/data config differs from the one given")
-    if saved.train.objective != cfg.train.objective:  # e.g. SCST after cross-entropy: a new run, with init_from
-        raise ConfigError(f"cannot resume {path} with train.objective={cfg.train.objective}: it was trained with "
-                          f"{saved.train.objective}; start a new run with train.init_from={path}")

@@ -47,9 +47,11 @@ class Schedule:
 
 
 def check_schedule(cfg: TrainConfig) -> None:
-    """ConfigError for an unknown ``train.lr_schedule``."""
+    """ConfigError for an unknown ``train.lr_schedule`` or a negative ``train.max_steps``."""
     if cfg.lr_schedule not in SCHEDULES:
         raise ConfigError(f"train.lr_schedule must be one of {', '.join(SCHEDULES)}, got '{cfg.lr_schedule}'")
+    if cfg.max_steps < 0:
+        raise ConfigError(f"train.max_steps must be >= 0 (0: no limit), got {cfg.max_steps}")
 
 
 def _cosine(step: int, total: int, warmup: int, floor: float) -> float:

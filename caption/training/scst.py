@@ -32,7 +32,7 @@ from caption.config import Config, ConfigError
 from caption.data.datasets import ImageDataset, collate_images
 from caption.data.records import ImageRecord
 from caption.decoding import DecodeConfig, Samples, decode, sample
-from caption.evaluation.cider import CiderD, TfIdf
+from caption.evaluation.cider import CiderD
 from caption.training.distributed import Dist, all_sum
 from caption.training.objectives import StepResult
 from caption.training.splits import SplitData
@@ -65,8 +65,10 @@ class CiderReward:
     """CIDEr-D of vocabulary-id captions against the references of training image ``i``.
 
     The references are tokenised once (``caption.vocab.tokenize``), mapped to ids (a word outside
-    the vocabulary gets an id of its own, so it matches nothing a caption can say), ``<end>``
-    appended; document frequencies and every image's reference vectors are computed once.
+    the vocabulary gets an id of its own, so it matches nothing a caption can say) and ``<end>``
+    appended; document frequencies are counted once. The references stay id tuples: an image's
+    tf-idf vectors are built when it is scored, because keeping them for COCO's 566k references
+    takes gigabytes (docs/coco.md).
     """
 
     def __init__(self, records: Sequence[ImageRecord], vocab: Vocabulary):
@@ -77,13 +79,13 @@ class CiderReward:
             return tuple(vocab.stoi[w] if w in vocab.stoi else oov.setdefault(w, len(vocab) + len(oov))
                          for w in words) + (END_ID,)
 
-        refs = [[ids(c) for c in r.captions] for r in records]
-        self.cider = CiderD(refs)
-        self.refs: list[tuple[TfIdf, ...]] = [self.cider.references(r) for r in refs]
+        self.refs: list[tuple[tuple[int, ...], ...]] = [tuple(ids(c) for c in r.captions) for r in records]
+        self.cider = CiderD(self.refs)
 
     def __call__(self, captions: Sequence[Sequence[int]], images: Sequence[int]) -> list[float]:
         """CIDEr-D of ``captions[j]`` (ids, ``<end>`` included when emitted) against image ``images[j]``."""
-        return [self.cider.score(tuple(c), self.refs[i]) for c, i in zip(captions, images, strict=True)]
+        vectors = {i: self.cider.references(self.refs[i]) for i in set(images)}  # once per image, for its K samples
+        return [self.cider.score(tuple(c), vectors[i]) for c, i in zip(captions, images, strict=True)]
 
 
 def mean_of_others(rewards: torch.Tensor, samples: int) -> torch.Tensor:

@@ -24,7 +24,7 @@ from caption.evaluation.scoring import TaskMetric, split_metric, task_metric_key
 from caption.model import build_encoder
 from caption.model.check import check_model_config
 from caption.runtime import Runtime, resolve_runtime
-from caption.training.cache import FeatureStore, open_or_build
+from caption.training.cache import STORAGES, FeatureStore, open_or_build
 from caption.training.distributed import Dist
 from caption.training.schedule import check_schedule
 from caption.vocab import Vocabulary
@@ -54,6 +54,8 @@ def check_config(cfg: Config) -> None:
     read or written."""
     check_model_config(cfg.model)
     check_schedule(cfg.train)
+    if cfg.data.cache not in (*STORAGES, "none"):
+        raise ConfigError(f"data.cache must be one of {', '.join((*STORAGES, 'none'))}, got '{cfg.data.cache}'")
     known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
     known += task_metric_keys(cfg.data.metric)
     if cfg.train.select_metric not in known:
@@ -62,8 +64,8 @@ def check_config(cfg: Config) -> None:
 
 
 def uses_cache(cfg: Config) -> bool:
-    """Features can be cached when the encoder is never trained."""
-    return not cfg.model.fine_tune and cfg.train.fine_tune_from_epoch < 0
+    """Features are cached when the encoder is never trained, unless ``data.cache=none``."""
+    return cfg.data.cache != "none" and not cfg.model.fine_tune and cfg.train.fine_tune_from_epoch < 0
 
 
 def cache_dir(cfg: Config, run_dir: Path) -> Path:
@@ -105,7 +107,8 @@ def _cached(cfg, split, records, encoder, transform, run_dir, runtime, dist, pro
     """Rank 0 builds (or finishes) the cache first; the other ranks then open it."""
     def build(show: bool) -> FeatureStore:
         return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), encoder.config, cfg.data.image_size,
-                             split, runtime=runtime, batch_size=max(cfg.train.batch_size, 32), progress=show)
+                             split, runtime=runtime, batch_size=max(cfg.train.batch_size, 32), progress=show,
+                             storage=cfg.data.cache)
 
     if dist is None or not dist.active:
         return build(progress)
@@ -140,7 +143,8 @@ def prepare(cfg: Config, run_dir: Path, *, runtime: Runtime | None = None, split
     vocab = build_vocab(cfg, run_dir, train_records)
     summary = {"run_dir": str(run_dir), "vocab": len(vocab), "train_images": len(train_records)}
     if not uses_cache(cfg):
-        summary["cache"] = "none (the encoder is fine-tuned, so features cannot be cached)"
+        why = "data.cache=none" if cfg.data.cache == "none" else "the encoder is fine-tuned, so features cannot be cached"
+        summary["cache"] = f"none ({why}: the encoder runs on every training batch)"
         return summary
     torch.manual_seed(cfg.train.seed)  # the same encoder weights as training builds
     encoder = build_encoder(cfg.model).to(runtime.device)
