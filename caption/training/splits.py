@@ -31,6 +31,8 @@ from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.training.splits")
 
+CACHES = (*STORAGES, "none")  # data.cache: an on-disk form, or no cache (the encoder runs every batch)
+
 
 @dataclass
 class SplitData:
@@ -54,8 +56,8 @@ def check_config(cfg: Config) -> None:
     read or written."""
     check_model_config(cfg.model)
     check_schedule(cfg.train)
-    if cfg.data.cache not in (*STORAGES, "none"):
-        raise ConfigError(f"data.cache must be one of {', '.join((*STORAGES, 'none'))}, got '{cfg.data.cache}'")
+    if cfg.data.cache not in CACHES:
+        raise ConfigError(f"data.cache must be one of {', '.join(CACHES)}, got '{cfg.data.cache}'")
     known = [k for k in METRIC_KEYS if k != "METEOR"]  # validation runs without Java
     known += task_metric_keys(cfg.data.metric)
     if cfg.train.select_metric not in known:
