@@ -186,10 +186,12 @@ class GuideConfig:
     person_penalty: float = 4.0  # subject kinds: taken off the ranking log-probability per person or clothing word
     slot_mass: float = 0.3  # a name may start only where the model gives nouns (names, people) this probability
     no_people: float = 0.6  # people are penalised in a photo this surely of an animal, plant or food, named or not
+    people: float = 0.8  # the people probe (caption.decoding.people) at or above this: a photo of people, left unguided
+    new_names: bool = True  # a class whose everyday name the vocabulary lacks ("lizard") is said through a stand-in word
     top_labels: int = 3  # classifier labels reported with each caption (predict --json, the viewer)
 
     def __post_init__(self) -> None:
-        unit = ("threshold", "thing_threshold", "plausible", "slot_mass", "no_people")
+        unit = ("threshold", "thing_threshold", "plausible", "slot_mass", "no_people", "people")
         checks = {**{key: 0.0 <= getattr(self, key) <= 1.0 for key in unit}, "within": self.within >= 0,
                   "person_penalty": self.person_penalty >= 0, "top_labels": self.top_labels >= 1}
         bad = [key for key, ok in checks.items() if not ok]

@@ -63,7 +63,7 @@ material stuff organism creature beast brute fauna animal device product system 
 support protection site set piece part body form type kind sort matter furniture clothing equipment
 jewelry jewellery luggage baggage makeup hardware machinery cutlery tableware footwear footgear headgear
 apparel attire garb clothes gear crockery dishware woodenware ware bedding bedclothes nutriment nourishment
-nutrition nutrient sustenance aliment alimentation victuals foodstuff""".split())
+nutrition nutrient sustenance aliment alimentation victuals foodstuff food""".split())
 
 # (kind, synset names): the first kind whose synsets are among the class's ancestors (or itself)
 KINDS = (
@@ -95,17 +95,23 @@ def group(lexname: str) -> str:
             else "thing" if lexname in THINGS else "other")
 
 
-def means_else(lemma: str, synset, kind: str, head: bool) -> bool:
+def means_else(lemma: str, synset, kind: str, head: bool, first: bool = False) -> bool:
     """Whether a one-word lemma (of ``synset``, the class's or a hypernym) first means another kind
     of thing than the class (WordNet's first sense is the most frequent): a person where the class
     is none ("painter" for a cougar, "boxer" for the dog); something living where the class is a
     thing ("crane" the bird for the machine) or back; something abstract where this sense comes
     third or later ("drop" for a cliff, "board" for a table), unless it is the ``head`` word of
-    the class's own synset ("dome", "volleyball"). Multi-word lemmas are specific enough."""
+    the class's own synset ("dome", "volleyball"). A multi-word lemma other than the ``first`` of
+    its synset (a nickname) of a living thing means something else when its last word first means
+    a thing of the same WordNet category that the synset is not ("river horse" is no horse,
+    "native bear" no bear; a "hot dog" is no animal)."""
     from nltk.corpus import wordnet as wn
 
     if "_" in lemma:
-        return False
+        heads = wn.synsets(lemma.rsplit("_", 1)[1], pos="n")
+        if first or not heads or heads[0].lexname() != synset.lexname() or kind != "living":
+            return False
+        return heads[0] not in {a for path in synset.hypernym_paths() for a in path}
     senses = wn.synsets(lemma, pos="n")
     first = group(senses[0].lexname()) if senses else "other"
     if first == kind:
@@ -132,7 +138,7 @@ def names_of(synset, generic: set) -> list[str]:
                 continue
             names.extend(name_of(lemma) for i, lemma in enumerate(s.lemma_names())
                          if name_of(lemma) and name_of(lemma) not in names
-                         and not means_else(lemma, s, kind, head=s == synset and i == 0))
+                         and not means_else(lemma, s, kind, head=s == synset and i == 0, first=i == 0))
         level = following
     return names
 

@@ -55,7 +55,8 @@ def test_shipped_model_captions_every_real_photo():
     for path, result in zip(photos, results):
         assert not isinstance(result, Exception), (path, result)
         assert result.words and result.caption, path
-        assert all(w in model.vocab for w in result.words), path
+        spelled = dict(result.guide.spelled) if result.guide else {}  # names the vocabulary lacks, said anyway
+        assert all(w in model.vocab or spelled.get(i) == w for i, w in enumerate(result.words)), path
         torch.testing.assert_close(result.alphas.sum((1, 2)), torch.ones(len(result.words)), atol=1e-4, rtol=0)
         assert result.alphas.shape[1:] == (7, 7)
 

@@ -68,8 +68,8 @@ def test_plurals_and_forms():
     assert sayable("zebra", VOCAB) == () and sayable("<unk>", VOCAB) == ()
     assert set(talks_of((ids["ski"],), VOCAB)) == {(ids["ski"],), (ids["skier"],), (ids["skiing"],)}
     assert takes_an("owl") and not takes_an("cat") and not takes_an("unicycle") and takes_an("hour")
-    assert not_after((ids["owl"],), False, VOCAB) == (ids["a"], ids["two"])
-    assert not_after((ids["cats"],), True, VOCAB) == (ids["a"], ids["an"])
+    assert not_after("owl", False, VOCAB) == (ids["a"], ids["two"])
+    assert not_after("cats", True, VOCAB) == (ids["a"], ids["an"])
 
 
 # ----------------------------------------------------------------------------- plans
@@ -232,12 +232,12 @@ def test_an_encoder_without_an_imagenet_head_captions_unguided_and_says_so_once(
 
 
 def test_the_tables_ship_in_the_wheel():
-    """The names table and the people words match a package-data pattern of pyproject.toml."""
+    """The names table, the people words and the people probe match a package-data pattern of pyproject.toml."""
     from pathlib import Path
 
     tomllib = pytest.importorskip("tomllib")  # Python >= 3.11
     root = Path(__file__).resolve().parents[1]
     patterns = tomllib.loads((root / "pyproject.toml").read_text())["tool"]["setuptools"]["package-data"]["caption"]
-    for name in ("imagenet_names.tsv", "people_words.txt"):
+    for name in ("imagenet_names.tsv", "people_words.txt", "people_efficientnet_lite0.pt"):
         asset = Path("assets") / name
         assert (root / "caption" / asset).is_file() and any(asset.match(p) for p in patterns), asset

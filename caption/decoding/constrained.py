@@ -4,7 +4,8 @@ Each image has a :class:`Constraint`: a disjunction of phrases (token-id sequenc
 "hot dog") that may start only where the model expects a noun (the probability of ``slot_words``
 at that step is at least ``slot_mass``: "a ___", "a brown ___", not "two dogs are ___"), and, when
 ``within`` is set, only among the caption's first ``within`` words (the object as the subject).
-``penalty`` is taken off the ranking score of every word of ``penalized`` emitted (people, say).
+``penalty`` is taken off the ranking score of every word of ``penalized`` emitted (people, say);
+with ``stop`` the caption ends right after the phrase ("a small lizard").
 
 The beams are two banks of the beam core (:class:`caption.decoding.core.Beams`): the *free* bank
 holds captions that have begun no phrase, the *held* bank those that say one or are in the middle
@@ -52,6 +53,7 @@ class Constraint:
     slot_mass: float = 0.0
     end_phrase: bool = False  # the phrase ends its noun phrase: no noun right after it ("a fish dog"), nor one word later ("a frog brown dog")
     not_after: tuple[tuple[int, ...], ...] = ()  # per phrase, words that may not come right before it ("a" before "owl")
+    stop: bool = False  # the caption ends with the phrase's noun phrase: "a small lizard"
 
     def __post_init__(self) -> None:
         if any(not p for p in self.phrases):
@@ -68,10 +70,9 @@ class Constraint:
         tokens = list(tokens)
         if not self.phrases:
             return True
-        before = [None] + tokens
         ends = [i + len(p) for k, p in enumerate(self.phrases) for i in range(min(self.within or len(tokens), len(tokens)))
                 if tokens[i : i + len(p)] == list(p) and (slots is None or slots[i])
-                and not (k < len(self.not_after) and before[i] in self.not_after[k])]
+                and not (k < len(self.not_after) and set(_lead(tokens, slots, i)) & set(self.not_after[k]))]
         if not ends:
             return False
         first = min(ends)
@@ -79,6 +80,26 @@ class Constraint:
             return True
         noun_next = slots is not None and self.slot_mass > 0 and first + 1 < len(tokens) and slots[first + 1]
         return tokens[first] not in self.slot_words and not noun_next
+
+
+def _lead(tokens: Sequence[int], slots: Sequence[bool] | None, i: int) -> list[int]:
+    """The words that lead into position i's noun phrase: back to the last word not said where the
+    model expected a noun (``slots``; None: the word right before i alone), so "two young" leads
+    into "gibbon", and "of" into "vehicles" in "a group of vehicles"."""
+    j = i - 1
+    while slots is not None and j > 0 and slots[j]:
+        j -= 1
+    return list(tokens[max(j, 0) : i])
+
+
+def _leads(tokens: torch.Tensor, slots: torch.Tensor, start: torch.Tensor) -> torch.Tensor:
+    """(N, P, t) bool: which of each row's tokens (N, t) lead into a phrase starting at start (N, P)
+    (:func:`_lead`), given the noun slots (N, t+1)."""
+    t = tokens.shape[1]
+    at = torch.arange(t, device=tokens.device)
+    last = torch.where(slots[:, :t], -1, at.expand(tokens.shape[0], t)).cummax(1).values  # (N, t) last non-slot up to j
+    j = last.gather(1, (start - 1).clamp(0, t - 1)).clamp(min=0)  # (N, P) where the lead begins
+    return (at >= j.unsqueeze(-1)) & (at < start.unsqueeze(-1))  # (N, P, t)
 
 
 class _Phrases:
@@ -116,6 +137,7 @@ class _Phrases:
         self.bias, self.slot_words = bias.to(device), slot_words.to(device)
         self.slot_mass = torch.tensor([c.slot_mass for c in constraints], device=device)  # (B,)
         self.end_phrase = torch.tensor([c.end_phrase for c in constraints], device=device)  # (B,)
+        self.stop = torch.tensor([c.stop for c in constraints], device=device)  # (B,)
         self.within = torch.tensor([c.within or _NEVER for c in constraints], device=device)  # (B,)
 
     def slots(self, logp: torch.Tensor, image: torch.Tensor) -> torch.Tensor:
@@ -153,8 +175,8 @@ class _Phrases:
         ok &= (start < self.within[image].unsqueeze(1)) & (start >= 0)
         ok &= slots.gather(1, start.clamp(0, t))  # (N, P) it started at a noun slot
         if t:
-            before = tokens.gather(1, (start - 1).clamp(0, t - 1)).masked_fill(start < 1, _NONE)  # (N, P) word before it
-            ok &= ~(before.unsqueeze(-1) == self.not_after[image]).any(-1)
+            blocked = (tokens.unsqueeze(1).unsqueeze(-1) == self.not_after[image].unsqueeze(2)).any(-1)  # (N, P, t)
+            ok &= ~(blocked & _leads(tokens, slots, start)).any(-1)  # no word leading into it rules it out
         hits = torch.zeros((N, V), dtype=torch.long, device=tokens.device)  # (N, V)
         hits.scatter_add_(1, word[image], ok.long())
         return hits > 0
@@ -225,6 +247,8 @@ def _rules(phrases: _Phrases, progress: _Progress, t: int, logp: torch.Tensor, t
     noun = slots[:, -1] & (phrases.slot_mass[image] > 0)  # (B*R,) a noun expected now (slot_mass 0: never)
     later = (progress.since == 1) & ends_noun & noun.view(B, R)  # (B, R) a noun expected one word after it
     held &= ~later.unsqueeze(-1)  # "a frog brown ___": that word began another noun phrase
+    stop = ((progress.since == 0) & phrases.stop[image].view(B, R)).unsqueeze(-1)  # (B, R, 1) the phrase was just said
+    held &= ~stop | (torch.arange(V, device=logp.device) == END_ID)  # with ``stop``: only <end> may follow it
     # the held bank keeps captions that say a phrase first, then those furthest into one, then fresh starts:
     # a phrase's later words cost log-probability, and fresh starts would crowd out those under way
     tier = says.long() * 2 + (extends & midway).long()  # (B, R, V)

@@ -4,18 +4,31 @@ The EfficientNet-Lite encoders' grid features are what their ImageNet-1k classif
 the head on the features' spatial mean gives class probabilities from the forward pass the
 captioner already makes (cached features too). A *name*'s probability is the summed probability of
 the object classes it names ("dog": every dog breed), from the packaged names table
-(:mod:`caption.decoding.names`) intersected with the model's vocabulary.
+(:mod:`caption.decoding.names`) intersected with the model's vocabulary; a class whose everyday
+name the vocabulary lacks ("iguana") is searched through a stand-in word ("animal") that the
+caption then replaces (``new_names``), with the article chosen for the name and the stand-in's
+attention map.
 
 Each image is captioned by the plain search first. When a name reaches ``threshold`` (animals,
 plants and food) or ``thing_threshold`` (things and structures), the caption stays as it is if it
 names, anywhere, something the classifier finds at least ``plausible`` ("a man rides a bike" for a
 unicycle; "skier" for a ski). Otherwise constrained beam search makes the caption say one of the
-sure names (:mod:`caption.decoding.constrained`): where the model expects a noun, with the right
-article, ending its noun phrase, and for animals, plants and food (``subject_kinds``) as the
-subject, within the first ``within`` words, with people and clothing words penalised
-(``person_penalty``). A photo that is surely an animal, plant or food (``no_people``) without a
-name the vocabulary holds gets the penalty alone, where its plain caption has people. Defaults and
-how they were chosen: :class:`caption.config.GuideConfig`, MODEL_CARD.md.
+sure names (:mod:`caption.decoding.constrained`) where the model expects a noun, with the right
+article, ending its noun phrase: as the subject, within the first ``within`` words, with people and
+clothing words penalised (``person_penalty``), for animals, plants and food, and for every kind
+where the people probe (:mod:`caption.decoding.people`) says the photo has no people. A caption
+that, after the name, still speaks of a person, clothing or another creature or thing ("a lizard
+in a black and white dog") is cut to the name's noun phrase ("a small lizard"): the decoder has
+seen few photos of lone objects, and that is where its habits take over.
+
+The people probe also keeps guidance out of photos of people (probe ``>= people``): their plain
+caption stays, so a thing's name never takes a person's place ("a young instrument in a red
+shirt"); the classifier's top labels are still reported.
+
+A photo without a sayable sure name is still kept free of people (the penalty alone, where the
+plain caption has them) when it is surely an animal, plant or food (``no_people``) and the probe
+does not call it a photo of people. Defaults and how they were chosen:
+:class:`caption.config.GuideConfig`, MODEL_CARD.md.
 """
 
 from __future__ import annotations
@@ -32,12 +45,16 @@ from caption.decoding.constrained import Constraint, constrained_beam_search
 from caption.decoding.names import (
     PERSON_WORDS,
     ImageNetClass,
+    everyday_name,
     not_after,
+    plural,
     read_classes,
     read_people_words,
     sayable,
+    stand_in,
     talks_of,
 )
+from caption.decoding.people import PeopleProbe, load_probe
 from caption.decoding.results import GuideInfo, Hypothesis
 from caption.model.encoder import classifier_head
 from caption.vocab import Vocabulary
@@ -55,45 +72,89 @@ class Plan:
     enough: Constraint | None  # what a plain caption may say instead and stay as it is (any plausible name)
     info: GuideInfo
     avoid: frozenset[int] = frozenset()  # words a plain caption must not say to stay as it is
+    spoken: tuple[tuple[tuple[int, ...], str], ...] = ()  # stand-in phrases and the name each is said as
+    short: Constraint | None = None  # the constraint of the name's noun phrase alone, for a caption that ...
+    invents: frozenset[int] = frozenset()  # ... says one of these words after the name
 
     def accepts(self, tokens: Sequence[int]) -> bool:
         """Whether a plain caption may stay as it is."""
-        return (self.enough is None or self.enough.satisfied_by(tokens)) and not self.avoid.intersection(tokens)
+        enough = self.enough is None or bool(self.enough.phrases) and self.enough.satisfied_by(tokens)
+        return enough and not self.avoid.intersection(tokens)
+
+    def said_as(self, tokens: Sequence[int]) -> tuple[tuple[int, str], ...]:
+        """((position, name),) where the first of the constraint's phrases that ``tokens`` say is a
+        stand-in for a name the vocabulary lacks; () where it is a name of its own, or there is none."""
+        spoken = dict(self.spoken)
+        for i in range(len(tokens)):
+            for phrase in self.constraint.phrases if self.constraint is not None else ():
+                if tuple(tokens[i : i + len(phrase)]) == phrase:
+                    return ((i, spoken[phrase]),) if phrase in spoken else ()
+        return ()
+
+    def cut_short(self, tokens: Sequence[int]) -> bool:
+        """Whether a guided caption is to be cut to the name's noun phrase: after the name, it says
+        one of ``invents`` (a person, clothing, another creature or thing)."""
+        if self.short is None:
+            return False
+        ends = [i + len(p) for p in self.short.phrases for i in range(len(tokens))
+                if tuple(tokens[i : i + len(p)]) == p]
+        return bool(ends) and bool(self.invents.intersection(tokens[min(ends):]))
 
 
 class Guide(nn.Module):
-    """The classifier head and what each class may be called: features (B, L, D) -> a Plan per image."""
+    """The classifier head, the people probe and what each class may be called: features (B, L, D)
+    -> a Plan per image."""
 
-    def __init__(self, head: nn.Linear, classes: Sequence[ImageNetClass], vocab: Vocabulary, cfg: GuideConfig):
+    def __init__(self, head: nn.Linear, classes: Sequence[ImageNetClass], vocab: Vocabulary, cfg: GuideConfig,
+                 probe: PeopleProbe | None = None):
         super().__init__()
         if head.out_features != len(classes):
             raise ValueError(f"the classifier head has {head.out_features} outputs, the names table {len(classes)}")
         self.head, self.classes, self.cfg, self.vocab = head.eval().requires_grad_(False), list(classes), cfg, vocab
+        self.probe = probe
         kinds, subject_kinds = _kinds(cfg.kinds), _kinds(cfg.subject_kinds)
         self.names: list[tuple[tuple[int, ...], ...]] = []  # each name's phrases: its words, then its plural
+        self.spelled: list[tuple[str, ...]] = []  # each name's phrases as the caption says them
+        self.stand: list[bool] = []  # the name is said through a stand-in word
         index: dict[str, int] = {}
-        names_of = torch.zeros(len(self.classes), 1 + sum(len(c.names) for c in self.classes))  # (C, names)
+        pairs = []  # (class, name)
         for c in self.classes:
+            if c.kind not in kinds:
+                continue
             for name in c.names:
                 phrases = sayable(name, vocab)
-                if phrases and c.kind in kinds:
-                    if name not in index:
-                        index[name] = len(self.names)
-                        self.names.append(phrases)
-                    names_of[c.index, index[name]] = 1.0
-        self.register_buffer("names_of", names_of[:, : max(len(self.names), 1)], persistent=False)  # (C, names)
+                if phrases:
+                    pairs.append((c.index, self._name(index, name, phrases, None)))
+            word, stand = everyday_name(c), stand_in(c, vocab)
+            if cfg.new_names and word and stand and not any(sayable(n, vocab) for n in c.names):
+                pairs.append((c.index, self._name(index, word, sayable(stand, vocab), (word, plural(word)))))
+        names_of = torch.zeros(len(self.classes), max(len(self.names), 1))  # (C, names)
+        for c, n in pairs:
+            names_of[c, n] = 1.0
+        self.register_buffer("names_of", names_of, persistent=False)  # (C, names)
         subject = torch.tensor([c.kind in subject_kinds for c in self.classes])  # (C,)
         self.register_buffer("subject", subject, persistent=False)
         of_subjects = (self.names_of[subject] > 0).any(0)  # (names,) names of animals, plants, food
         bar = torch.where(of_subjects, cfg.threshold, cfg.thing_threshold)  # (names,)
         self.register_buffer("bar", bar, persistent=False)
-        self.not_after = [tuple(not_after(p, k > 0, vocab) for k, p in enumerate(ps)) for ps in self.names]
-        self.forms = [tuple(f for p in ps for f in talks_of(p, vocab)) for ps in self.names]
+        self.not_after = [tuple(not_after(w.split()[0], k > 0, vocab) for k, w in enumerate(ws)) for ws in self.spelled]
+        self.forms = [() if st else tuple(f for p in ps for f in talks_of(p, vocab))
+                      for ps, st in zip(self.names, self.stand)]
         words = read_people_words()
         people = {t for w in (*PERSON_WORDS, *words["person"]) for p in sayable(w, vocab) for t in p}  # plurals too
         wear = {t for w in words["clothing"] for p in sayable(w, vocab) for t in p} | self._words({"clothing"})
         self.penalized = tuple(sorted(people | wear))  # people and what they wear
         self.slot_words = tuple(sorted(people | self._words(kinds)))  # what captions name things and people by
+
+    def _name(self, index: dict[str, int], name: str, phrases: tuple[tuple[int, ...], ...],
+              spelled: tuple[str, ...] | None) -> int:
+        """The index of ``name`` (searched as ``phrases``, said as ``spelled``), added when new."""
+        if name not in index:
+            index[name] = len(self.names)
+            self.names.append(phrases)
+            self.spelled.append(spelled or tuple(" ".join(self.vocab.itos[t] for t in p) for p in phrases))
+            self.stand.append(spelled is not None)
+        return index[name]
 
     def _words(self, kinds: set[str]) -> set[int]:
         """The one-word names (and plurals) of the classes of ``kinds`` the vocabulary holds."""
@@ -107,6 +168,7 @@ class Guide(nn.Module):
     def plan(self, features: torch.Tensor) -> list[Plan]:
         """A Plan per image of features (B, L, D)."""
         probs = self.probabilities(features)  # (B, C)
+        people = [None] * len(probs) if self.probe is None else self.probe(features).tolist()  # (B,)
         name_probs = probs @ self.names_of  # (B, names): each name's probability
         sure_of = (name_probs >= self.bar).cpu()  # (B, names) the names a caption must say
         plausible_of = (name_probs >= self.bar.clamp(max=self.cfg.plausible)).cpu()  # (B, names) or may say instead
@@ -115,33 +177,49 @@ class Guide(nn.Module):
         top_p, top_i = probs.topk(min(self.cfg.top_labels, probs.shape[1]), dim=1)  # (B, k)
         plans = []
         for b, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist())):
-            info = GuideInfo(tuple((self.classes[i].label, round(p, 4)) for i, p in zip(ids, ps)))
+            info = GuideInfo(tuple((self.classes[i].label, round(p, 4)) for i, p in zip(ids, ps)),
+                             people=None if people[b] is None else round(people[b], 4))
+            crowd = people[b] is not None and people[b] >= self.cfg.people
             sure = sure_of[b].nonzero().flatten().tolist()
-            if sure:
+            if sure and not crowd:
                 plausible = plausible_of[b].nonzero().flatten().tolist()
-                plans.append(self._naming(sorted(sure, key=lambda n: float(name_probs[b, n])), plausible, probs[b], info))
-            elif subject_mass[b] >= self.cfg.no_people:  # no name to say, but surely no place for people
+                plans.append(self._naming(sorted(sure, key=lambda n: float(name_probs[b, n])), plausible, probs[b],
+                                          info, people[b] is not None))
+            elif subject_mass[b] >= self.cfg.no_people and not crowd:  # surely no place for people
                 plans.append(Plan(Constraint((), 0, self.penalized, self.cfg.person_penalty), None,
                                   dataclasses.replace(info, no_people=True), frozenset(self.penalized)))
             else:
                 plans.append(Plan(None, None, info))
         return plans
 
-    def _naming(self, sure: list[int], plausible: list[int], probs: torch.Tensor, info: GuideInfo) -> Plan:
+    def _naming(self, sure: list[int], plausible: list[int], probs: torch.Tensor, info: GuideInfo,
+                probed: bool) -> Plan:
         """The plan of an image whose ``sure`` names (most specific first) reach their threshold;
-        its plain caption may say any ``plausible`` one instead; ``probs`` (C,) its class probabilities."""
+        its plain caption may say any ``plausible`` one instead; ``probs`` (C,) its class
+        probabilities; ``probed``: the people probe ran and did not call it a photo of people (then
+        every kind is the subject; without a probe, only animals, plants and food are)."""
         named = (self.names_of[:, sure].sum(1) > 0) * probs  # (C,) the classes those names name
-        subject = bool(self.subject[int(named.argmax())])  # an animal, plant or food: the caption's subject
-        phrases = tuple(p for n in sure for p in self.names[n])
+        subject = probed or bool(self.subject[int(named.argmax())])  # the caption's subject
+        phrases, words, blocked, spoken = [], [], [], []
+        for n in sure:
+            for p, w, a in zip(self.names[n], self.spelled[n], self.not_after[n]):
+                if p not in phrases:  # a stand-in is said as the most specific sure name searched through it
+                    phrases.append(p)
+                    words.append(w)
+                    blocked.append(a)
+                    spoken += [(p, w)] if self.stand[n] else []
         said = {t for p in phrases for t in p}  # a tiger is no person, whatever WordNet's first sense
         penalized = tuple(w for w in self.penalized if w not in said) if subject else ()
-        within = self.cfg.within if subject else 0
-        constraint = Constraint(phrases, within, penalized, self.cfg.person_penalty, self.slot_words,
-                                self.cfg.slot_mass, end_phrase=True,
-                                not_after=tuple(a for n in sure for a in self.not_after[n]))
+        constraint = Constraint(tuple(phrases), self.cfg.within if subject else 0, penalized, self.cfg.person_penalty,
+                                self.slot_words, self.cfg.slot_mass, end_phrase=True,
+                                not_after=tuple(blocked))
         enough = Constraint(tuple(dict.fromkeys(f for n in plausible for f in self.forms[n])))  # anywhere, people or not
-        words = tuple(" ".join(self.vocab.itos[t] for t in p) for p in phrases)
-        return Plan(constraint, enough, dataclasses.replace(info, constraint=words[0], names=words, no_people=subject))
+        info = dataclasses.replace(info, constraint=words[0], names=tuple(words), no_people=subject)
+        if not subject:
+            return Plan(constraint, enough, info, spoken=tuple(spoken))
+        invents = frozenset(self.penalized + self.slot_words) - said  # a person, clothing, another creature or thing
+        return Plan(constraint, enough, info, spoken=tuple(spoken), short=dataclasses.replace(constraint, stop=True),
+                    invents=invents)
 
 
 PlainSearch = Callable[[nn.Module, torch.Tensor, DecodeConfig, "torch.Tensor | None"], list[Hypothesis]]
@@ -150,28 +228,40 @@ PlainSearch = Callable[[nn.Module, torch.Tensor, DecodeConfig, "torch.Tensor | N
 def guided_search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, guide: Guide,
                   plain: PlainSearch, mask: torch.Tensor | None = None) -> list[tuple[Hypothesis, GuideInfo]]:
     """Caption features (B, L, D) with ``plain`` search; the captions their Plan does not accept are
-    searched again with constrained beam search (where it finds none within ``max_len``, the plain
-    caption stays)."""
+    searched again with constrained beam search (the plain caption stays where it finds none within
+    ``max_len``), and those its plan cuts short once more, ending with the name's noun phrase."""
     plans = guide.plan(features)
     hyps = plain(decoder, features, options, mask)
     keep = [p.accepts(h.tokens) for h, p in zip(hyps, plans)]
     infos = [p.info if p.enough is None else dataclasses.replace(p.info, satisfied=k) for p, k in zip(plans, keep)]
     todo = [i for i, p in enumerate(plans) if p.constraint is not None and not keep[i]]
-    if todo:
-        sub = torch.tensor(todo, device=features.device)
-        found = constrained_beam_search(decoder, features[sub], options, [plans[i].constraint for i in todo],
-                                        None if mask is None else mask[sub])
-        for i, h in zip(todo, found):
-            if h is not None:
-                hyps[i] = h
-                infos[i] = dataclasses.replace(infos[i], satisfied=plans[i].enough is not None, shaped=True)
+    found = _search(decoder, features, options, {i: plans[i].constraint for i in todo}, mask)
+    short = _search(decoder, features, options, {i: plans[i].short for i, h in found.items()
+                                                 if plans[i].cut_short(h.tokens)}, mask)
+    for i, h in {**found, **short}.items():
+        hyps[i] = h
+        infos[i] = dataclasses.replace(infos[i], satisfied=plans[i].enough is not None, shaped=True,
+                                       spelled=plans[i].said_as(h.tokens))
     return list(zip(hyps, infos))
 
 
+def _search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, constraints: dict[int, Constraint],
+            mask: torch.Tensor | None) -> dict[int, Hypothesis]:
+    """Constrained beam search for the images of features (B, L, D) that ``constraints`` names by
+    index: the captions it found, by image index."""
+    if not constraints:
+        return {}
+    todo = list(constraints)
+    sub = torch.tensor(todo, device=features.device)
+    found = constrained_beam_search(decoder, features[sub], options, list(constraints.values()),
+                                    None if mask is None else mask[sub])
+    return {i: h for i, h in zip(todo, found) if h is not None}
+
+
 def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tuple[Guide | None, str | None]:
-    """The guide of a run (the encoder's ImageNet classifier and the names table), or None and why
-    there is none: ``guide.enabled`` false, an encoder without a classifier head that reads its
-    features, or an encoder fine-tuned away from it."""
+    """The guide of a run (the encoder's ImageNet classifier, its people probe where one is
+    packaged, and the names table), or None and why there is none: ``guide.enabled`` false, an
+    encoder without a classifier head that reads its features, or an encoder fine-tuned away from it."""
     if not config.guide.enabled:
         return None, "guide.enabled is false in the run's config"
     if config.train.fine_tune_from_epoch >= 0:
@@ -180,4 +270,4 @@ def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tupl
         head = classifier_head(config.model)
     except ConfigError as err:
         return None, str(err)
-    return Guide(head, read_classes(), vocab, config.guide).to(device), None
+    return Guide(head, read_classes(), vocab, config.guide, load_probe(config.model)).to(device), None

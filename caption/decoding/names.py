@@ -16,6 +16,9 @@ from caption.vocab import SPECIALS, Vocabulary
 
 # the commonest words for people, irregular plurals included, beside WordNet's (people_words.txt)
 PERSON_WORDS = tuple("man men woman women person people child children kid kids lady ladies guy guys".split())
+# what a class the vocabulary has no name for is searched as, by kind: the caption is found with this
+# word and then says the class's own name in its place (none for food: "food" is a mass noun)
+STAND_INS = {"animal": "animal", "plant": "plant", "thing": "object", "structure": "building"}
 SINGULAR_ONLY = ("two", "three", "four", "five", "several", "many", "both")  # never right before a singular name
 
 
@@ -90,8 +93,30 @@ def takes_an(word: str) -> bool:
     return word[:1] in ("a", "e", "i", "o", "u") or word.startswith(("hour", "honest", "heir"))
 
 
-def not_after(phrase: tuple[int, ...], plural_form: bool, vocab: Vocabulary) -> tuple[int, ...]:
-    """The words a name may not follow: "a" before "owl" ("an" before "cat"), a number before a
-    singular name, "a"/"an" before a plural one."""
-    words = ("a", "an") if plural_form else (("a",) if takes_an(vocab.itos[phrase[0]]) else ("an",)) + SINGULAR_ONLY
+def not_after(word: str, plural_form: bool, vocab: Vocabulary) -> tuple[int, ...]:
+    """The words a name starting with ``word`` may not follow: "a" before "owl" ("an" before "cat"),
+    a number before a singular name, "a"/"an" before a plural one."""
+    words = ("a", "an") if plural_form else (("a",) if takes_an(word) else ("an",)) + SINGULAR_ONLY
     return tuple(vocab.stoi[w] for w in words if w in vocab)
+
+
+def everyday_name(c: ImageNetClass) -> str | None:
+    """What people call the class: its usual name (the label) when that is one word ("koala", never
+    a synonym such as "native bear"); else the label's last word when that names the class too
+    ("spider" for a garden spider); else a two-word label ("sea lion"); else its first one-word name
+    ("spider" for a black and gold garden spider). None when there is none of these."""
+    label = c.label.lower()
+    words = label.split()
+    if all(w.isalpha() for w in words):
+        if len(words) == 1 or words[-1] in c.names:
+            return words[-1]
+        if len(words) == 2:
+            return label
+    return next((n for n in c.names if n.isalpha()), None)
+
+
+def stand_in(c: ImageNetClass, vocab: Vocabulary) -> str | None:
+    """The word a caption of a class the vocabulary has no name for is searched with: its kind's
+    word (:data:`STAND_INS`: "animal" for a koala, "object" for a teapot), when the vocabulary holds it."""
+    word = STAND_INS.get(c.kind)
+    return word if word is not None and sayable(word, vocab) else None

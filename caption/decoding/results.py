@@ -25,14 +25,25 @@ class GuideInfo:
     constraint: str | None = None  # the name the caption had to say (most specific first); None: no name
     names: tuple[str, ...] = ()  # every name that would do, as the vocabulary spells them (plurals too)
     satisfied: bool = False  # the caption says one of them (or something as plausible)
-    no_people: bool = False  # people and what they wear were kept out (an animal, plant or food)
+    no_people: bool = False  # people and what they wear were kept out (the name is the subject of a photo without people)
     shaped: bool = False  # guidance changed the caption: the plain one did not do as asked
+    people: float | None = None  # the people probe's probability that the photo shows people; None: no probe
+    spelled: tuple[tuple[int, str], ...] = ()  # (position, name): a word the caption says for a stand-in token
 
     def as_dict(self) -> dict:
-        """Plain JSON values: ``labels`` as [{"label", "p"}], the rest as they are."""
+        """Plain JSON values: ``labels`` as [{"label", "p"}], ``spelled`` as [{"position", "word"}],
+        the rest as they are."""
         return {"labels": [{"label": label, "p": p} for label, p in self.labels], "constraint": self.constraint,
                 "names": list(self.names), "satisfied": self.satisfied, "no_people": self.no_people,
-                "shaped": self.shaped}
+                "shaped": self.shaped, "people": self.people,
+                "spelled": [{"position": i, "word": w} for i, w in self.spelled]}
+
+    def spell(self, words: list[str]) -> list[str]:
+        """The caption's words with each stand-in replaced by the name it says (``spelled``)."""
+        words = list(words)
+        for i, word in self.spelled:
+            words[i] = word
+        return words
 
 
 @dataclass(frozen=True)

@@ -130,7 +130,8 @@ def decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *,
             hyps = run(decoder, features, options, Sampler(options.temperature), options.samples, mask).hypotheses()
         elif guide is not None:
             pairs = guided_search(decoder, features, options, guide, search, mask)
-            return [dataclasses.replace(to_result(h, options, vocab, grid), guide=info) for h, info in pairs]
+            results = [to_result(h, options, vocab, grid) for h, _ in pairs]
+            return [dataclasses.replace(r, words=info.spell(r.words), guide=info) for r, (_, info) in zip(results, pairs)]
         else:
             hyps = search(decoder, features, options, mask)
     return [to_result(h, options, vocab, grid) for h in hyps]

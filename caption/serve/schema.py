@@ -28,6 +28,8 @@ class Guide(BaseModel):
     satisfied: bool = False
     no_people: bool = False
     shaped: bool = False
+    people: Optional[float] = None  # the people probe's probability that the photo shows people
+    spelled: list[dict[str, Any]] = Field(default_factory=list)  # {position, word}: names beyond the vocabulary
 
 
 class Alternative(BaseModel):
