@@ -81,24 +81,22 @@ class Plan:
         enough = self.enough is None or bool(self.enough.phrases) and self.enough.satisfied_by(tokens)
         return enough and not self.avoid.intersection(tokens)
 
+    def _first(self, tokens: Sequence[int]) -> tuple[int, tuple[int, ...]] | None:
+        """(position, phrase) of the first of the constraint's phrases that ``tokens`` say; None: none."""
+        phrases = self.constraint.phrases if self.constraint is not None else ()
+        return next(((i, p) for i in range(len(tokens)) for p in phrases if tuple(tokens[i : i + len(p)]) == p), None)
+
     def said_as(self, tokens: Sequence[int]) -> tuple[tuple[int, str], ...]:
         """((position, name),) where the first of the constraint's phrases that ``tokens`` say is a
         stand-in for a name the vocabulary lacks; () where it is a name of its own, or there is none."""
-        spoken = dict(self.spoken)
-        for i in range(len(tokens)):
-            for phrase in self.constraint.phrases if self.constraint is not None else ():
-                if tuple(tokens[i : i + len(phrase)]) == phrase:
-                    return ((i, spoken[phrase]),) if phrase in spoken else ()
-        return ()
+        first, spoken = self._first(tokens), dict(self.spoken)
+        return ((first[0], spoken[first[1]]),) if first is not None and first[1] in spoken else ()
 
     def cut_short(self, tokens: Sequence[int]) -> bool:
         """Whether a guided caption is to be cut to the name's noun phrase: after the name, it says
         one of ``invents`` (a person, clothing, another creature or thing)."""
-        if self.short is None:
-            return False
-        ends = [i + len(p) for p in self.short.phrases for i in range(len(tokens))
-                if tuple(tokens[i : i + len(p)]) == p]
-        return bool(ends) and bool(self.invents.intersection(tokens[min(ends):]))
+        first = self._first(tokens) if self.short is not None else None
+        return first is not None and bool(self.invents.intersection(tokens[first[0] + len(first[1]) :]))
 
 
 class Guide(nn.Module):

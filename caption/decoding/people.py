@@ -2,8 +2,9 @@
 
 The ImageNet classifier has no person class, and the captioner, trained on photos that nearly all
 show people, puts a person into most photos of lone objects. The probe answers the one question
-guidance needs (:mod:`caption.decoding.guide`): is this a photo of people (a thing's name may only
-be added beside them) or of an object (the object is the subject, no one is invented)?
+guidance needs (:mod:`caption.decoding.guide`): is this a photo of people (its plain caption
+stays, so a thing's name never takes a person's place) or of an object (the object is the subject,
+no one is invented)?
 
 It is logistic regression on the features' spatial mean and max (B, 2D), fitted by
 ``scripts/fit_people_probe.py`` on the Flickr8k training photos, each labelled by its human
