@@ -1,7 +1,7 @@
 """End-to-end captioning throughput: a folder of photos -> captions with the shipped model; one JSON line.
 
 Each image goes the whole way ``caption predict`` takes it (JPEG decode, resize, normalise,
-EfficientNet-Lite0 encoder, batched beam search at beam 3), through ``CaptionModel.iter_captions``,
+EfficientNet-Lite0 encoder, batched beam search at beam 3), through ``CaptionModel.captions``,
 so image loading overlaps the model's compute as it does there. Timed at fp32 and at ``auto``
 (bf16 where the CPU has bf16 units) by default, after one warm-up batch each; the JSON names the
 precision, device and CPU model of each. Each precision is timed with the ImageNet classifier's
@@ -49,7 +49,7 @@ def _images(folder: Path, n: int, cycle: bool) -> list[Path]:
 def _time(model, paths: list[Path], guide: bool, args: argparse.Namespace) -> tuple[float, int]:
     """Seconds to caption ``paths`` (guided or not) and how many could not be read."""
     t0 = time.perf_counter()
-    results = list(model.iter_captions(paths, beam=args.beam, batch_size=args.batch_size, guide=guide))
+    results = list(model.configured(beam=args.beam, guide=guide).captions(paths, batch_size=args.batch_size))
     return time.perf_counter() - t0, sum(1 for _, r in results if isinstance(r, Exception))
 
 
@@ -60,7 +60,7 @@ def _run(paths: list[Path], precision: str, args: argparse.Namespace) -> list[di
     if True in guides and model.guide is None:
         guides = [False]  # this model has no guide (the reason went to stderr)
     for guide in guides:  # warm-up
-        list(model.iter_captions(paths[: args.batch_size], beam=args.beam, batch_size=args.batch_size, guide=guide))
+        list(model.configured(beam=args.beam, guide=guide).captions(paths[: args.batch_size], batch_size=args.batch_size))
     seconds: dict[bool, list[float]] = {g: [] for g in guides}
     failed = 0
     for _ in range(args.repeats):

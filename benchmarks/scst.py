@@ -26,7 +26,7 @@ import torch
 import caption
 from caption.config import PRECISIONS, load_config
 from caption.data.records import load_coco
-from caption.encoding import encode_images
+from caption.pipeline import encode_images
 from caption.runtime import cpu_name, keep_freed_memory
 from caption.training.distributed import Dist
 from caption.training.loop import adamw

@@ -4,18 +4,49 @@ A checkpoint is a dict of tensors and plain Python values written with ``torch.s
 temp file and renamed into place, and read back with ``torch.load(..., weights_only=True)``,
 which refuses to unpickle arbitrary objects. Loading checks that the saved weights match the
 model the saved config and vocabulary describe, and says what differs when they do not.
+
+Every checkpoint names its format (``"format": "caption/<n>"``). Reading brings an earlier format up
+to :data:`FORMAT` one step at a time (:func:`migrate_checkpoint`), so a model trained with any
+earlier release keeps loading, and refuses a later one (a newer release's) in one line naming both:
+
+caption/1 (36472dc up to the release before this one): every checkpoint written until then.
+  - ``train.amp`` (36472dc, removed in 68b405d): as the top-level ``precision`` (:func:`migrate_config`).
+  - Keys added later are absent and take their defaults, which do what the releases before them did:
+    ``model.coord_features``/``init_state`` (8871835), ``train.select_metric`` (2cc65ad),
+    ``data.keep_images`` (e94d751), ``data.metric``/``decode.suppress_unk`` (265738c),
+    ``train.lr_schedule``/``warmup_steps``/``min_lr_ratio`` (28be223), ``decode.no_repeat_ngram``
+    (a234470), ``precision``/``decode.alternatives``/``train.group_by_image``/``objective``/
+    ``init_from``/``scst_*`` (68b405d), ``decode.temperature``/``samples`` (7de316c), ``guide.*``/
+    ``train.val_every_steps`` (c85e560), ``model.blend``/``decode.hard_test``/``train.hard_*``
+    (bb90dd6), ``data.cache``/``train.max_steps`` (a24d7ab), ``guide.people``/``new_names`` (a33e26c).
+  - ``model.encoder=small`` normalised with BatchNorm (36472dc), then GroupNorm (8871835), and since
+    0316109 each position on its own: another function, so such a full checkpoint from before
+    0316109 cannot be converted and is refused with a line that says to train it again.
+caption/2 (this release): the config holds exactly today's keys.
+
+Bump :data:`FORMAT` whenever a config key is added, removed or renamed or the weights' layout
+changes, add the step from the previous format to ``_STEPS``, and freeze the previous config under
+``tests/compat/`` (tests/test_checkpoint_compat.py holds today's keys to the current format's copy).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import torch
 
-from caption.config import Config, ConfigError, EncoderConfig, from_dict, to_dict
+from caption.config import (
+    Config,
+    ConfigError,
+    EncoderConfig,
+    from_dict,
+    migrate_config,
+    to_dict,
+)
 from caption.errors import CaptionError
 from caption.fileio import atomic_write
 from caption.model import Captioner, build_model
@@ -23,6 +54,8 @@ from caption.model.ensemble import EnsembleDecoder
 from caption.vocab import Vocabulary
 
 BEST, LAST = "best.pt", "last.pt"
+PREFIX, FORMAT = "caption/", "caption/2"  # FORMAT: what this release writes (the module docstring)
+OLDEST = 1  # caption/1, the first format this project wrote (36472dc)
 
 
 class CheckpointError(CaptionError, RuntimeError):
@@ -37,7 +70,7 @@ def atomic_torch_save(obj: Any, path: str | Path) -> Path:
 def save_checkpoint(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabulary, **state: Any) -> Path:
     """Weights, resolved config and vocabulary, plus any plain training ``state`` (optimizer...)."""
     return atomic_torch_save(
-        {"format": "caption/1", "model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.to_dict(), **state},
+        {"format": FORMAT, "model": model.state_dict(), "config": to_dict(cfg), "vocab": vocab.to_dict(), **state},
         path,
     )
 
@@ -50,7 +83,7 @@ def save_portable(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabu
                               "encoder is trained or randomly initialised, so ship its full checkpoint instead")
     decoder = {f"decoder.{k}": v.half() for k, v in model.decoder.state_dict().items()}
     return atomic_torch_save(
-        {"format": "caption/1", "model": decoder, "encoder": "from_config", "config": to_dict(cfg),
+        {"format": FORMAT, "model": decoder, "encoder": "from_config", "config": to_dict(cfg),
          "vocab": vocab.to_dict()},
         path,
     )
@@ -70,7 +103,8 @@ def resolve_checkpoint(path: str | Path) -> Path:
 
 
 def read_checkpoint(path: str | Path) -> dict:
-    """The raw checkpoint dict, loaded with weights_only=True on the CPU."""
+    """The checkpoint dict, loaded with weights_only=True on the CPU, in today's format (one written
+    by an earlier release is migrated; one from a newer release is refused)."""
     path = resolve_checkpoint(path)
     try:
         data = torch.load(path, map_location="cpu", weights_only=True)
@@ -78,7 +112,53 @@ def read_checkpoint(path: str | Path) -> dict:
         raise CheckpointError(f"cannot read checkpoint {path}: {type(err).__name__}: {str(err)[:200]}") from err
     if not isinstance(data, dict) or not {"model", "config", "vocab"} <= set(data):
         raise CheckpointError(f"{path} is not a caption checkpoint (needs model, config and vocab)")
-    return data
+    try:
+        return migrate_checkpoint(data)
+    except (CheckpointError, ConfigError) as err:
+        raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
+
+
+def format_number(name: Any) -> int:
+    """``"caption/2"`` -> 2 (none counts as caption/1: every release so far wrote one)."""
+    match = re.fullmatch(re.escape(PREFIX) + r"(\d+)", str(name)) if name is not None else None
+    if name is not None and not match:
+        raise CheckpointError(f"unknown checkpoint format {name!r} (this release reads {_readable()})")
+    return int(match.group(1)) if match else OLDEST
+
+
+def migrate_checkpoint(data: dict) -> dict:
+    """A checkpoint dict of any format this project has written, as :data:`FORMAT` (a new dict; the
+    input is left as it is). CheckpointError for a newer format, or one that cannot be converted."""
+    number, today = format_number(data.get("format")), format_number(FORMAT)
+    if number > today:
+        raise CheckpointError(f"it was written by a newer release of caption (checkpoint format {PREFIX}{number}); "
+                              f"this release reads {_readable()}: upgrade caption to load it")
+    if number < OLDEST:
+        raise CheckpointError(f"unknown checkpoint format {PREFIX}{number} (this release reads {_readable()})")
+    for step in _STEPS[number - OLDEST:]:
+        data = step(data)
+    return {**data, "format": FORMAT}
+
+
+def _v1_to_v2(data: dict) -> dict:
+    """caption/1 -> caption/2: the config's removed keys; the small CNN from before 0316109 refused."""
+    config = migrate_config(data.get("config"))
+    model, weights = config.get("model") if isinstance(config, dict) else None, data.get("model")
+    if isinstance(model, dict) and model.get("encoder") == "small" and isinstance(weights, dict):
+        old = sorted(k for k in weights if re.fullmatch(r"encoder\.blocks\.\d+\.1\.(weight|bias|running_mean)", k))
+        if old:
+            norm = "BatchNorm" if any(k.endswith("running_mean") for k in old) else "GroupNorm"
+            raise CheckpointError(f"its model.encoder=small CNN normalises with {norm} ({old[0]}), which 0316109 "
+                                  "replaced with per-position normalisation; its weights cannot be converted: "
+                                  "train it again with this release (e.g. caption demo)")
+    return {**data, "config": config}
+
+
+_STEPS: tuple[Callable[[dict], dict], ...] = (_v1_to_v2,)  # _STEPS[i] takes format OLDEST + i one step up
+
+
+def _readable() -> str:
+    return f"{PREFIX}{OLDEST} to {FORMAT}"
 
 
 @dataclass

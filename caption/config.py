@@ -172,7 +172,7 @@ class DecodeConfig:
 @dataclass(frozen=True)
 class GuideConfig:
     """Captions guided by the encoder's own ImageNet classifier (EfficientNet-Lite encoders at stage
-    32; :mod:`caption.decoding.guide`): a caption that names nothing the classifier is confident of
+    32; :mod:`caption.guidance.guide`): a caption that names nothing the classifier is confident of
     is searched again so that it does (constrained beam search). Values chosen on the dev photos
     (imagenet-sample-dev, Flickr8k dev): MODEL_CARD.md."""
 
@@ -186,7 +186,7 @@ class GuideConfig:
     person_penalty: float = 4.0  # subject kinds: taken off the ranking log-probability per person or clothing word
     slot_mass: float = 0.3  # a name may start only where the model gives nouns (names, people) this probability
     no_people: float = 0.6  # people are penalised in a photo this surely of an animal, plant or food, named or not
-    people: float = 0.8  # the people probe (caption.decoding.people) at or above this: a photo of people, left unguided
+    people: float = 0.8  # the people probe (caption.guidance.people) at or above this: a photo of people, left unguided
     new_names: bool = True  # a class whose everyday name the vocabulary lacks ("lizard") is said through a stand-in word
     top_labels: int = 3  # classifier labels reported with each caption (predict --json, the viewer)
 
@@ -309,18 +309,47 @@ def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
     return from_dict(Config, data)
 
 
+def read_config_file(path: str | Path) -> dict:
+    """The mapping a YAML config file holds, ``name`` defaulting to the file stem (keys not checked)."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    data = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config file {path} must hold a mapping")
+    data.setdefault("name", path.stem)
+    return data
+
+
 def load_config(path: str | Path | None = None, overrides: Iterable[str] = ()) -> Config:
     """Defaults, then the YAML file (if any), then overrides. ``name`` defaults to the file stem."""
-    data: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"config file not found: {path}")
-        data = yaml.safe_load(path.read_text()) or {}
-        if not isinstance(data, dict):
-            raise ConfigError(f"config file {path} must hold a mapping")
-        data.setdefault("name", path.stem)
+    data = read_config_file(path) if path is not None else {}
     return apply_overrides(from_dict(Config, data), overrides)
+
+
+def migrate_config(data: Any) -> Any:
+    """A config dict an earlier release wrote (a checkpoint's, a run directory's ``config.yaml``) with
+    today's keys; today's come back unchanged, and a non-mapping is left for ``from_dict`` to refuse.
+
+    The one key removed so far is ``train.amp`` (36472dc; 68b405d replaced it with the top-level
+    ``precision``): true becomes ``auto``, false ``fp32``, and a ``precision`` beside it wins. Keys
+    added since are absent and take their defaults, which do what the releases before them did
+    (:mod:`caption.checkpoint` lists them). Configs people write get no such help: ``load_config``
+    refuses ``train.amp`` by name."""
+    train = data.get("train") if isinstance(data, dict) else None
+    if not isinstance(train, dict) or "amp" not in train:
+        return data
+    train = dict(train)
+    amp = train.pop("amp")
+    if not isinstance(amp, bool):
+        raise ConfigError(f"config key 'train.amp' (an earlier release's) expects bool, got {amp!r}")
+    return {**data, "train": train, "precision": data.get("precision", "auto" if amp else "fp32")}
+
+
+def load_run_config(path: str | Path, overrides: Iterable[str] = ()) -> Config:
+    """A run directory's ``config.yaml`` as any release wrote it (:func:`migrate_config`), then
+    ``overrides``: what ``caption train --resume`` continues."""
+    return apply_overrides(from_dict(Config, migrate_config(read_config_file(path))), overrides)
 
 
 def save_config(cfg: Config, path: str | Path) -> None:

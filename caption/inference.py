@@ -4,14 +4,18 @@
     >>> model = caption.load("runs/shapes")          # a run directory or a .pt file
     >>> result = model.caption("photo.jpg")          # DecodingResult
     >>> result.caption, result.alphas.shape          # the words and their (T, gh, gw) maps
+    >>> for item in model.configured(beam=1).captions(["a.jpg", "b.jpg"]):  # the batch call
+    ...     print(item.image, item.result.caption)
 
 :func:`load` is how every caller gets a :class:`CaptionModel`: this API, ``caption predict``,
-``attend`` and ``evaluate``, and the demo. Images become features through
-:mod:`caption.encoding`, the path the feature cache and evaluation take too.
+``attend``, ``evaluate`` and ``serve``, and the demo; :meth:`CaptionModel.captions` is the one
+batch call they all make, through :mod:`caption.pipeline` (images to features to captions, the
+path the feature cache and validation take too).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import sys
@@ -24,10 +28,10 @@ from PIL import Image
 from caption.checkpoint import CheckpointError, Loaded, load_checkpoints
 from caption.config import Config
 from caption.data.images import ImageError, load_image, to_rgb, transform_for
-from caption.decoding import DecodeConfig, DecodingResult, decode
-from caption.decoding.guide import build_guide
-from caption.encoding import encode_images, inference_encoder
+from caption.decoding import DecodeConfig, DecodingResult
+from caption.guidance.guide import build_guide
 from caption.model import Captioner
+from caption.pipeline import Outcome, caption_batches, encode_images, inference_encoder
 from caption.runtime import Runtime, resolve_runtime
 from caption.training.run_dir import DEMO_RUN_DIR
 from caption.vocab import Vocabulary
@@ -62,20 +66,23 @@ def _name(image: ImageInput) -> str:
 class CaptionModel:
     """A loaded captioner that takes image files or PIL images and returns DecodingResults.
 
-    ``config``/``vocab`` are the ones the checkpoint was trained with; ``grid`` (gh, gw) is the
-    encoder's attention grid, the shape of every ``result.alphas[t]``; ``runtime`` the device,
-    precision and threads it computes with (log-probabilities and beam scores are fp32 whatever
-    the precision). ``encoder`` is the inference copy of ``model.encoder``. ``guide`` names what the
-    encoder's ImageNet classifier sees in the captions (on by default; None where off, and
-    ``guide_off`` says why).
+    ``config``/``vocab`` are the ones the checkpoint was trained with; ``options`` the decoding
+    settings it captions with (the run's ``decode``, as :meth:`configured` changed them); ``paths``
+    the checkpoint files or run directories it was loaded from (an ensemble's members, in order);
+    ``grid`` (gh, gw) is the encoder's attention grid, the shape of every ``result.alphas[t]``;
+    ``runtime`` the device, precision and threads it computes with (log-probabilities and beam
+    scores are fp32 whatever the precision). ``encoder`` is the inference copy of
+    ``model.encoder``. ``guide`` names what the encoder's ImageNet classifier sees in the captions
+    (on by default; None where off, and ``guide_off`` says why).
     """
 
-    def __init__(self, loaded: Loaded, runtime: Runtime, guide: bool = True):
+    def __init__(self, loaded: Loaded, runtime: Runtime, guide: bool = True, paths: Sequence[Path] = ()):
         self.runtime = runtime
         self.model: Captioner = loaded.model.to(runtime.device).eval()
         self.config: Config = loaded.config
         self.vocab: Vocabulary = loaded.vocab
         self.path: Path = loaded.path
+        self.paths: tuple[Path, ...] = tuple(paths) or (loaded.members or (loaded.path,))
         self.name: str = loaded.name  # the file name, or an ensemble's members' joined by '+'
         self.transform = transform_for(self.config, self.model.encoder)
         self.encoder = inference_encoder(self.model.encoder, self.transform.image_size)
@@ -103,21 +110,25 @@ class CaptionModel:
     def image_size(self) -> int:
         return self.transform.image_size
 
-    def inference_captioner(self) -> Captioner:
-        """The inference encoder and the decoder as one Captioner (what scoring a split runs)."""
-        return Captioner(self.encoder, self.model.decoder)
+    @property
+    def options(self) -> DecodeConfig:
+        """The decoding settings every caption of this model uses."""
+        return self.config.decode
 
-    def with_decode(self, **overrides) -> "CaptionModel":
-        """This model with its run's ``decode`` settings changed (a None value keeps the setting);
-        every caption it makes afterwards uses them."""
-        self.config = dataclasses.replace(self.config, decode=self.config.decode.with_overrides(**overrides))
-        return self
-
-    def options(self, beam: int | None = None, max_len: int | None = None,
-                alternatives: bool | None = None) -> DecodeConfig:
-        """The run's ``decode`` settings, with ``beam``/``max_len``/``alternatives`` overridden when given."""
-        return self.config.decode.with_overrides(beam_size=beam, max_len=max_len,
-                                           alternatives=alternatives)
+    def configured(self, beam: int | None = None, max_len: int | None = None, alternatives: bool | None = None,
+                   guide: bool | None = None, **decode_options) -> "CaptionModel":
+        """A copy that captions with other settings; this model is left as it is. ``beam``,
+        ``max_len``, ``alternatives`` and any other ``decode`` option (``length_penalty``,
+        ``no_repeat_ngram``, ``hard_test``...) replace the current ones, a None value keeping it;
+        ``guide=False`` drops the classifier's guidance (``guide=True`` keeps it where it was
+        built). The copy shares the weights. Raises ConfigError for an invalid value."""
+        options = self.options.with_overrides(beam_size=beam, max_len=max_len, alternatives=alternatives,
+                                              **decode_options)
+        other = copy.copy(self)
+        other.config = dataclasses.replace(self.config, decode=options)
+        if guide is False and self.guide is not None:
+            other.guide, other.guide_off = None, "asked"
+        return other
 
     def load_rgb(self, image: ImageInput) -> Image.Image:
         """The image as RGB, upright; files are shrunk while decoding (never full-size in memory)."""
@@ -150,45 +161,25 @@ class CaptionModel:
 
     def caption(self, image: ImageInput, beam: int | None = None, max_len: int | None = None,
                 alternatives: bool | None = None, guide: bool = True) -> DecodingResult:
-        """Caption one image (beam default: the run's ``decode.beam_size``); raises ImageError.
+        """Caption one image (beam default: :attr:`options`' ``beam_size``); raises ImageError.
 
         ``alternatives=True``: the result also carries the beam's runners-up (``result.alternatives``).
         ``guide=False``: the plain caption, without the classifier's guidance (``result.guide`` None).
         """
-        (result,) = self.caption_batch([image], beam=beam, max_len=max_len, batch_size=1, alternatives=alternatives,
-                                       guide=guide)
+        model = self.configured(beam=beam, max_len=max_len, alternatives=alternatives, guide=guide)
+        ((_, result),) = model.captions([image], batch_size=1)
         if isinstance(result, ImageError):
             raise result
         return result
 
-    def caption_batch(
-        self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
-        batch_size: int = 16, alternatives: bool | None = None, guide: bool = True,
-    ) -> list[DecodingResult | ImageError]:
-        """Caption many images, ``batch_size`` at a time; an unreadable one yields its ImageError."""
-        return [result for _, result in self.iter_captions(images, beam, max_len, batch_size, alternatives, guide=guide)]
-
-    def iter_captions(
-        self, images: Iterable[ImageInput], beam: int | None = None, max_len: int | None = None,
-        batch_size: int = 16, alternatives: bool | None = None, *, options: DecodeConfig | None = None,
-        guide: bool = True,
-    ) -> Iterator[tuple[ImageInput, DecodingResult | ImageError]]:
-        """(input, result or ImageError) pairs in input order, produced one batch at a time
-        (:func:`encode_images`, then batched search). ``options`` replaces the run's decode settings;
-        ``guide=False`` leaves the classifier's guidance out."""
-        options = options or self.options(beam, max_len, alternatives)  # invalid options fail before any image is read
-        for batch in encode_images(self.encoder, images, self.pixels, self.transform, self.runtime,
-                                   batch_size=batch_size):
-            found = self.decode(batch.features, options, guide) if batch.features is not None else []
-            for item, r in zip(batch.items, batch.results):
-                yield item, r if isinstance(r, ImageError) else found[r]
-
-    def decode(self, features: torch.Tensor, options: DecodeConfig, guide: bool = True) -> list[DecodingResult]:
-        """Captions of encoded images (B, L, D), searched in the runtime's precision (guided unless
-        ``guide`` is False or the model has no guide)."""
-        with torch.no_grad(), self.runtime.autocast():
-            return decode(self.model.decoder, features, options, vocab=self.vocab, grid=self.grid,
-                          guide=self.guide if guide else None)
+    def captions(self, images: Iterable[ImageInput], batch_size: int = 16) -> Iterator[Outcome]:
+        """The batch call: one :class:`caption.pipeline.Outcome` (``image``, ``result``) per input,
+        in input order, produced ``batch_size`` images at a time (:func:`encode_images`, then one
+        batched search per batch, :func:`caption_batches`). ``result`` is a DecodingResult, or the
+        ImageError of an unreadable image (the others are still captioned)."""
+        batches = encode_images(self.encoder, images, self.pixels, self.transform, self.runtime, batch_size=batch_size)
+        return caption_batches(batches, self.model.decoder, self.options, runtime=self.runtime, vocab=self.vocab,
+                               grid=self.grid, guide=self.guide)
 
 
 def load(checkpoint: Checkpoints | None = None, device: str | torch.device | None = "cpu",
@@ -217,7 +208,7 @@ def load(checkpoint: Checkpoints | None = None, device: str | torch.device | Non
     runtime = runtime or resolve_runtime(device, precision or loaded.config.precision, threads)
     if report:
         print(f"{prog}: {runtime.describe()}", file=sys.stderr, flush=True)
-    model = CaptionModel(loaded, runtime, guide)
+    model = CaptionModel(loaded, runtime, guide, paths=[Path(p) for p in (paths[:1] if single else paths)])
     if guide and model.guide is None:
         print(f"{prog}: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
     return model

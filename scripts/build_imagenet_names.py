@@ -13,7 +13,7 @@ or mean something else in everyday English (``VAGUE_LEMMAS``: "being", "thing", 
 a toy dog, "arm" for a weapon) are left out wherever they appear. Multi-word lemmas keep their words
 ("hot dog", "German shepherd" -> "german shepherd").
 
-Kind (the guide constrains only objects, see caption/decoding/guide.py): the first WordNet category
+Kind (the guide constrains only objects, see caption/guidance/guide.py): the first WordNet category
 among ``KINDS`` that the class falls under: person, clothing, scenery (geological formations:
 seashore, alp, cliff), structure (buildings, bridges, fences), animal, plant, food, else thing.
 

@@ -1,5 +1,5 @@
 """Fit ``caption/assets/people_<encoder>.pt``, the probe that tells photos of people from photos of
-objects (:mod:`caption.decoding.people`). Run by hand, once per encoder, after ``caption prepare``:
+objects (:mod:`caption.guidance.people`). Run by hand, once per encoder, after ``caption prepare``:
 
     caption prepare --config configs/flickr8k.yaml
     python scripts/fit_people_probe.py --cache runs/cache/train-efficientnet_lite0-... \\
@@ -26,8 +26,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from caption.config import GuideConfig  # noqa: E402
-from caption.decoding.names import PERSON_WORDS, plural, read_people_words  # noqa: E402
-from caption.decoding.people import fit_probe, pooled, probe_file  # noqa: E402
+from caption.guidance.names import PERSON_WORDS, plural, read_people_words  # noqa: E402
+from caption.guidance.people import fit_probe, pooled, probe_file  # noqa: E402
 from caption.fileio import atomic_write  # noqa: E402
 from caption.training.cache import FeatureStore  # noqa: E402
 

@@ -114,7 +114,7 @@ def evaluate_checkpoint(checkpoint, **kwargs) -> dict:
     from caption.evaluation.evaluate import evaluate
     from caption.inference import load
 
-    return evaluate(load(checkpoint), checkpoint=checkpoint, **kwargs)
+    return evaluate(load(checkpoint), **kwargs)
 
 
 # ----------------------------------------------------------------------------- browsers and servers

@@ -6,6 +6,7 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from PIL import Image
 
@@ -45,6 +46,7 @@ def test_decoder_benchmark_names_its_precision(monkeypatch, capsys):
     assert out["train_captions_per_s"] > 0 and out["beam_images_per_s"] > 0
 
 
+@pytest.mark.slow
 def test_serve_benchmark_reports_rates_latencies_and_the_mixed_run(tiny_checkpoint, tmp_path, monkeypatch, capsys):
     import pytest
 
@@ -53,7 +55,9 @@ def test_serve_benchmark_reports_rates_latencies_and_the_mixed_run(tiny_checkpoi
         Image.new("RGB", (40 + i, 30), (10 * i, 90, 200)).save(tmp_path / f"{i}.jpg")
     out = _benchmark(monkeypatch, capsys, "serve.py", "--folder", str(tmp_path), "--images", "4", "--requests", "6",
                      "--repeats", "1", "--clients", "1", "4", "--mixed", "30", "--threads", "1", "--precision", "fp32",
-                     "--max-batch", "4", "--checkpoint", str(tiny_checkpoint), "--time-cap", "120")
+                     "--max-batch", "4", "--checkpoint", str(tiny_checkpoint), "--time-cap", "120",
+                     "--overload-clients", "4", "--overload-mb", "1", "--overload-rounds", "1", "--stalled", "1",
+                     "--header-timeout-s", "1", "--body-timeout-s", "1")
     assert out["cpu"] == cpu_name() and out["model"]["precision"] == "fp32" and out["model"]["threads"] == 1
     assert [(r["batching"], r["clients"]) for r in out["runs"]] == [(True, 1), (False, 1), (True, 4), (False, 4)]
     for run in out["runs"]:
@@ -65,3 +69,12 @@ def test_serve_benchmark_reports_rates_latencies_and_the_mixed_run(tiny_checkpoi
     assert mixed["requests"] == 30 and mixed["bad"] == 10 and mixed["bad_4xx"] == 10
     assert mixed["good_200"] == mixed["good_equal_to_predict"] == 20
     assert mixed["status_5xx"] == 0 and mixed["client_errors"] == 0 and mixed["rss_after_mb"] > 0
+    overload = out["overload"]
+    assert overload["clients"] == 4 and overload["healthz_after"] == overload["request_after"] == 200
+    (burst,) = overload["rounds"]
+    assert set(burst["statuses"]) <= {"200", "503"} and sum(burst["statuses"].values()) == 4
+    assert burst["rss_peak_mb"] >= burst["rss_before_mb"] > 0 and burst["p99_ms"] > 0
+    stalled = out["stalled"]
+    assert stalled["body_timeout_s"] == stalled["header_timeout_s"] == 1
+    assert all(d["not_dropped"] == 0 and d["max_s"] < 10 for d in stalled["dropped"].values())
+    assert stalled["dropped"]["body"]["statuses"] == ["408"] and stalled["others"]["non_200"] == 0

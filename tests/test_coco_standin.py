@@ -35,6 +35,7 @@ def test_split_sizes_are_cocos_at_full_size_and_proportional_below():
         standin.split_sizes(4)
 
 
+@pytest.mark.slow
 def test_n50_goes_through_prepare_train_and_evaluate(tmp_path):
     shapes = tmp_path / "shapes"
     generate_shapes(shapes, n=20, seed=0, image_size=48)

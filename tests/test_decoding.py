@@ -167,6 +167,7 @@ def _overfit(name, steps=300):
 
 
 @pytest.mark.parametrize("name", SCORER_NAMES)
+@pytest.mark.slow
 def test_tiny_model_overfits_and_decodes_exactly(name):
     decoder, feats, expected = _overfit(name)
     greedy = decode(decoder, feats, DecodeConfig(1, max_len=10))

@@ -23,6 +23,7 @@ def tiny_demo(tmp_path, monkeypatch):
     return tmp_path
 
 
+@pytest.mark.slow
 def test_demo_reuses_its_seed_and_refuses_another(tiny_demo, capsys):
     run = tiny_demo / "run"
     scores = demo.run_demo(run, seed=0, n=40, examples=2)
@@ -43,6 +44,7 @@ def test_demo_reuses_its_seed_and_refuses_another(tiny_demo, capsys):
     assert load_config(run / "config.yaml").train.seed == 1
 
 
+@pytest.mark.slow
 def test_demo_default_run_directory_per_seed(tiny_demo):
     assert demo.demo_run_dir(0).as_posix() == "runs/shapes"
     assert demo.demo_run_dir(2).as_posix() == "runs/shapes-seed2"

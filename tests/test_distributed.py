@@ -1,4 +1,5 @@
-"""Two CPU processes under torchrun (gloo) end a step with the weights of one process on the same global batch."""
+"""Two CPU processes under torchrun (gloo) end a step with the weights of one process on the same global
+batch; a multi-process run reads the feature cache `caption prepare` built, and without one stops at once."""
 
 from __future__ import annotations
 
@@ -8,12 +9,20 @@ import socket
 import subprocess
 import sys
 
+import pytest
 import torch
 from conftest import tiny_config
 
 from caption.checkpoint import read_checkpoint
-from caption.config import save_config
+from caption.config import apply_overrides, save_config
+from caption.data.records import load_split
+from caption.errors import DataError
+from caption.model import build_encoder
+from caption.runtime import resolve_runtime
+from caption.training.distributed import Dist
 from caption.training.loop import fit
+from caption.training.splits import prepare, require_cache, split_data
+from caption.vocab import Vocabulary
 
 
 def _free_port() -> int:
@@ -22,8 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _torchrun_train(cfg, tmp_path, run_dir) -> subprocess.CompletedProcess:
-    """``caption train`` of ``cfg`` into ``run_dir`` by two CPU processes (gloo)."""
+def _torchrun_train(cfg, tmp_path, run_dir, prepared: bool = True) -> subprocess.CompletedProcess:
+    """``caption train`` of ``cfg`` into ``run_dir`` by two CPU processes (gloo), after ``caption prepare``
+    (in this process) as docs/coco.md says; ``prepared=False``: without it, and the run must fail."""
+    if prepared:
+        prepare(cfg, run_dir, runtime=resolve_runtime("cpu", cfg.precision), progress=False)
     config = tmp_path / "tiny.yaml"
     save_config(cfg, config)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
@@ -31,10 +43,11 @@ def _torchrun_train(cfg, tmp_path, run_dir) -> subprocess.CompletedProcess:
            "--master_port", str(_free_port()), "-m", "caption", "train", "--config", str(config),
            "--run-dir", str(run_dir), "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=280)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (proc.returncode == 0) == prepared, proc.stderr[-3000:]
     return proc
 
 
+@pytest.mark.slow
 def test_two_process_ddp_step_equals_single_process(shapes_dir, tmp_path):  # noqa: F811
     # one optimizer step per epoch: the global batch holds every training caption (32 images x 5);
     # frozen (cached) encoder: BatchNorm statistics of a per-process half batch would differ on CPU
@@ -52,6 +65,7 @@ def test_two_process_ddp_step_equals_single_process(shapes_dir, tmp_path):  # no
     assert moved > 10
 
 
+@pytest.mark.slow
 def test_fine_tuning_from_an_epoch_under_ddp_averages_the_encoder_gradients(shapes_dir, tmp_path):  # noqa: F811
     # the encoder is frozen in epoch 1 (one step) and trained from epoch 2 (one step): the DDP wrapper
     # must then average its gradients too, so rank 0 ends with the single-process weights
@@ -84,3 +98,42 @@ def test_only_rank_0_prints_the_run_directory(tmp_path, monkeypatch, capsys):
         assert main(["train", "--config", str(tmp_path / "tiny.yaml"), "--run-dir", str(tmp_path / "run")]) == 0
         printed[rank] = capsys.readouterr().out
     assert printed["1"] == "" and printed["0"].startswith(f"run directory: {tmp_path / 'run'}")
+
+
+@pytest.mark.slow
+def test_two_processes_without_a_cache_stop_before_writing_and_say_prepare(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, "train.epochs=1", "model.fine_tune=false")
+    run_dir = tmp_path / "ddp"
+    proc = _torchrun_train(cfg, tmp_path, run_dir, prepared=False)
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("caption train: error:")]
+    assert errors and all(line == errors[0] for line in errors), proc.stderr[-3000:]  # one line (per process)
+    assert "feature cache" in errors[0] and "not built" in errors[0] and "`caption prepare`" in errors[0]
+    assert not run_dir.exists()  # nothing written: no config, vocabulary, lock or half-built cache
+
+
+def test_a_multi_process_run_checks_the_cache_before_anything_is_written(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, "model.fine_tune=false")
+    run_dir = tmp_path / "run"
+    with pytest.raises(DataError, match=r"train split's feature cache .* is not built: .*`caption prepare`"):
+        require_cache(cfg, run_dir, "fp32")
+    assert not run_dir.exists()
+    require_cache(apply_overrides(cfg, ["data.cache=none"]), run_dir, "fp32")  # nothing cached: nothing to check
+    require_cache(apply_overrides(cfg, ["model.fine_tune=true"]), run_dir, "fp32")
+    prepare(cfg, run_dir, runtime=resolve_runtime("cpu", "fp32"), progress=False)
+    require_cache(cfg, run_dir, "fp32")  # finished by one process: torchrun may start
+
+
+def test_a_multi_process_run_opens_a_finished_cache_and_never_rebuilds_a_stale_one(shapes_dir, tmp_path):
+    cfg = tiny_config(shapes_dir, "model.fine_tune=false")
+    run_dir, runtime = tmp_path / "run", resolve_runtime("cpu", "fp32")
+    prepare(cfg, run_dir, runtime=runtime, progress=False)
+    files = {p: p.read_bytes() for p in (run_dir / "cache").iterdir()}
+    torch.manual_seed(cfg.train.seed)  # the encoder prepare cached
+    encoder, vocab = build_encoder(cfg.model), Vocabulary.load(run_dir / "vocab.json")
+    rank1 = Dist(rank=1, world=2, device=torch.device("cpu"))  # no process group: a build would need one
+    records = load_split(cfg.data, "train")
+    data = split_data(cfg, "train", vocab, encoder, run_dir, runtime=runtime, records=records, dist=rank1)
+    assert len(data.features) == len(records)
+    with pytest.raises(DataError, match="train split's feature cache .* is stale"):  # other images: rebuild needed
+        split_data(cfg, "train", vocab, encoder, run_dir, runtime=runtime, records=records[1:], dist=rank1)
+    assert {p: p.read_bytes() for p in (run_dir / "cache").iterdir()} == files  # left as it was

@@ -89,6 +89,7 @@ def test_torch_save_onto_a_full_disk(tmp_path, monkeypatch):
     assert torch.equal(torch.load(path)["w"], torch.ones(3)) and [p.name for p in tmp_path.iterdir()] == ["last.pt"]
 
 
+@pytest.mark.slow
 def test_train_on_a_full_disk_exits_with_one_line(shapes_dir, tmp_path, monkeypatch, capsys):  # noqa: F811
     import torch
 

@@ -51,7 +51,7 @@ def test_shipped_model_captions_every_real_photo():
     model = caption.load()  # the shipped model is the default
     photos = sorted(p for p in PHOTOS.iterdir() if p.suffix.lower() in {".jpg", ".bmp", ".png"})
     assert len(photos) >= 10
-    results = model.caption_batch(photos, beam=3)
+    results = [o.result for o in model.configured(beam=3).captions(photos)]
     for path, result in zip(photos, results):
         assert not isinstance(result, Exception), (path, result)
         assert result.words and result.caption, path
@@ -70,6 +70,7 @@ def _slice(src: Path, dst: Path, n: int) -> None:
 
 
 @pytest.mark.skipif(not FLICKR.is_dir(), reason="../shared/data/flickr8k is not beside the checkout")
+@pytest.mark.slow
 def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
     from caption.config import load_config
     from caption.training.loop import fit
@@ -101,7 +102,8 @@ def test_real_pipeline_on_a_slice_of_flickr8k(tmp_path):
     assert data["encoder"] == "from_config" and all(v.dtype == torch.float16 for v in data["model"].values())
     full, small = load(tmp_path / "run", precision="fp32"), load(tmp_path / "small.pt", precision="fp32")
     photos = sorted((FLICKR / "images").iterdir())[:4]
-    pairs = list(zip(full.caption_batch(photos, beam=1), small.caption_batch(photos, beam=1)))
+    pairs = [(a.result, b.result) for a, b in zip(full.configured(beam=1).captions(photos),
+                                                  small.configured(beam=1).captions(photos))]
     same = [(a, b) for a, b in pairs if a.tokens == b.tokens]  # fp16 weights may flip a near-tie
     assert len(same) >= 3 and all(abs(a.log_prob - b.log_prob) < 0.05 for a, b in same)
 

@@ -10,8 +10,9 @@ from torch import nn
 
 from caption.config import GuideConfig
 from caption.decoding import DecodeConfig, decode
-from caption.decoding.guide import Guide
-from caption.decoding.names import (
+from caption.guidance.guide import Guide
+from caption.guidance.search import guided_decode
+from caption.guidance.names import (
     ImageNetClass,
     not_after,
     plural,
@@ -143,7 +144,7 @@ def test_guided_captions_name_what_the_classifier_is_sure_of():
     feats = _features(0, 2, 3, 1) + 0.1 * torch.randn(4, 4, 4)
     options = DecodeConfig(beam_size=3, max_len=8)
     plain = decode(decoder, feats, options, vocab=VOCAB)
-    guided = decode(decoder, feats, options, vocab=VOCAB, guide=guide)
+    guided = guided_decode(decoder, feats, options, guide, vocab=VOCAB)
     assert all(r.guide is None for r in plain) and all(r.guide is not None for r in guided)
     for p, g, plan in zip(plain, guided, guide.plan(feats)):
         if plan.constraint is None or plan.accepts(p.tokens):
@@ -154,11 +155,21 @@ def test_guided_captions_name_what_the_classifier_is_sure_of():
     assert any(g.guide.shaped for g in guided)
 
 
-def test_without_a_guide_decoding_is_as_before():
+def test_without_a_guide_the_pipeline_decodes_plainly_and_sampling_is_never_guided():
+    from caption.pipeline import caption_features
+    from caption.runtime import resolve_runtime
+
     decoder, feats = _decoder(1), torch.randn(3, 4, 4)
     options = DecodeConfig(beam_size=2, max_len=6)
-    first, second = decode(decoder, feats, options), decode(decoder, feats, options, guide=None)
-    assert [r.tokens for r in first] == [r.tokens for r in second]
+    runtime = resolve_runtime("cpu", "fp32")
+    first, second = decode(decoder, feats, options), caption_features(decoder, feats, options, runtime=runtime)
+    assert [r.tokens for r in first] == [r.tokens for r in second] and all(r.guide is None for r in second)
+    sampling, guide = DecodeConfig(temperature=1.0, samples=2, max_len=6), _guide()
+    torch.manual_seed(0)
+    want = decode(decoder, feats, sampling)
+    torch.manual_seed(0)
+    got = guided_decode(decoder, feats, sampling, guide)
+    assert [r.tokens for r in got] == [r.tokens for r in want] and all(r.guide is None for r in got)
 
 
 # ----------------------------------------------------------------------------- the real classifier head

@@ -10,11 +10,12 @@ from conftest import tiny_model_config
 from torch import nn
 
 from caption.config import GuideConfig, ModelConfig
-from caption.decoding import DecodeConfig, decode
+from caption.decoding import DecodeConfig
 from caption.decoding.constrained import Constraint, constrained_beam_search
-from caption.decoding.guide import Guide, guided_search
-from caption.decoding.names import ImageNetClass, everyday_name, read_classes, stand_in
-from caption.decoding.people import PeopleProbe, fit_probe, load_probe, pooled
+from caption.guidance.guide import Guide
+from caption.guidance.search import guided_decode, guided_search
+from caption.guidance.names import ImageNetClass, everyday_name, read_classes, stand_in
+from caption.guidance.people import PeopleProbe, fit_probe, load_probe, pooled
 from caption.decoding.results import result_record
 from caption.decoding.search import search
 from caption.model import AttentionDecoder
@@ -90,7 +91,7 @@ def test_the_caption_says_the_name_in_the_stand_ins_place_with_its_attention_map
     decoder = AttentionDecoder(len(VOCAB), 4, tiny_model_config()).eval()
     feats = _features(0, 3) + 0.1 * torch.randn(2, 4, 4)
     options = DecodeConfig(beam_size=3, max_len=8)
-    for result in decode(decoder, feats, options, vocab=VOCAB, guide=_guide()):
+    for result in guided_decode(decoder, feats, options, _guide(), vocab=VOCAB):
         (position, word), = result.guide.spelled
         assert word in ("iguana", "iguanas", "zebra", "zebras") and result.words[position] == word
         assert VOCAB.itos[result.tokens[position]] in ("animal", "animals")  # what the decoder emitted

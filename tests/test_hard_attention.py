@@ -100,6 +100,7 @@ def _config(shapes_dir, *overrides):
     ])
 
 
+@pytest.mark.slow
 def test_always_reading_the_expectation_trains_exactly_as_soft_attention(shapes_dir, tmp_path):
     soft = fit(_config(shapes_dir), tmp_path / "soft", progress_bars=False)
     hard = fit(_config(shapes_dir, "model.blend=hard", "train.hard_expect_prob=1"), tmp_path / "hard",
@@ -110,6 +111,7 @@ def test_always_reading_the_expectation_trains_exactly_as_soft_attention(shapes_
         assert torch.equal(a[key], b[key]), key
 
 
+@pytest.mark.slow
 def test_hard_training_resumes_exactly_with_its_baseline(shapes_dir, tmp_path):
     cfg = _config(shapes_dir, "model.blend=hard", "train.epochs=2", "train.checkpoint_every=3")
 
@@ -129,6 +131,7 @@ def test_hard_training_resumes_exactly_with_its_baseline(shapes_dir, tmp_path):
     assert "train_reward" in rows and "train_sampled" in rows
 
 
+@pytest.mark.slow
 def test_predict_json_of_a_hard_model_gives_one_hot_maps(shapes_dir, tmp_path, capsys):
     from caption.commands.main import main
 

@@ -50,14 +50,14 @@ def test_caption_model_runs_in_the_precision_asked_for(tiny_checkpoint, tmp_path
     a, b = fp32.caption(image, beam=2), bf16.caption(image, beam=2)
     assert a.log_prob == pytest.approx(b.log_prob, abs=0.1) or a.tokens != b.tokens
     assert torch.equal(fp32.pixels(image), fp32.transform.pixels(fp32.load_rgb(image)))
-    batch = fp32.caption_batch([image, tmp_path / "missing.png", image], beam=2)
+    batch = [o.result for o in fp32.configured(beam=2).captions([image, tmp_path / "missing.png", image])]
     assert isinstance(batch[1], ImageError) and batch[0].tokens == batch[2].tokens == a.tokens
     with pytest.raises(CaptionError, match="fp16"):
         load(tiny_checkpoint, precision="fp16")
 
 
 def test_encode_images_keeps_order_and_errors_in_place_across_batches(tmp_path):
-    from caption.encoding import encode_images
+    from caption.pipeline import encode_images
 
     transform = image_transform(8, (0.5,) * 3, (0.25,) * 3)
     paths = []

@@ -152,6 +152,7 @@ def test_bad_references_are_rejected() -> None:
         coco_scores({}, {}, java=False)
 
 
+@pytest.mark.slow
 def test_java_run_reports_meteor(java_run: tuple[dict, dict, dict]) -> None:
     scores, _, _ = java_run
     assert list(scores) == list(METRIC_KEYS)
@@ -159,6 +160,7 @@ def test_java_run_reports_meteor(java_run: tuple[dict, dict, dict]) -> None:
     assert not _meteor_children(), "the METEOR JVM must be shut down after scoring"
 
 
+@pytest.mark.slow
 def test_ptb_and_python_tokenizers_agree_on_simple_captions(
     java_run: tuple[dict, dict, dict],
 ) -> None:

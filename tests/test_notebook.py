@@ -11,6 +11,8 @@ import pytest
 from conftest import make_tiny_checkpoint
 from PIL import Image
 
+pytestmark = pytest.mark.slow  # a Jupyter kernel process
+
 NOTEBOOK = Path(__file__).resolve().parents[1] / "notebooks" / "attention.ipynb"
 SCORERS = ("additive", "dot", "general", "concat")
 

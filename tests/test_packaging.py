@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 import os
 import shutil
 import subprocess
@@ -16,6 +18,7 @@ def test_packaged_demo_config_is_the_documented_one():
     assert (ROOT / "caption" / "configs" / "shapes.yaml").read_text() == (ROOT / "configs" / "shapes.yaml").read_text()
 
 
+@pytest.mark.slow
 def test_wheel_ships_the_demo_config_and_finds_it_outside_the_checkout(tmp_path):
     source = tmp_path / "source"  # a copy, so that the build writes nothing into the checkout
     shutil.copytree(ROOT / "caption", source / "caption", ignore=shutil.ignore_patterns("__pycache__"))

@@ -97,7 +97,7 @@ def test_load_exposes_config_vocab_grid(tiny_checkpoint) -> None:
     assert model.grid == (3, 3)
     assert len(model.vocab) == 14
     assert model.config.data.image_size == 32
-    assert model.options().beam_size == model.config.decode.beam_size == 2
+    assert model.options.beam_size == model.config.decode.beam_size == 2
     assert caption.load(tiny_checkpoint.parent).path == tiny_checkpoint  # a run directory works too
 
 
@@ -110,11 +110,34 @@ def test_caption_returns_words_with_normalised_attention(tiny_checkpoint, good) 
     assert result.caption == " ".join(w for w in result.words if w != "<end>")
 
 
-def test_caption_batch_equals_single_calls(tiny_checkpoint, tmp_path) -> None:
+def test_configured_is_a_copy_and_the_model_knows_its_paths(tiny_checkpoint, tmp_path) -> None:
+    from caption.config import ConfigError
+
+    model = caption.load(tiny_checkpoint)
+    greedy = model.configured(beam=1, max_len=3, no_repeat_ngram=2)
+    assert (greedy.options.beam_size, greedy.options.max_len, greedy.options.no_repeat_ngram) == (1, 3, 2)
+    assert model.options == model.config.decode and model.options.beam_size == 2  # unchanged
+    assert greedy.model is model.model and greedy.encoder is model.encoder  # the weights are shared
+    assert greedy.configured(max_len=None).options == greedy.options  # None keeps a setting
+    assert model.paths == (tiny_checkpoint,) and caption.load(tiny_checkpoint.parent).paths == (tiny_checkpoint.parent,)
+    assert caption.load([tiny_checkpoint, tiny_checkpoint]).paths == (tiny_checkpoint, tiny_checkpoint)
+    assert caption.load([tiny_checkpoint, tiny_checkpoint], single=True).paths == (tiny_checkpoint,)
+    with pytest.raises(ConfigError, match="beam_size"):
+        model.configured(beam=0)
+    with pytest.raises(TypeError, match="beams"):
+        model.configured(beams=2)
+    image = make_rgb(tmp_path, "one.png", seed=3, size=(40, 30))
+    assert len(greedy.caption(image).words) <= 3
+    assert model.caption(image).tokens == model.configured().caption(image).tokens
+
+
+def test_batch_call_equals_single_calls(tiny_checkpoint, tmp_path) -> None:
     model = caption.load(tiny_checkpoint)
     paths = [make_rgb(tmp_path, f"{i}.png", seed=i, size=(30 + 7 * i, 40)) for i in range(5)]
     inputs = paths[:2] + [tmp_path / "missing.png"] + paths[2:]
-    batched = model.caption_batch(inputs, batch_size=2)
+    outcomes = list(model.captions(inputs, batch_size=2))
+    assert [o.image for o in outcomes] == inputs  # input order, the unreadable one in its place
+    batched = [o.result for o in outcomes]
     assert isinstance(batched[2], ImageError) and "no such file" in str(batched[2])
     batched = batched[:2] + batched[3:]
     for path, got in zip(paths, batched):
@@ -378,6 +401,7 @@ def test_attend_missing_checkpoint(tmp_path, good, capsys) -> None:
     assert code == 2 and out == [] and len(err) == 1 and err[0].startswith("caption attend: error: ")
 
 
+@pytest.mark.slow
 def test_console_script_help() -> None:
     exe = shutil.which("caption")
     if exe is None:

@@ -16,6 +16,8 @@ from caption.training.loop import fit
 from caption.training.run_dir import RunDirError
 from caption.training.splits import prepare
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 def _files(run_dir) -> dict:
     return {p.relative_to(run_dir): p.read_bytes() for p in sorted(run_dir.rglob("*")) if p.is_file()}

@@ -141,6 +141,7 @@ def test_predict_reports_precision_device_and_threads_on_stderr_only(tiny_checkp
     assert out.out == "" and out.err.strip().splitlines()[-1].startswith("caption predict: error: precision fp16")
 
 
+@pytest.mark.slow
 def test_prepare_train_and_evaluate_report_the_precision_they_use(tmp_path, capsys):
     from caption.commands.main import main
     from caption.data.shapes import generate_shapes

@@ -64,6 +64,7 @@ def _scst(shapes_dir, xent_run, *overrides):  # noqa: F811
                        *overrides)
 
 
+@pytest.mark.slow
 def test_scst_starts_from_the_run_not_its_optimizer(shapes_dir, xent_run, tmp_path):  # noqa: F811
     frozen = fit(_scst(shapes_dir, xent_run, "train.lr=0.0"), tmp_path / "lr0", progress_bars=False)
     start, after = read_checkpoint(xent_run / "best.pt"), read_checkpoint(frozen.run_dir / "last.pt")
@@ -87,6 +88,7 @@ def _kill_at_step_3(progress):
 
 
 @pytest.mark.parametrize("baseline", ["mean", "greedy"])
+@pytest.mark.slow
 def test_resume_is_exact(shapes_dir, xent_run, tmp_path, baseline):  # noqa: F811
     cfg = _scst(shapes_dir, xent_run, "train.epochs=2", "train.checkpoint_every=2", f"train.scst_baseline={baseline}",
                 "train.lr=1e-3")
@@ -102,6 +104,7 @@ def test_resume_is_exact(shapes_dir, xent_run, tmp_path, baseline):  # noqa: F81
     assert resumed == straight and len(straight.splitlines()) == 3
 
 
+@pytest.mark.slow
 def test_bad_settings_fail_first(shapes_dir, xent_run, tmp_path):  # noqa: F811
     for override, match in (("train.objective=rl", "train.objective"), ("train.scst_baseline=zero", "baseline"),
                             ("train.scst_samples=1", "scst_samples"), ("train.init_from=", "init_from")):
@@ -115,6 +118,7 @@ def test_bad_settings_fail_first(shapes_dir, xent_run, tmp_path):  # noqa: F811
         fit(_scst(shapes_dir, xent_run), xent_run, resume=True, progress_bars=False)
 
 
+@pytest.mark.slow
 def test_two_processes_train_scst(shapes_dir, xent_run, tmp_path):  # noqa: F811
     # sampling goes through the DDP wrapper's forward (Captioner.forward(run=...)), so its gradients
     # are averaged; here: both processes run every step and rank 0 writes the run
@@ -127,6 +131,7 @@ def test_two_processes_train_scst(shapes_dir, xent_run, tmp_path):  # noqa: F811
     assert "train_reward" in (tmp_path / "ddp" / "metrics.csv").read_text()
 
 
+@pytest.mark.slow
 def test_scst_under_bf16_autocast(shapes_dir, xent_run, tmp_path):  # noqa: F811
     run = fit(_scst(shapes_dir, xent_run, "precision=bf16"), tmp_path / "bf16", progress_bars=False)
     (row,) = run.history

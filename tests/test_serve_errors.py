@@ -143,17 +143,17 @@ from caption.serve.app import ServeSettings, build_app
 from caption.serve.server import serve
 
 model = load(sys.argv[1], precision="fp32", threads=1)
-real = model.iter_captions
 
-def iter_captions(images, *args, **kwargs):  # width 23 breaks the model, width 29 makes it slow
-    images = list(images)
-    if any(image.width == 23 for image in images):
-        raise RuntimeError("injected model failure")
-    if any(image.width == 29 for image in images):
-        time.sleep(3)
-    return real(images, *args, **kwargs)
+class Faulty(type(model)):  # its configured copies are Faulty too
+    def captions(self, images, *args, **kwargs):  # width 23 breaks the model, width 29 makes it slow
+        images = list(images)
+        if any(image.width == 23 for image in images):
+            raise RuntimeError("injected model failure")
+        if any(image.width == 29 for image in images):
+            time.sleep(3)
+        return super().captions(images, *args, **kwargs)
 
-model.iter_captions = iter_captions
+model.__class__ = Faulty
 app = build_app(model, ServeSettings(max_batch=8, max_wait_ms=300))
 serve(app, "127.0.0.1", 0, ready=lambda url: print(f"caption serve: {url} (faulty)", file=sys.stderr, flush=True))
 """

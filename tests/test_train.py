@@ -23,6 +23,8 @@ from caption.training.splits import prepare
 from caption.vocab import Vocabulary, tokenize
 from conftest import Killed, evaluate_checkpoint, tiny_config
 
+pytestmark = pytest.mark.slow  # training runs
+
 
 def _weights(run_dir):
     return read_checkpoint(run_dir / "last.pt")["model"]

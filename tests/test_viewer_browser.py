@@ -18,6 +18,8 @@ from test_viewer import fake
 from caption.commands.main import main
 from caption.viz import viewer
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 ASPECT = """
 var r = arguments[0].getBoundingClientRect(), c = arguments[1].getBoundingClientRect();
 return [r.width, r.height, c.left - r.left, c.top - r.top, c.width, c.height];

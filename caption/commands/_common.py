@@ -95,4 +95,4 @@ def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None)
     except CaptionError as err:  # an unknown or absent --device, fp16 on a CPU
         error(args, str(err))
         return None
-    return model.with_decode(hard_test=getattr(args, "hard_test", None))
+    return model.configured(hard_test=getattr(args, "hard_test", None))

@@ -116,7 +116,8 @@ def _gallery(args: argparse.Namespace, models: list) -> int:
     paths, errors = find_images(args.images)
     for line in errors:
         error(args, line)
-    streams = [m.iter_captions(paths, beam=args.beam, batch_size=args.batch_size, alternatives=True) for m in models]
+    streams = [m.configured(beam=args.beam, alternatives=True).captions(paths, batch_size=args.batch_size)
+               for m in models]
     bar = tqdm(total=len(paths), desc="captioning", unit="img", file=sys.stderr, leave=False, disable=None)
     photos = []
     for pairs in zip(*streams):

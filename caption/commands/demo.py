@@ -143,14 +143,13 @@ def run_demo(run_dir: Path | None = None, *, seed: int = 0, runtime=None, overwr
     paths = generate_shapes(run_dir / "data", n=n, seed=seed, image_size=cfg.data.image_size)
     train_once(cfg, run_dir, runtime, overwrite, on_step=RemainingTime(cfg.train.epochs, started))
     model = load(run_dir, runtime=runtime, guide=False)  # the shapes encoder has no ImageNet classifier
-    scores = evaluate(model, checkpoint=run_dir, split="test", beam=3, out_dir=run_dir / "eval")
+    scores = evaluate(model, split="test", beam=3, out_dir=run_dir / "eval")
     print("\nheld-out test split, beam 3:")
     print(json.dumps({k: round(v, 4) if isinstance(v, float) else v for k, v in scores.items()}, indent=1))
     records = load_split(cfg.data, "test")[:examples]
-    results = model.caption_batch([r.path for r in records], beam=3)
     print("\nexamples:")
-    for record, result in zip(records, results):
-        print(f"{record.path}\t{result.caption}")
+    for path, result in model.configured(beam=3).captions([r.path for r in records]):
+        print(f"{path}\t{result.caption}")
     print(f"\nrun directory: {run_dir}  (config.yaml, vocab.json, best.pt, last.pt, metrics.csv, tb/)")
     print(f"data:          {paths['images'].parent}")
     print(f"evaluation:    {run_dir / 'eval'}")

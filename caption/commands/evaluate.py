@@ -10,13 +10,11 @@ from caption.commands._common import EXIT_NO_MODEL, add_model_args, load_model
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from caption.evaluation.evaluate import evaluate
-    from caption.inference import default_checkpoint
 
     model = load_model(args)
     if model is None:
         return EXIT_NO_MODEL
-    checkpoint = (args.checkpoint or default_checkpoint())[:1 if args.single else None]
-    scores = evaluate(model, checkpoint=checkpoint, split=args.split,
+    scores = evaluate(model, split=args.split,
                       captions=args.captions, images=args.images, beam=args.beam, length_penalty=args.length_penalty,
                       no_repeat_ngram=args.no_repeat_ngram, out_dir=args.out, java=None if not args.no_java else False)
     if args.json:

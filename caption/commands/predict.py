@@ -34,11 +34,11 @@ def cmd_predict(args: argparse.Namespace) -> int:
     for line in errors:
         error(args, line)
     failed = bool(errors)
-    beam = model.options(args.beam).beam_size
+    model = model.configured(beam=args.beam)
+    beam = model.options.beam_size
     bar = tqdm(total=len(paths), desc="captioning", unit="img", file=sys.stderr, leave=False, disable=None)
     runners_up = bool(args.json) and beam > 1  # only --json prints them, and they cost decoding time
-    for path, result in model.iter_captions(paths, beam=args.beam, batch_size=args.batch_size,
-                                            alternatives=runners_up):
+    for path, result in model.configured(alternatives=runners_up).captions(paths, batch_size=args.batch_size):
         bar.update(1)
         if isinstance(result, ImageError):
             failed = True

@@ -33,7 +33,7 @@ def run_dir_of(args: argparse.Namespace, cfg) -> Path:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from caption.config import apply_overrides, load_config
+    from caption.config import load_run_config
     from caption.training.distributed import is_main_process
     from caption.training.loop import fit
 
@@ -41,7 +41,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         run_dir = Path(args.resume)
         if not (run_dir / "config.yaml").is_file():
             raise CaptionError(f"--resume {run_dir}: not a run directory (no config.yaml)")
-        cfg = apply_overrides(load_config(run_dir / "config.yaml"), [*args.overrides, *_precision_override(args)])
+        # written by this release or an earlier one
+        cfg = load_run_config(run_dir / "config.yaml", [*args.overrides, *_precision_override(args)])
     else:
         if not args.config:
             raise CaptionError("caption train needs --config FILE (or --resume RUN_DIR)")

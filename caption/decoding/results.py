@@ -19,7 +19,7 @@ MAP_DECIMALS = 4  # attention weights in a result record
 @dataclass(frozen=True)
 class GuideInfo:
     """What the encoder's ImageNet classifier said about one image and what it made the caption
-    say (:mod:`caption.decoding.guide`)."""
+    say (:mod:`caption.guidance`)."""
 
     labels: tuple[tuple[str, float], ...]  # the classifier's top labels with their probabilities, best first
     constraint: str | None = None  # the name the caption had to say (most specific first); None: no name

@@ -11,7 +11,6 @@ picking one word per row, so it has its own loop over the same ``step`` and the 
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 from typing import Callable, Protocol
 
@@ -20,7 +19,6 @@ from torch import nn
 
 from caption.config import DecodeConfig
 from caption.decoding.beam import beam_search
-from caption.decoding.guide import Guide, guided_search
 from caption.decoding.results import DecodingResult, Hypothesis, Samples, default_grid, to_result
 from caption.decoding.rules import ban, eval_mode, read_cells
 from caption.vocab import END_ID, PAD_ID, START_ID, Vocabulary
@@ -112,13 +110,10 @@ def search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, ma
 
 
 def decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *, vocab: Vocabulary | None = None,
-           grid: tuple[int, int] | None = None, mask: torch.Tensor | None = None,
-           guide: Guide | None = None) -> list[DecodingResult]:
+           grid: tuple[int, int] | None = None, mask: torch.Tensor | None = None) -> list[DecodingResult]:
     """Caption every image of features (B, L, D): greedy search for ``beam_size`` 1, else batched
     beam search; with ``options.temperature`` > 0, ``options.samples`` sampled captions per image
-    (B*K results, an image's consecutive). With a ``guide`` (:class:`caption.decoding.guide.Guide`),
-    searched captions of confidently classified objects must name them (constrained beam search)
-    and every result carries the classifier's labels (``result.guide``).
+    (B*K results, an image's consecutive). Guided captions are :mod:`caption.guidance`'s.
 
     ``grid`` (gh, gw) reshapes each attention map (default: square); ``vocab`` turns ids into
     words (default: the ids as strings, ``<end>`` named).
@@ -128,10 +123,6 @@ def decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *,
         decoder = read_cells(decoder, options.hard_test)
         if options.sampling:
             hyps = run(decoder, features, options, Sampler(options.temperature), options.samples, mask).hypotheses()
-        elif guide is not None:
-            pairs = guided_search(decoder, features, options, guide, search, mask)
-            results = [to_result(h, options, vocab, grid) for h, _ in pairs]
-            return [dataclasses.replace(r, words=info.spell(r.words), guide=info) for r, (_, info) in zip(results, pairs)]
         else:
             hyps = search(decoder, features, options, mask)
     return [to_result(h, options, vocab, grid) for h in hyps]

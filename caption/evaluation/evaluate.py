@@ -4,31 +4,29 @@ the one inference path, score it, and write the captions and scores."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol, Sequence
+from typing import Iterable, Iterator, Protocol, Sequence
 
 from torch import nn
 
 from caption.data.records import load_coco, load_split
 from caption.errors import CaptionError, DataError
 from caption.evaluation.metrics import write_results
-from caption.evaluation.scoring import caption_records, repetition_scores, score_results, split_metric, task_metric
+from caption.evaluation.scoring import collect, repetition_scores, score_results, split_metric, task_metric
 from caption.config import Config
-from caption.data.images import ImageTransform
 from caption.fileio import atomic_write_json
-from caption.runtime import Runtime
-from caption.vocab import Vocabulary
+from caption.pipeline import Outcome
 
 
 class LoadedModel(Protocol):
     """What evaluation needs of a loaded captioner (:class:`caption.inference.CaptionModel` is one)."""
 
-    config: Config
-    vocab: Vocabulary
-    runtime: Runtime
-    transform: ImageTransform
+    config: Config  # the run's config; its ``decode`` is what the model captions with
+    paths: tuple[Path, ...]  # the checkpoint files or run directories it was loaded from
     guide: nn.Module | None
 
-    def inference_captioner(self) -> nn.Module: ...
+    def configured(self, **options) -> "LoadedModel": ...
+
+    def captions(self, images: Iterable, batch_size: int = 16) -> Iterator[Outcome]: ...
 
 
 def default_out_dir(checkpoint: str | Path | Sequence[str | Path]) -> Path:
@@ -41,7 +39,7 @@ def default_out_dir(checkpoint: str | Path | Sequence[str | Path]) -> Path:
     return Path("runs") / "eval" / "+".join(p.name if p.is_dir() else p.stem for p in paths)
 
 
-def evaluate(model: LoadedModel, *, checkpoint: str | Path | Sequence[str | Path], split: str = "test", captions: str | None = None,
+def evaluate(model: LoadedModel, *, split: str = "test", captions: str | None = None,
              images: str | None = None, beam: int | None = None, length_penalty: float | None = None,
              no_repeat_ngram: int | None = None, out_dir: str | Path | None = None, java: bool | None = None,
              progress: bool = True) -> dict:
@@ -54,7 +52,7 @@ def evaluate(model: LoadedModel, *, checkpoint: str | Path | Sequence[str | Path
     ``guided`` says whether the encoder's ImageNet classifier guided the captions (``model.guide``)
     and ``guide_shaped`` how many captions it changed.
     Writes ``captions_<name>.json`` (COCO results format) and ``scores_<name>.json`` into
-    ``out_dir`` (default: :func:`default_out_dir` of ``checkpoint``).
+    ``out_dir`` (default: :func:`default_out_dir` of the model's ``paths``).
     """
     cfg = model.config
     if captions:
@@ -63,10 +61,10 @@ def evaluate(model: LoadedModel, *, checkpoint: str | Path | Sequence[str | Path
         records, name, metric = load_coco(captions, images), Path(captions).stem, task_metric(cfg.data.metric, captions)
     else:
         records, name, metric = load_split(cfg.data, split), split, split_metric(cfg, split)
-    options = cfg.decode.with_overrides(beam_size=beam, length_penalty=length_penalty,
-                                          no_repeat_ngram=no_repeat_ngram)
-    results = caption_records(model.inference_captioner(), model.vocab, records, options, runtime=model.runtime,
-                              transform=model.transform, batch_size=32, progress=progress, guide=model.guide)
+    model = model.configured(beam=beam, length_penalty=length_penalty, no_repeat_ngram=no_repeat_ngram)
+    options = model.config.decode
+    results = collect(model.captions([r.path for r in records], batch_size=32), [r.image_id for r in records],
+                      progress)
     if not results:
         raise DataError(f"none of the {len(records)} images could be read")
     evaluation = score_results(results, records, java=java, metric=metric)
@@ -76,7 +74,7 @@ def evaluate(model: LoadedModel, *, checkpoint: str | Path | Sequence[str | Path
               "mean_words": round(words, 2), **repetition_scores(evaluation.captions, records),
               "guided": model.guide is not None,
               "guide_shaped": sum(1 for r in results.values() if r.guide is not None and r.guide.shaped)}
-    out = Path(out_dir) if out_dir else default_out_dir(checkpoint)
+    out = Path(out_dir) if out_dir else default_out_dir(model.paths)
     write_results(evaluation.captions, out / f"captions_{name}.json")
     atomic_write_json(out / f"scores_{name}.json", scores, indent=1)
     return scores

@@ -14,62 +14,52 @@ import importlib
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Protocol, Sequence
+from typing import Callable, Iterable, Mapping, Protocol, Sequence
 
-import torch
 from tqdm import tqdm
 
 from caption.config import Config, ConfigError
 from caption.data.images import ImageTransform, preprocess
 from caption.data.records import ImageRecord
-from caption.decoding import DecodeConfig, DecodingResult, decode
+from caption.decoding import DecodeConfig, DecodingResult
 from caption.evaluation.metrics import coco_scores
-from caption.encoding import encode_images
 from caption.model import Captioner
+from caption.pipeline import Outcome, caption_batches, encode_images, feature_batches
 from caption.runtime import Runtime
 from caption.vocab import Vocabulary, tokenize
 
 
-def _feature_batches(features, records: Sequence[ImageRecord], batch_size: int, runtime: Runtime):
-    """(record positions, cached features (B, L, D), records done) batches of a FeatureStore-backed split."""
-    rows = [features.index_of(r.image_id) for r in records]
-    for lo in range(0, len(rows), batch_size):
-        idx = list(range(lo, min(lo + batch_size, len(rows))))
-        yield idx, torch.stack([features[rows[i]] for i in idx]).to(runtime.device), len(idx)  # (B, L, D)
-
-
-def _image_batches(encoder, records: Sequence[ImageRecord], transform: ImageTransform, batch_size: int,
-                   runtime: Runtime):
-    """The same batches with the images run through ``encoder`` by the one inference loop; an
-    unreadable image is left out (and counted as done)."""
-    for batch in encode_images(encoder, range(len(records)), lambda i: preprocess(records[i].path, transform, pixels=True),
-                               transform, runtime, batch_size=batch_size):
-        yield [batch.items[i] for i in batch.rows()], batch.features, len(batch.items)
-
-
-@torch.no_grad()
 def caption_records(
     model: Captioner, vocab: Vocabulary, records: Sequence[ImageRecord], options: DecodeConfig, *,
     runtime: Runtime, features=None, transform: ImageTransform | None = None, batch_size: int = 32,
-    progress: bool = True, guide=None,
+    progress: bool = True,
 ) -> dict[int, DecodingResult]:
-    """image_id -> DecodingResult for every readable image of ``records``, decoded in ``runtime``.
+    """image_id -> DecodingResult for every readable image of ``records``: validation during
+    training, by the one path from features to captions (:mod:`caption.pipeline`).
 
     ``features`` (a FeatureStore of cached grids) skips the encoder; otherwise each image goes
-    through ``model.encoder`` by the one inference loop (:func:`caption.encoding.encode_images`).
-    ``guide`` (:class:`caption.decoding.guide.Guide`, None: off) guides the captions.
+    through ``model.encoder`` by the one inference loop (:func:`caption.pipeline.encode_images`).
     """
     model.eval()
-    results: dict[int, DecodingResult] = {}
-    bar = tqdm(total=len(records), desc="captioning", unit="img", disable=not progress, leave=False)
-    batches = (_feature_batches(features, records, batch_size, runtime) if features is not None
-               else _image_batches(model.encoder, records, transform, batch_size, runtime))
-    for idx, feats, done in batches:
-        if feats is not None:
-            with runtime.autocast():
-                found = decode(model.decoder, feats, options, vocab=vocab, grid=model.grid, guide=guide)
-            results.update((records[i].image_id, result) for i, result in zip(idx, found))
-        bar.update(done)
+    if features is not None:
+        batches = feature_batches(features, [r.image_id for r in records], batch_size, runtime)
+    else:
+        batches = encode_images(model.encoder, range(len(records)),
+                                lambda i: preprocess(records[i].path, transform, pixels=True), transform, runtime,
+                                batch_size=batch_size)
+    outcomes = caption_batches(batches, model.decoder, options, runtime=runtime, vocab=vocab, grid=model.grid)
+    return collect(outcomes, [r.image_id for r in records], progress)
+
+
+def collect(outcomes: Iterable[Outcome], image_ids: Sequence, progress: bool = True) -> dict:
+    """image_id -> DecodingResult from outcomes in the order of ``image_ids`` (an unreadable image
+    is left out), with a progress bar on stderr."""
+    results = {}
+    bar = tqdm(total=len(image_ids), desc="captioning", unit="img", disable=not progress, leave=False)
+    for image_id, (_, result) in zip(image_ids, outcomes):
+        if isinstance(result, DecodingResult):
+            results[image_id] = result
+        bar.update(1)
     bar.close()
     return results
 

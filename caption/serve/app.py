@@ -69,7 +69,7 @@ class Service:
 
         self.model, self.settings = model, settings
         self.log = logging.getLogger(LOG)
-        self.default_beam = model.options(settings.beam).beam_size
+        self.default_beam = model.configured(beam=settings.beam).options.beam_size
         self.max_beam = max(settings.max_beam, self.default_beam)
         self.max_pixels = settings.max_pixels or Image.MAX_IMAGE_PIXELS
         self.batcher = Batcher(self._run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)

@@ -6,7 +6,7 @@ Images wait in an asyncio queue. One collector task takes the first, then whatev
 event loop never runs the model). It waits only while other requests are on their way (being
 read or decoded, :meth:`Batcher.arriving`): a lone request is not held up for nothing. There the batch is split by decoding options (beam, runners-up,
 guide): each group is one batched encoder pass and one batched search
-(:meth:`caption.inference.CaptionModel.iter_captions`). If a group's call raises, each of its
+(:meth:`caption.inference.CaptionModel.captions`). If a group's call raises, each of its
 images is captioned alone, so one image that breaks the model fails only its own request.
 While the model works, new requests queue up and make the next batch.
 """
@@ -80,9 +80,8 @@ def _caption_or_error(model, job: Job):
 def _caption(model, jobs: Sequence[Job]) -> list:
     """One encoder pass and one search for jobs that share their options."""
     options = jobs[0].options
-    decode = model.options(options.beam, alternatives=options.runners_up)
-    found = [r for _, r in model.iter_captions([j.image for j in jobs], batch_size=len(jobs), options=decode,
-                                               guide=options.guide)]
+    configured = model.configured(beam=options.beam, alternatives=options.runners_up, guide=options.guide)
+    found = [r for _, r in configured.captions([j.image for j in jobs], batch_size=len(jobs))]
     for r in found:
         if isinstance(r, Exception):
             raise r

@@ -30,7 +30,7 @@ from caption.data.images import ImageError, ImageTransform, preprocess
 from caption.data.records import ImageRecord
 from caption.errors import DataError
 from caption.fileio import atomic_write_json
-from caption.encoding import encode_images, inference_encoder
+from caption.pipeline import encode_images, inference_encoder
 from caption.model import Encoder
 from caption.runtime import Runtime, resolve_runtime
 
@@ -158,12 +158,17 @@ class _Progress:
         self.done = 0
         self.bad: list[int] = []
 
+    def sizes_match(self, index: dict) -> bool:
+        """Whether every array file of ``index`` is there, at its full size."""
+        shape = (int(index["N"]), int(index["L"]), int(index["D"]))
+        return all(path.is_file() and path.stat().st_size == int(np.prod(shape[:ndim])) * dtype.itemsize
+                   for path, dtype, ndim in self.files)
+
     def resume(self, index: dict) -> bool:
         """Adopt a matching unfinished index; False if an array file is missing or the wrong size."""
+        if not self.sizes_match(index):
+            return False
         shape = (int(index["N"]), int(index["L"]), int(index["D"]))
-        for path, dtype, ndim in self.files:
-            if not path.is_file() or path.stat().st_size != int(np.prod(shape[:ndim])) * dtype.itemsize:
-                return False
         self.arrays = [np.memmap(path, dtype=dtype, mode="r+", shape=shape[:ndim]) for path, dtype, ndim in self.files]
         self.done, self.bad = int(index["done"]), [int(i) for i in index.get("bad", [])]
         return True
@@ -195,25 +200,62 @@ def _matches(index: dict | None, header: dict) -> bool:
     return index is not None and all(index.get(k) == v for k, v in header.items()) and index.get("L") is not None
 
 
+class CacheNotReady(DataError):
+    """A cache that would have to be built or finished where building is not allowed (``build=False``)."""
+
+    def __init__(self, prefix: Path, reason: str):
+        super().__init__(f"feature cache {prefix} is {reason}")
+        self.prefix, self.reason = prefix, reason
+
+
+def _not_ready(index: dict | None, header: dict) -> str | None:
+    """Why the cache whose index is ``index`` cannot be read as it is (None: it can)."""
+    if index is None:
+        return "not built"
+    if not all(index.get(k) == v for k, v in header.items()):
+        return "stale (built for other images, encoder weights or preprocessing)"
+    if not index.get("complete") or index.get("L") is None:
+        return f"unfinished ({index.get('done', 0)}/{header['N']} images)"
+    return None
+
+
+def cache_prefix(cache_dir: str | Path, encoder_cfg: EncoderConfig, image_size: int, split: str, precision: str,
+                 storage: str = "f16") -> tuple[Path, str]:
+    """Where :func:`open_or_build` keeps one split's cache (``<cache_dir>/<split>-<key>[-int8]``), and its key."""
+    key = cache_key(encoder_cfg, image_size, precision)
+    name = f"{split}-{key}" if storage == "f16" else f"{split}-{key}-{storage}"
+    return Path(cache_dir) / name, key
+
+
+def cache_state(prefix: str | Path) -> str | None:
+    """Whether the cache at ``prefix`` is finished, by its index alone (None when it is; else why not).
+    A cheap look before anything is loaded; :func:`build_features` also checks the images and encoder."""
+    index = _read_index(_index_path(Path(prefix)))
+    if index is None:
+        return "not built"
+    return None if index.get("complete") else f"unfinished ({index.get('done', 0)}/{index.get('N')} images)"
+
+
 def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
                    path_prefix: str | Path, *, runtime: Runtime | None = None, batch_size: int = 32,
                    progress: bool = True, key: str | None = None, flush_every: int = 20,
-                   storage: str = "f16") -> FeatureStore:
+                   storage: str = "f16", build: bool = True) -> FeatureStore:
     """Encode every record's image once into ``<prefix>.f16`` (or, ``storage="int8"``, ``.i8`` and
     ``.scale``) and ``<prefix>.json``; resume if interrupted.
 
     ``key`` (default: the prefix's file name) identifies the encoder settings; with the image ids, the
     encoder's weights and the transform it decides whether an existing cache is reused or rebuilt.
-    Images go through the one inference path (:func:`caption.encoding.encode_images`, a captioning
-    :class:`Encoder` as its :func:`caption.encoding.inference_encoder` copy) in ``runtime``'s device
+    Images go through the one inference path (:func:`caption.pipeline.encode_images`, a captioning
+    :class:`Encoder` as its :func:`caption.pipeline.inference_encoder` copy) in ``runtime``'s device
     and precision (default: the CPU in fp32); the key should name the precision (:func:`cache_key`).
     Unreadable images are recorded in ``bad`` (their features stay zero) and reported, not fatal.
+    ``build=False`` only opens a finished, matching cache, and raises :class:`CacheNotReady` (touching
+    nothing) where one would have to be built, finished or rebuilt.
     """
     if not records:
         raise ValueError("build_features needs at least one record")
     runtime = runtime or resolve_runtime("cpu", "fp32")
     prefix = Path(path_prefix)
-    prefix.parent.mkdir(parents=True, exist_ok=True)
     header = {
         "version": FORMAT_VERSION, "key": key or Path(path_prefix).name, "N": len(records),
         "image_ids": [int(r.image_id) for r in records], "encoder": encoder_digest(encoder),
@@ -222,6 +264,12 @@ def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform
     }
     state = _Progress(prefix, storage, header)
     index = _read_index(state.index_path)
+    if not build:
+        reason = _not_ready(index, header) or (None if state.sizes_match(index) else "missing its arrays")
+        if reason is not None:
+            raise CacheNotReady(prefix, reason)
+        return FeatureStore(path_prefix)
+    prefix.parent.mkdir(parents=True, exist_ok=True)
     if _matches(index, header) and state.resume(index):
         if index.get("complete"):
             return FeatureStore(path_prefix)
@@ -273,7 +321,5 @@ def open_or_build(encoder: nn.Module, records: Sequence[ImageRecord], transform:
     """The cache of one split under ``cache_dir`` (``<split>-<cache_key>``, ``-int8`` added for that
     storage), built or finished if needed, by the encoder running in ``runtime`` (default: the CPU in fp32)."""
     runtime = runtime or resolve_runtime("cpu", "fp32")
-    key = cache_key(encoder_cfg, image_size, runtime.precision.name)
-    name = f"{split}-{key}" if storage == "f16" else f"{split}-{key}-{storage}"
-    return build_features(encoder, records, transform, Path(cache_dir) / name, key=key,
-                          runtime=runtime, storage=storage, **kwargs)
+    prefix, key = cache_prefix(cache_dir, encoder_cfg, image_size, split, runtime.precision.name, storage)
+    return build_features(encoder, records, transform, prefix, key=key, runtime=runtime, storage=storage, **kwargs)

@@ -8,7 +8,7 @@ scheduler, fp16 gradient scaler, epoch and step within the epoch (with the epoch
 and RNG states. A directory that already holds a run is refused unless resumed or overwritten,
 and locked while training (:mod:`caption.training.run_dir`). Under ``torchrun`` every process takes its
 share of each global batch (DistributedDataParallel, gloo on CPU, nccl on CUDA); only rank 0
-logs and writes.
+logs and writes, and a frozen encoder's feature cache must be built beforehand (``caption prepare``).
 """
 
 from __future__ import annotations
@@ -38,7 +38,14 @@ from caption.training.run_dir import METRICS, claim_run_dir
 from caption.training.sampler import GlobalBatchSampler, batches_per_epoch
 from caption.training.schedule import Schedule
 from caption.training.state import Progress, check_resumable, restore, rng_state
-from caption.training.splits import SplitData, TrainingData, build_vocab, check_config, load_training_data
+from caption.training.splits import (
+    SplitData,
+    TrainingData,
+    build_vocab,
+    check_config,
+    load_training_data,
+    require_cache,
+)
 from caption.vocab import Vocabulary
 
 log = logging.getLogger("caption.training.loop")
@@ -143,6 +150,8 @@ def fit(cfg: Config, run_dir: str | Path, *, resume: bool = False, overwrite: bo
     check_objective(cfg)
     runtime = runtime or resolve_runtime(None, cfg.precision)
     dist = setup_distributed(runtime.device)
+    if dist.active:  # its processes only read the feature cache: `caption prepare` builds it
+        require_cache(cfg, run_dir, runtime.precision.name)
     with claim_run_dir(run_dir, resume=resume, overwrite=overwrite, lock=dist.is_main):  # before any write
         state = read_checkpoint(run_dir / LAST) if resume else None
         if state is not None:

@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from caption.config import Config, ConfigError, save_config
+from caption.config import Config, ConfigError, EncoderConfig, save_config
 from caption.data.datasets import CaptionDataset
 from caption.data.images import transform_for
 from caption.data.records import ImageRecord, load_split
@@ -24,7 +24,14 @@ from caption.evaluation.scoring import TaskMetric, split_metric, task_metric_key
 from caption.model import build_encoder
 from caption.model.check import check_model_config
 from caption.runtime import Runtime, resolve_runtime
-from caption.training.cache import STORAGES, FeatureStore, open_or_build
+from caption.training.cache import (
+    STORAGES,
+    CacheNotReady,
+    FeatureStore,
+    cache_prefix,
+    cache_state,
+    open_or_build,
+)
 from caption.training.distributed import Dist
 from caption.training.schedule import check_schedule
 from caption.vocab import Vocabulary
@@ -106,19 +113,40 @@ def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Mod
 
 
 def _cached(cfg, split, records, encoder, transform, run_dir, runtime, dist, progress) -> FeatureStore:
-    """Rank 0 builds (or finishes) the cache first; the other ranks then open it."""
-    def build(show: bool) -> FeatureStore:
+    """The split's cache, built or finished here by a single process; a multi-process run (torchrun)
+    only opens a finished one, and stops with :func:`_prepare_first`'s error where there is none."""
+    multi = dist is not None and dist.active
+    try:
         return open_or_build(encoder, records, transform, cache_dir(cfg, run_dir), encoder.config, cfg.data.image_size,
-                             split, runtime=runtime, batch_size=max(cfg.train.batch_size, 32), progress=show,
-                             storage=cfg.data.cache)
+                             split, runtime=runtime, batch_size=max(cfg.train.batch_size, 32), progress=progress,
+                             storage=cfg.data.cache, build=not multi)
+    except CacheNotReady as err:
+        raise _prepare_first(split, err.prefix, err.reason, run_dir) from err
 
-    if dist is None or not dist.active:
-        return build(progress)
-    import torch.distributed as td
 
-    store = build(progress) if dist.is_main else None
-    td.barrier()
-    return store if store is not None else build(False)
+def require_cache(cfg: Config, run_dir: Path, precision: str) -> None:
+    """Before a multi-process run writes anything: DataError (:func:`_prepare_first`) unless every
+    split it caches has a finished cache. Its processes never build one: one process would build
+    while the others wait at a barrier, and a long build (COCO: hours) outlives the process
+    group's timeout (NCCL's default is 30 minutes). The full check (images, encoder weights)
+    follows when the data is loaded."""
+    if not uses_cache(cfg):
+        return
+    encoder = EncoderConfig.of(cfg.model)
+    for split in ("train", "val"):
+        prefix, _ = cache_prefix(cache_dir(cfg, run_dir), encoder, cfg.data.image_size, split, precision,
+                                 cfg.data.cache)
+        reason = cache_state(prefix)
+        if reason is not None:
+            raise _prepare_first(split, prefix, reason, run_dir)
+
+
+def _prepare_first(split: str, prefix: Path, reason: str, run_dir: Path) -> DataError:
+    """The one-line error of a multi-process run whose feature cache is not ready."""
+    return DataError(f"the {split} split's feature cache {prefix} is {reason}: build it first with `caption prepare` "
+                     f"(one process; this run's --config and overrides, --run-dir {run_dir}), then start torchrun "
+                     "again (a multi-process run never builds it: its other processes would wait past the process "
+                     "group's timeout)")
 
 
 def load_training_data(cfg: Config, run_dir: Path, encoder: torch.nn.Module, vocab: Vocabulary, *,

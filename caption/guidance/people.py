@@ -2,7 +2,7 @@
 
 The ImageNet classifier has no person class, and the captioner, trained on photos that nearly all
 show people, puts a person into most photos of lone objects. The probe answers the one question
-guidance needs (:mod:`caption.decoding.guide`): is this a photo of people (its plain caption
+guidance needs (:mod:`caption.guidance.guide`): is this a photo of people (its plain caption
 stays, so a thing's name never takes a person's place) or of an object (the object is the subject,
 no one is invented)?
 

@@ -4,7 +4,7 @@ The EfficientNet-Lite encoders' grid features are what their ImageNet-1k classif
 the head on the features' spatial mean gives class probabilities from the forward pass the
 captioner already makes (cached features too). A *name*'s probability is the summed probability of
 the object classes it names ("dog": every dog breed), from the packaged names table
-(:mod:`caption.decoding.names`) intersected with the model's vocabulary; a class whose everyday
+(:mod:`caption.guidance.names`) intersected with the model's vocabulary; a class whose everyday
 name the vocabulary lacks ("iguana") is searched through a stand-in word ("animal") that the
 caption then replaces (``new_names``), with the article chosen for the name and the stand-in's
 attention map.
@@ -16,7 +16,7 @@ unicycle; "skier" for a ski). Otherwise constrained beam search makes the captio
 sure names (:mod:`caption.decoding.constrained`) where the model expects a noun, with the right
 article, ending its noun phrase: as the subject, within the first ``within`` words, with people and
 clothing words penalised (``person_penalty``), for animals, plants and food, and for every kind
-where the people probe (:mod:`caption.decoding.people`) says the photo has no people. A caption
+where the people probe (:mod:`caption.guidance.people`) says the photo has no people. A caption
 that, after the name, still speaks of a person, clothing or another creature or thing ("a lizard
 in a black and white dog") is cut to the name's noun phrase ("a small lizard"): the decoder has
 seen few photos of lone objects, and that is where its habits take over.
@@ -35,14 +35,14 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Callable, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
-from caption.config import Config, ConfigError, DecodeConfig, GuideConfig
-from caption.decoding.constrained import Constraint, constrained_beam_search
-from caption.decoding.names import (
+from caption.config import Config, ConfigError, GuideConfig
+from caption.decoding.constrained import Constraint
+from caption.guidance.names import (
     PERSON_WORDS,
     ImageNetClass,
     everyday_name,
@@ -54,8 +54,8 @@ from caption.decoding.names import (
     stand_in,
     talks_of,
 )
-from caption.decoding.people import PeopleProbe, load_probe
-from caption.decoding.results import GuideInfo, Hypothesis
+from caption.guidance.people import PeopleProbe, load_probe
+from caption.decoding.results import GuideInfo
 from caption.model.encoder import classifier_head
 from caption.vocab import Vocabulary
 
@@ -218,42 +218,6 @@ class Guide(nn.Module):
         invents = frozenset(self.penalized + self.slot_words) - said  # a person, clothing, another creature or thing
         return Plan(constraint, enough, info, spoken=tuple(spoken), short=dataclasses.replace(constraint, stop=True),
                     invents=invents)
-
-
-PlainSearch = Callable[[nn.Module, torch.Tensor, DecodeConfig, "torch.Tensor | None"], list[Hypothesis]]
-
-
-def guided_search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, guide: Guide,
-                  plain: PlainSearch, mask: torch.Tensor | None = None) -> list[tuple[Hypothesis, GuideInfo]]:
-    """Caption features (B, L, D) with ``plain`` search; the captions their Plan does not accept are
-    searched again with constrained beam search (the plain caption stays where it finds none within
-    ``max_len``), and those its plan cuts short once more, ending with the name's noun phrase."""
-    plans = guide.plan(features)
-    hyps = plain(decoder, features, options, mask)
-    keep = [p.accepts(h.tokens) for h, p in zip(hyps, plans)]
-    infos = [p.info if p.enough is None else dataclasses.replace(p.info, satisfied=k) for p, k in zip(plans, keep)]
-    todo = [i for i, p in enumerate(plans) if p.constraint is not None and not keep[i]]
-    found = _search(decoder, features, options, {i: plans[i].constraint for i in todo}, mask)
-    short = _search(decoder, features, options, {i: plans[i].short for i, h in found.items()
-                                                 if plans[i].cut_short(h.tokens)}, mask)
-    for i, h in {**found, **short}.items():
-        hyps[i] = h
-        infos[i] = dataclasses.replace(infos[i], satisfied=plans[i].enough is not None, shaped=True,
-                                       spelled=plans[i].said_as(h.tokens))
-    return list(zip(hyps, infos))
-
-
-def _search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, constraints: dict[int, Constraint],
-            mask: torch.Tensor | None) -> dict[int, Hypothesis]:
-    """Constrained beam search for the images of features (B, L, D) that ``constraints`` names by
-    index: the captions it found, by image index."""
-    if not constraints:
-        return {}
-    todo = list(constraints)
-    sub = torch.tensor(todo, device=features.device)
-    found = constrained_beam_search(decoder, features[sub], options, list(constraints.values()),
-                                    None if mask is None else mask[sub])
-    return {i: h for i, h in zip(todo, found) if h is not None}
 
 
 def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tuple[Guide | None, str | None]:
