@@ -16,28 +16,45 @@ threads), and no answer a 5xx. ``rss_change`` compares the server's resident mem
 with its memory after a warm-up (full batches from 2 x --max-batch clients, then 200 requests of
 the same mix).
 
+Then the overload run, on a fresh server at its default limits: ``--overload-clients`` (64) urllib
+clients each upload one ``--overload-mb`` (8 MB) PNG (the first photo scaled up) at the same
+moment, ``--overload-rounds`` (2) times: the status counts (200, or 503 when busy; anything else is
+a failure, a client's error such as a reset connection included), p50/p99 latency, and the
+server's RSS before, at its peak (sampled every 20 ms) and after; then /healthz and one ordinary
+request. And the stalled-client run, on another: ``--stalled`` (16) connections of each kind stop
+(after the head and 100 bytes of a 100 kB body; halfway through the head; before a byte) while 8
+clients keep captioning: how long each kind held its connection and what it was answered, and
+what the 8 got meanwhile (the server's own header and body timeouts unless given).
+
 Every level stops at ``--time-cap`` seconds (``capped`` in its entry); every request has a timeout.
 
     python benchmarks/serve.py [--threads 2] [--precision auto] [--requests 128] [--repeats 2]
                                [--clients 1 8 32] [--max-batch 16] [--max-wait-ms 5] [--mixed 1000] [--images 64]
+                               [--overload-clients 64] [--overload-mb 8] [--overload-rounds 2] [--stalled 16]
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import itertools
 import json
 import os
 import re
+import socket
 import statistics
 import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
+import urllib.error
+import urllib.request
 import zlib
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import torch
 
@@ -234,6 +251,126 @@ def _mixed(args: argparse.Namespace, paths: list[Path], photos: list[bytes], log
             "rss_change": round(rss_after / rss_warm - 1, 4)}
 
 
+# ----------------------------------------------------------------------------- overload and stalled clients
+
+
+def _big_upload(path: Path, megabytes: float) -> bytes:
+    """The photo scaled up to a PNG of about ``megabytes`` (stored without compression): a valid image."""
+    from PIL import Image
+
+    side = int((megabytes * 2**20 / 3) ** 0.5)
+    out = io.BytesIO()
+    Image.open(path).convert("RGB").resize((side, side)).save(out, "PNG", compress_level=0)
+    return out.getvalue()
+
+
+def _urlopen(url: str, body: bytes) -> tuple[int | str, float]:
+    """POST with urllib, as a plain Python client does: (status or the client's error, seconds)."""
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "image/png"})
+    t0 = time.perf_counter()
+    try:
+        with urllib.request.urlopen(request, timeout=120) as reply:
+            reply.read()
+            status: int | str = reply.status
+    except urllib.error.HTTPError as err:
+        err.read()
+        status = err.code
+    except OSError as err:
+        status = type(err).__name__
+    return status, time.perf_counter() - t0
+
+
+def _watch_rss(server: ServerProcess, done: threading.Event, peak: list[int]) -> None:
+    """``peak[0]``: the server's largest RSS, sampled every 20 ms until ``done``."""
+    while not done.is_set():
+        peak[0] = max(peak[0], server.rss_bytes())
+        time.sleep(0.02)
+
+
+def _overload(args: argparse.Namespace, upload: bytes, photo: bytes, log: Path) -> dict:
+    """``--overload-clients`` urllib clients send one ``--overload-mb`` upload each at the same
+    moment, ``--overload-rounds`` times, at the server's default limits: status counts, latency,
+    the server's RSS (before, peak sampled every 20 ms, after) per round; then /healthz and one
+    ordinary request."""
+    rounds = []
+    with ServerProcess(_server_args(args, args.max_batch), log) as server:
+        _load(server.url, [photo], 4, 8, args.time_cap)  # warm-up
+        url = server.url + "/v1/caption"
+        for _ in range(args.overload_rounds):
+            before, peak, done = server.rss_bytes(), [0], threading.Event()
+            watcher = threading.Thread(target=_watch_rss, args=(server, done, peak))
+            watcher.start()
+            t0 = time.perf_counter()
+            with ThreadPoolExecutor(args.overload_clients) as pool:
+                answers = list(pool.map(lambda _: _urlopen(url, upload), range(args.overload_clients)))
+            seconds = time.perf_counter() - t0
+            done.set()
+            watcher.join()
+            latencies = [s for _, s in answers]
+            rounds.append({"statuses": {str(k): [a[0] for a in answers].count(k) for k in {a[0] for a in answers}},
+                           "seconds": round(seconds, 2),
+                           **{f"p{q}_ms": round(1000 * _percentile(latencies, q), 1) for q in (50, 99)},
+                           "rss_before_mb": round(before / 2**20, 1), "rss_peak_mb": round(peak[0] / 2**20, 1),
+                           "rss_after_mb": round(server.rss_bytes() / 2**20, 1)})
+        health = Client(server.url).request("GET", "/healthz").status
+        after = Client(server.url).caption(photo, multipart=False).status
+    return {"clients": args.overload_clients, "upload_mb": round(len(upload) / 2**20, 2), "rounds": rounds,
+            "healthz_after": health, "request_after": after}
+
+
+def _stall(address: tuple[str, int], kind: str) -> socket.socket:
+    """A connection that stops: after the head and 100 bytes of a 100 kB body, halfway through the head,
+    or before sending anything."""
+    sock = socket.create_connection(address, timeout=10)
+    head = b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 100000\r\n\r\n"
+    sock.sendall({"body": head + b"\0" * 100, "head": head[:40], "silent": b""}[kind])
+    return sock
+
+
+def _dropped_after(sock: socket.socket, cap: float) -> tuple[float | None, int | None]:
+    """Seconds until the server closes ``sock`` (None: not within ``cap``) and the status it sent, if any."""
+    t0, data = time.perf_counter(), b""
+    sock.settimeout(cap)
+    try:
+        while chunk := sock.recv(65536):
+            data += chunk
+    except ConnectionResetError:
+        pass
+    except TimeoutError:
+        return None, None
+    finally:
+        sock.close()
+    status = re.match(rb"HTTP/1\.1 (\d+)", data)
+    return round(time.perf_counter() - t0, 2), int(status.group(1)) if status else None
+
+
+def _stalled(args: argparse.Namespace, photos: list[bytes], log: Path) -> dict:
+    """``--stalled`` connections of each kind stop sending while 8 clients keep captioning; how long
+    each kind held its connection, what it was answered, and what the others got meanwhile."""
+    extra = [f"--{name.replace('_', '-')}={value}" for name in ("header_timeout_s", "body_timeout_s")
+             if (value := getattr(args, name)) is not None]
+    with ServerProcess(_server_args(args, args.max_batch, *extra), log) as server:
+        _load(server.url, photos, 4, 8, args.time_cap)  # warm-up
+        info = Client(server.url).request("GET", "/v1/model").json()["limits"]
+        address = (urlsplit(server.url).hostname, urlsplit(server.url).port)
+        socks = {kind: [_stall(address, kind) for _ in range(args.stalled)] for kind in ("body", "head", "silent")}
+        with ThreadPoolExecutor(3 * args.stalled + 1) as pool:
+            watched = {kind: [pool.submit(_dropped_after, s, args.time_cap) for s in group]
+                       for kind, group in socks.items()}
+            served = pool.submit(_load, server.url, photos, 8, 10**9, min(args.time_cap, 5 + max(
+                info["header_timeout_s"], info["body_timeout_s"])))
+            drops = {kind: [f.result() for f in futures] for kind, futures in watched.items()}
+            others = served.result()
+    return {"stalled_per_kind": args.stalled, "header_timeout_s": info["header_timeout_s"],
+            "body_timeout_s": info["body_timeout_s"],
+            "dropped": {kind: {"max_s": max((d[0] for d in found if d[0] is not None), default=None),
+                               "not_dropped": sum(d[0] is None for d in found),
+                               "statuses": sorted({str(d[1]) for d in found})} for kind, found in drops.items()},
+            "others": {"requests": len(others["statuses"]), "non_200": sum(s != 200 for s in others["statuses"]),
+                       "requests_per_s": round(len(others["latencies"]) / others["seconds"], 2),
+                       **{f"p{q}_ms": round(1000 * _percentile(others["latencies"], q), 1) for q in (50, 99)}}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--threads", type=int, default=2)
@@ -248,19 +385,28 @@ def main() -> None:
     p.add_argument("--max-wait-ms", type=float, default=5.0)
     p.add_argument("--mixed", type=int, default=1000, help="requests in the mixed run (0: none)")
     p.add_argument("--time-cap", type=float, default=300.0, help="seconds per level and per mixed run")
+    p.add_argument("--overload-clients", type=int, default=64, help="clients of the overload run (0: none)")
+    p.add_argument("--overload-mb", type=float, default=8.0, help="each overload client's upload (default 8 MB)")
+    p.add_argument("--overload-rounds", type=int, default=2, help="bursts of the overload run (default 2)")
+    p.add_argument("--stalled", type=int, default=16, help="stalled connections of each kind (0: no stalled run)")
+    p.add_argument("--header-timeout-s", type=float, default=None, help="the stalled run's server's (default: its own)")
+    p.add_argument("--body-timeout-s", type=float, default=None, help="the stalled run's server's (default: its own)")
     args = p.parse_args()
     paths = find_images([args.folder])[0][: args.images]
     photos = [path.read_bytes() for path in paths]
     with tempfile.TemporaryDirectory() as tmp:
         runs, served = _levels(args, photos, Path(tmp))
         mixed = _mixed(args, paths, photos, Path(tmp) / "mixed.log") if args.mixed else None
+        overload = _overload(args, _big_upload(paths[0], args.overload_mb), photos[0], Path(tmp) / "overload.log") \
+            if args.overload_clients else None
+        stalled = _stalled(args, photos, Path(tmp) / "stalled.log") if args.stalled else None
     rate = {(r["batching"], r["clients"]): r["requests_per_s"] for r in runs}
     print(json.dumps({
         "benchmark": "serve", "model": served,
         "images": len(photos), "requests_per_run": args.requests, "repeats": args.repeats, "max_wait_ms": args.max_wait_ms,
         "runs": runs,
         "speedup": {str(c): round(rate[(True, c)] / rate[(False, c)], 2) for c in args.clients},
-        "mixed": mixed, "cpu": cpu_name(), "torch": torch.__version__,
+        "mixed": mixed, "overload": overload, "stalled": stalled, "cpu": cpu_name(), "torch": torch.__version__,
         "load_average": [round(x, 2) for x in os.getloadavg()],
     }))
 

@@ -7,6 +7,7 @@ The model is the tiny untrained checkpoint (fp32, one thread): arbitrary but val
 
 from __future__ import annotations
 
+import json
 import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -20,6 +21,8 @@ pytest.importorskip("prometheus_client")
 
 from conftest import assert_same, expected  # noqa: E402
 from caption.serve.client import Client, encode_multipart  # noqa: E402
+
+pytestmark = pytest.mark.slow  # every test here talks to a server process
 
 @pytest.fixture
 def client(server):
@@ -116,3 +119,36 @@ def test_model_health_schema_and_metrics(client, server, tiny_checkpoint):
     assert {"caption_requests", "caption_request_seconds", "caption_batch_size", "caption_queue_depth"} <= set(families)
     statuses = {(s.labels["endpoint"], s.labels["status"]) for s in families["caption_requests"].samples}
     assert ("/v1/model", "200") in statuses and ("/healthz", "200") in statuses
+
+
+# ----------------------------------------------------------------------------- one record shape
+
+
+def test_every_record_holds_to_the_published_schema(client, tiny_checkpoint, photos, capsys):
+    """caption predict --json, /v1/caption (every option) and /v1/captions: each record validates
+    strictly (no field the model lacks, no coerced value) against the CaptionRecord that
+    /openapi.json publishes, and is what the model writes back."""
+    from pydantic import ValidationError
+
+    from caption.commands.main import main
+    from caption.serve.schema import CaptionRecord, CaptionResults
+
+    names = ["noise0.png", "portrait.jpg"]
+    assert main(["predict", *(str(photos[n]) for n in names), "--json", "--checkpoint", str(tiny_checkpoint),
+                 "--precision", "fp32", "--threads", "1"]) == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert len(printed) == 2
+    data = photos["noise1.png"].read_bytes()
+    served = [client.caption(data, "noise1.png", options, content_type="image/png").json()
+              for options in ({}, {"beam": 1}, {"attention": "false"}, {"beam": 3, "alternatives": "true"},
+                              {"beam": 3, "alternatives": "false", "guide": "false"})]
+    several = client.captions([(n, photos[n].read_bytes()) for n in names]).json()
+    assert CaptionResults.model_validate(several).model_dump(mode="json", exclude_unset=True) == several
+    for record in printed + served + several["results"]:
+        assert CaptionRecord.model_validate(record).model_dump(mode="json", exclude_unset=True) == record
+    with pytest.raises(ValidationError):
+        CaptionRecord.model_validate({**served[0], "score": 1.0})
+    with pytest.raises(ValidationError):
+        CaptionRecord.model_validate({**served[0], "beam": "2"})
+    published = client.request("GET", "/openapi.json").json()["components"]["schemas"]["CaptionRecord"]
+    assert published["additionalProperties"] is False and set(published["properties"]) == set(CaptionRecord.model_fields)

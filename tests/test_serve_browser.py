@@ -15,6 +15,8 @@ from conftest import CANVAS_HASH  # noqa: E402
 
 from caption.serve.client import Client, ServerProcess  # noqa: E402
 
+pytestmark = pytest.mark.slow  # headless Chromium
+
 ASSETS = Path(__file__).resolve().parents[1] / "caption" / "assets"
 SAMPLE_PHOTO = ASSETS / "sample.jpg"
 

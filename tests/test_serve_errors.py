@@ -68,6 +68,7 @@ BAD = {  # name: (path, body, headers, status, words in the error)
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_each_bad_input_gets_a_one_line_4xx_and_the_server_goes_on(server, case):
     path, body, headers, status, words = BAD[case]
@@ -82,6 +83,7 @@ def test_each_bad_input_gets_a_one_line_4xx_and_the_server_goes_on(server, case)
     assert Client(server.url).caption(PNG, "good.png", content_type="image/png").status == 200
 
 
+@pytest.mark.slow
 def test_a_streamed_body_over_the_limit_is_refused_while_it_arrives(server):
     """No Content-Length (chunked): the server counts as it reads, and answers before the end."""
     host, port = server.url.rsplit("/", 1)[-1].split(":")
@@ -99,11 +101,13 @@ def test_a_streamed_body_over_the_limit_is_refused_while_it_arrives(server):
         assert reply.status == 413 and "limit" in json.loads(reply.read())["error"]
 
 
+@pytest.mark.slow
 def test_wrong_method_is_a_one_line_405(server):
     answer = Client(server.url).request("GET", "/v1/caption")
     assert answer.status == 405 and answer.json()["status"] == 405
 
 
+@pytest.mark.slow
 def test_a_client_file_name_is_only_echoed(server, model, photos):
     answer = Client(server.url).caption(photos["noise0.png"].read_bytes(), "../../../../etc/passwd",
                                         content_type="image/png")
@@ -118,6 +122,7 @@ def _metric(server, name: str, **labels) -> float:
                if s.name == name and all(s.labels.get(k) == v for k, v in labels.items()))
 
 
+@pytest.mark.slow
 def test_a_slow_upload_holds_up_nobody_and_a_disconnect_costs_nothing(server):
     host, port = server.url.rsplit("/", 1)[-1].split(":")
     gone_before = _metric(server, "caption_requests_total", status="499")
@@ -166,6 +171,7 @@ def faulty(tiny_checkpoint, tmp_path_factory):
         yield running
 
 
+@pytest.mark.slow
 def test_a_model_error_is_a_500_with_its_request_id_logged_once(faulty, model, photos):
     start = threading.Barrier(4)
     names = ["noise0.png", "noise1.png", "noise2.png"]
@@ -187,8 +193,11 @@ def test_a_model_error_is_a_500_with_its_request_id_logged_once(faulty, model, p
     log = faulty.log.read_text()
     assert log.count(rid) == 1 and log.count("Traceback") == 1 and "injected model failure" in log
     assert Client(faulty.url).request("GET", "/healthz").status == 200
+    assert _metric(faulty, "caption_model_errors_total") == 1  # every counter counts
+    assert _metric(faulty, "caption_images_total") >= 3
 
 
+@pytest.mark.slow
 def test_the_event_loop_answers_while_the_model_works(faulty):
     with ThreadPoolExecutor(1) as pool:
         slow = pool.submit(Client(faulty.url, timeout=60).caption, png(29, 20, 6), "slow.png", None,
@@ -204,6 +213,7 @@ def test_the_event_loop_answers_while_the_model_works(faulty):
 # ----------------------------------------------------------------------------- starting and stopping
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_cleanly(tiny_checkpoint, tmp_path):
     log = tmp_path / "serve.log"
     with ServerProcess(["--checkpoint", str(tiny_checkpoint), "--threads", "1"], log) as running:

@@ -34,6 +34,18 @@ def _milliseconds(text: str) -> float:
     return _number(text, 0.0, zero_ok=True)
 
 
+def _seconds(text: str) -> float:
+    return _number(text, 0.0, zero_ok=False)
+
+
+def _non_negative(text: str) -> float:
+    return _number(text, 0.0, zero_ok=True)
+
+
+LIMIT_OPTIONS = ("max_connections", "upload_memory_mb", "header_timeout_s", "body_timeout_s", "deadline_s",
+                 "keep_alive_s", "linger_s", "linger_mb", "grace_s")  # ServeSettings fields named as the options
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     missing = [m for m in SERVE_MODULES if importlib.util.find_spec(m) is None]
     if missing:
@@ -50,7 +62,8 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return EXIT_NO_MODEL
     settings = ServeSettings(max_batch=args.max_batch, max_wait_ms=args.max_wait_ms, max_upload_mb=args.max_upload_mb,
                              max_beam=args.max_beam, beam=args.beam,
-                             checkpoints=tuple(Path(p).name for p in args.checkpoint or ()))
+                             checkpoints=tuple(Path(p).name for p in args.checkpoint or ()),
+                             **{name: getattr(args, name) for name in LIMIT_OPTIONS})
     about = (f"{model.name}, {model.runtime.describe()}, max batch {settings.max_batch}, max wait "
              f"{settings.max_wait_ms:g} ms")
     app = build_app(model, settings, about=about)
@@ -85,4 +98,35 @@ def add_serve_command(sub: argparse._SubParsersAction) -> None:
                    help="the largest request body; larger ones get a 413 (default 20)")
     p.add_argument("--max-beam", type=positive_int, default=10, metavar="K",
                    help="the largest beam a request may ask for (default 10)")
+    _add_limit_args(p.add_argument_group(
+        "limits and timeouts", "What the server refuses before reading a body (413 by Content-Length, 503 when "
+        "busy or stopping), how long it waits for slow clients, and how it stops. An answer given before the "
+        "body was read is followed by reading the rest away (lingering close), so that clients that send "
+        "everything before reading (urllib, requests) read it."))
     p.set_defaults(func=cmd_serve)
+
+
+def _add_limit_args(g) -> None:
+    g.add_argument("--max-connections", type=positive_int, default=128, metavar="N",
+                   help="open connections; a caption request on a connection beyond them gets a 503 (default 128)")
+    g.add_argument("--upload-memory-mb", type=_megabytes, default=128.0, metavar="MB",
+                   help="request bodies read and decoded at once, by their sizes; more wait with their bodies "
+                        "unread (default 128; at least --max-upload-mb)")
+    g.add_argument("--header-timeout-s", type=_seconds, default=10.0, metavar="S",
+                   help="a connection must send a complete request head within S seconds, or is closed "
+                        "(default 10)")
+    g.add_argument("--body-timeout-s", type=_seconds, default=20.0, metavar="S",
+                   help="the longest pause while a body arrives: after it a 408 and close (default 20)")
+    g.add_argument("--deadline-s", type=_seconds, default=60.0, metavar="S",
+                   help="a caption request not answered S seconds after it arrived gets a 504; a batch running "
+                        "longer makes /healthz a 503 (default 60)")
+    g.add_argument("--keep-alive-s", type=_seconds, default=5.0, metavar="S",
+                   help="an idle kept-alive connection is closed after S seconds (default 5)")
+    g.add_argument("--linger-s", type=_non_negative, default=5.0, metavar="S",
+                   help="after an early answer, read and discard the rest of the body for at most S seconds "
+                        "(default 5)")
+    g.add_argument("--linger-mb", type=_non_negative, default=64.0, metavar="MB",
+                   help="... and at most MB of it (default 64)")
+    g.add_argument("--grace-s", type=_non_negative, default=10.0, metavar="S",
+                   help="at Ctrl-C or SIGTERM, how long requests in flight may take; one still unanswered then "
+                        "gets a 503 (default 10)")

@@ -3,7 +3,7 @@
     POST /v1/caption    one image (multipart field or raw body) -> caption predict --json's object
     POST /v1/captions   several images (multipart) -> {"results": [object, ...]} in order
     GET  /v1/model      the checkpoint(s), config, vocabulary size, version, defaults and limits
-    GET  /healthz       {"status": "ok"}
+    GET  /healthz       {"status": "ok", "queue": n}; a 503 saying why when the model thread cannot take work
     GET  /metrics       Prometheus text format
     GET  /openapi.json  the schema;  GET /  the page (caption.serve.page)
 
@@ -11,6 +11,9 @@ Every refused request gets a 4xx with one line of JSON, ``{"error", "status", "r
 an exception anywhere (the model included) gets a 500 naming the request id and is logged once,
 with its traceback, under that id. Images are decoded and checked in a small thread pool before
 they are queued for the model (:mod:`caption.serve.batcher`), so a bad one never reaches a batch.
+What is refused before the body is read, the timeouts, the deadline and lingering close are
+:mod:`caption.serve.admission`'s; bodies being read share a memory budget (``upload_memory_mb``).
+Answers are built through the published models (:func:`caption.serve.schema.caption_record`).
 """
 
 from __future__ import annotations
@@ -30,6 +33,7 @@ from starlette.requests import ClientDisconnect
 
 from caption.data.images import ImageError, TooManyPixelsError, loader_threads, read_image
 from caption.decoding.results import result_record
+from caption.serve.admission import Admission, UploadBudget
 from caption.serve.batcher import Batcher, Captioned, Job, caption_jobs
 from caption.serve.metrics import Metrics
 from caption.serve.middleware import ClientGone, RequestMiddleware, error_response
@@ -51,14 +55,30 @@ class ServeSettings:
     max_pixels: int | None = None  # None: Pillow's decompression-bomb limit (Image.MAX_IMAGE_PIXELS)
     beam: int | None = None  # requests' default beam (None: the run's decode.beam_size)
     checkpoints: tuple[str, ...] = ()  # how /v1/model names the checkpoint(s) (default: the model's file)
+    max_connections: int = 128  # open connections; a request on one beyond them gets a 503
+    upload_memory_mb: float = 128.0  # request bodies read at once (at least max_upload_mb); others wait
+    header_timeout_s: float = 10.0  # a connection's request head must be complete within this
+    body_timeout_s: float = 20.0  # the longest pause between two pieces of a body (408 and close)
+    deadline_s: float = 60.0  # a caption request's answer, from its arrival (504 after it)
+    keep_alive_s: float = 5.0  # an idle kept-alive connection is closed after this
+    linger_s: float = 5.0  # after an early answer, how long the rest of the body is read and discarded
+    linger_mb: float = 64.0  # and how much of it
+    grace_s: float = 10.0  # at shutdown, how long requests in flight may take to be answered
 
     def __post_init__(self) -> None:
-        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_upload_mb <= 0 or self.max_beam < 1:
+        positive = (self.max_upload_mb, self.upload_memory_mb, self.header_timeout_s, self.body_timeout_s,
+                    self.deadline_s, self.keep_alive_s)
+        if self.max_batch < 1 or self.max_wait_ms < 0 or self.max_beam < 1 or self.max_connections < 1 or \
+                min(positive) <= 0 or min(self.linger_s, self.linger_mb, self.grace_s) < 0:
             raise ValueError(f"bad serve settings: {self}")
 
     @property
     def max_upload_bytes(self) -> int:
         return int(self.max_upload_mb * 1024 * 1024)
+
+    @property
+    def upload_memory_bytes(self) -> int:
+        return max(int(self.upload_memory_mb * 1024 * 1024), self.max_upload_bytes)
 
 
 class Service:
@@ -75,10 +95,27 @@ class Service:
         self.batcher = Batcher(self._run, settings.max_batch, settings.max_wait_ms / 1000, settings.max_queue)
         self.metrics = Metrics(self.batcher.depth)
         self.batcher.on_batch = self.metrics.batch_size.observe
+        self.budget = UploadBudget(settings.upload_memory_bytes)
         self.decoders: ThreadPoolExecutor | None = None
+        self.stopping = False
 
     def _run(self, jobs: Sequence[Job]) -> list:
-        return caption_jobs(self.model, jobs, self.log)
+        """One batch, in the model thread; its images counted as captioned or failed."""
+        outcomes = caption_jobs(self.model, jobs, self.log)
+        failed = sum(isinstance(outcome, BaseException) for outcome in outcomes)
+        self.metrics.images.inc(len(outcomes) - failed)
+        self.metrics.model_errors.inc(failed)
+        return outcomes
+
+    def stop_taking_work(self) -> None:
+        """The server is stopping: caption requests get a 503, those in flight carry on."""
+        self.stopping = True
+        self.batcher.close()
+
+    def health(self) -> str | None:
+        """None when requests can be captioned; else why not. A batch running longer than the
+        request deadline counts as a stuck model thread."""
+        return "the server is stopping" if self.stopping else self.batcher.health(self.settings.deadline_s)
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -87,7 +124,7 @@ class Service:
         await self.batcher.start()
         try:
             yield
-        finally:
+        finally:  # uvicorn has given requests in flight their grace (caption.serve.server)
             await self.batcher.stop()
             self.decoders.shutdown(wait=True, cancel_futures=True)
 
@@ -99,16 +136,24 @@ class Service:
         files, fields = uploads(body, request.headers.get("content-type", ""), max_files)
         return files, parse_options({**query, **fields}, self.default_beam, self.max_beam)
 
-    async def answer(self, request, several: bool) -> tuple[list[Upload], RequestOptions, list[Captioned]]:
-        """Read, decode and check every image (a bad one: 4xx, nothing queued), then caption them in batches."""
-        with self.batcher.arriving():
-            files, options = await self.read(request, self.settings.max_images)
-            if not several and len(files) != 1:
-                raise RequestError(400, "one image per request here: send several to /v1/captions")
-            images = await self.decode(files)
+    async def answer(self, request, several: bool) -> tuple[list[str], RequestOptions, list[Captioned]]:
+        """Read, decode and check every image (a bad one: 4xx, nothing queued), then caption them in
+        batches: the images' names, the options, the captions. The body is read within the upload
+        memory budget, and its bytes are let go before the images wait for the model."""
+        declared = request.headers.get("content-length", "")
+        size = int(declared) if declared.isdigit() else self.settings.max_upload_bytes
+        async with self.budget.reserve(min(size, self.settings.max_upload_bytes)):
+            with self.batcher.arriving():
+                files, options = await self.read(request, self.settings.max_images)
+                if not several and len(files) != 1:
+                    raise RequestError(400, "one image per request here: send several to /v1/captions")
+                images = await self.decode(files)
+            names = [f.name for f in files]
+            del files
         loop = asyncio.get_running_loop()
         jobs = [Job(image, options, request.state.request_id, loop.create_future()) for image in images]
-        return files, options, await self.batcher.submit(jobs)
+        del images
+        return names, options, await self.batcher.submit(jobs)
 
     async def decode(self, files: Sequence[Upload]) -> list:
         """The uploads as RGB images, read as caption predict reads files, in the decode threads."""
@@ -124,16 +169,17 @@ class Service:
                 raise image
         return images
 
-    def record(self, upload: Upload, done: Captioned, options: RequestOptions) -> dict:
-        return result_record(upload.name, done.result, options.beam, attention=options.attention,
-                             alternatives=options.runners_up)
+    def record(self, name: str, done: Captioned, options: RequestOptions) -> dict:
+        """The answer for one image, built through the published CaptionRecord model."""
+        from caption.serve.schema import caption_record
+
+        return caption_record(result_record(name, done.result, options.beam, attention=options.attention,
+                                            alternatives=options.runners_up))
 
 
 async def read_body(request, limit: int) -> bytes:
-    """The whole body, refused with a 413 as soon as it is larger than ``limit`` bytes."""
-    declared = request.headers.get("content-length", "")
-    if declared.isdigit() and int(declared) > limit:
-        raise RequestError(413, f"the body is {int(declared)} bytes; the limit is {limit} (--max-upload-mb)")
+    """The whole body, refused with a 413 as soon as it is larger than ``limit`` bytes (a declared
+    Content-Length over it was refused before: :class:`caption.serve.admission.Admission`)."""
     chunks, size = [], 0
     try:
         async for chunk in request.stream():
@@ -154,7 +200,9 @@ def build_app(model, settings: ServeSettings | None = None, about: str = "") -> 
     service = Service(model, settings or ServeSettings())
     app = FastAPI(title="caption serve", version=schema.version(), lifespan=service.lifespan, docs_url=None,
                   redoc_url=None, description=schema.DESCRIPTION)
+    app.add_middleware(Admission, service=service)  # inside the request id layer: its answers carry the id
     app.add_middleware(RequestMiddleware, metrics=service.metrics, log=service.log)
+    app.state.service = service  # caption.serve.server reads its settings and tells it when stopping
     for kind in (RequestError, HTTPException, RequestValidationError):
         app.add_exception_handler(kind, _refusal)
     _caption_routes(app, service)
@@ -168,14 +216,14 @@ def _caption_routes(app: FastAPI, service: Service) -> None:
     @app.post("/v1/caption", openapi_extra=schema.upload_body(several=False), responses=schema.responses(False))
     async def caption_one(request: Request):
         """Caption one image: a multipart file field, or the image's bytes as the body."""
-        files, options, (done,) = await service.answer(request, several=False)
-        return JSONResponse(service.record(files[0], done, options), headers={"X-Batch-Size": str(done.batch_size)})
+        names, options, (done,) = await service.answer(request, several=False)
+        return JSONResponse(service.record(names[0], done, options), headers={"X-Batch-Size": str(done.batch_size)})
 
     @app.post("/v1/captions", openapi_extra=schema.upload_body(several=True), responses=schema.responses(True))
     async def caption_several(request: Request):
         """Caption several images (multipart file fields), answered in order; one bad image refuses all."""
-        files, options, found = await service.answer(request, several=True)
-        return JSONResponse({"results": [service.record(f, d, options) for f, d in zip(files, found)]})
+        names, options, found = await service.answer(request, several=True)
+        return JSONResponse({"results": [service.record(n, d, options) for n, d in zip(names, found)]})
 
 
 def _other_routes(app: FastAPI, service: Service, about: str) -> None:
@@ -191,9 +239,14 @@ def _other_routes(app: FastAPI, service: Service, about: str) -> None:
         """The model served, its defaults and the server's limits."""
         return JSONResponse(info)
 
-    @app.get("/healthz", response_model=schema.Health)
+    @app.get("/healthz", response_model=schema.Health, responses={503: {"model": schema.Health}})
     async def healthz():
-        return JSONResponse({"status": "ok", "queue": service.batcher.depth()})
+        """200 while the model thread takes work; 503 with the reason when it does not (stopping,
+        its collector ended, or a batch stuck longer than the request deadline)."""
+        reason = service.health()
+        body = schema.Health(status="ok" if reason is None else "unavailable", queue=service.batcher.depth(),
+                             reason=reason)
+        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if reason is None else 503)
 
     @app.get("/metrics", response_class=Response)
     async def metrics():

@@ -9,6 +9,10 @@ guide): each group is one batched encoder pass and one batched search
 (:meth:`caption.inference.CaptionModel.captions`). If a group's call raises, each of its
 images is captioned alone, so one image that breaks the model fails only its own request.
 While the model works, new requests queue up and make the next batch.
+
+No image is left without an answer: when the server stops, the queue is worked through for a
+grace period and what is left gets a 503; if the collector dies, its images and the queued ones
+get a 503 and :meth:`Batcher.health` (``/healthz``) says why.
 """
 
 from __future__ import annotations
@@ -103,6 +107,9 @@ class Batcher:
         self._task: asyncio.Task | None = None
         self._thread: ThreadPoolExecutor | None = None
         self._arriving = 0  # requests being read or decoded (event-loop thread only)
+        self._closed = False  # no new images (stopping)
+        self._running: list[Job] = []  # the batch in the model thread
+        self._since: float | None = None  # when it went there (time.monotonic)
 
     @contextmanager
     def arriving(self):
@@ -118,27 +125,59 @@ class Batcher:
         """Images waiting for the model."""
         return self._queue.qsize() if self._queue is not None else 0
 
+    def full(self) -> bool:
+        """No room for another image: a request is refused before its body is read."""
+        return self.depth() >= self.max_queue
+
+    def health(self, stall_s: float | None = None) -> str | None:
+        """None while the model thread takes batches; else why it does not (``/healthz``): not
+        started, stopping, its collector ended, or one batch running longer than ``stall_s``."""
+        if self._task is None:
+            return "the model thread has not started"
+        if self._closed:
+            return "the server is stopping"
+        if self._task.done():
+            return f"the model thread has stopped ({_why(self._task)})"
+        if stall_s is not None and self._since is not None and time.monotonic() - self._since > stall_s:
+            return (f"the model has been on one batch of {len(self._running)} images for "
+                    f"{time.monotonic() - self._since:.0f} s")
+        return None
+
     async def start(self) -> None:
         self._queue = asyncio.Queue(self.max_queue)
         self._thread = ThreadPoolExecutor(1, thread_name_prefix="caption-model")
         self._task = asyncio.create_task(self._serve(), name="caption-batcher")
+        self._task.add_done_callback(self._ended)
 
-    async def stop(self) -> None:
-        """Stop collecting; images still queued get a 503; the model thread finishes its batch."""
+    def close(self) -> None:
+        """Take no new images (a 503 each); those queued and the batch running carry on."""
+        self._closed = True
+
+    async def stop(self, grace: float = 0.0) -> None:
+        """Take no new images; work through the queue for up to ``grace`` seconds; then images
+        still queued get a 503, and so do those of a batch still in the model thread (which
+        finishes it on its own: the process waits for it when it exits)."""
+        self._closed = True
+        ends = time.monotonic() + grace
+        while self._task is not None and not self._task.done() and time.monotonic() < ends and (
+                self.depth() or self._running):
+            await asyncio.sleep(0.01)
+        busy = bool(self._running)
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        while self._queue is not None and not self._queue.empty():
-            job = self._queue.get_nowait()
-            if not job.future.done():
-                job.future.set_exception(RequestError(503, "the server is stopping"))
+        self._refuse_queued(RequestError(503, "the server is stopping"))
         if self._thread is not None:
-            self._thread.shutdown(wait=True)
+            self._thread.shutdown(wait=not busy, cancel_futures=True)
 
     async def submit(self, jobs: Sequence[Job]) -> list[Captioned]:
         """Queue ``jobs`` (all or none: a 503 when the queue has no room) and wait for their captions."""
-        if self._queue is None:
+        if self._queue is None or self._task is None:
             raise RequestError(503, "the server is not ready")
+        if self._closed:
+            raise RequestError(503, "the server is stopping")
+        if self._task.done():
+            raise RequestError(503, f"the model thread has stopped ({_why(self._task)})")
         if self._queue.qsize() + len(jobs) > self.max_queue:
             raise RequestError(503, f"busy: {self._queue.qsize()} images wait for the model; try again shortly")
         for job in jobs:
@@ -148,6 +187,26 @@ class Batcher:
             if isinstance(outcome, BaseException):
                 raise outcome
         return list(outcomes)
+
+    def _refuse_queued(self, error: RequestError) -> None:
+        while self._queue is not None and not self._queue.empty():
+            job = self._queue.get_nowait()
+            if not job.future.done():
+                job.future.set_exception(error)
+
+    def _ended(self, task: asyncio.Task) -> None:
+        """The collector ended (stopped, or died of an error it could not hand to a request):
+        the images it held and those queued are answered, not left waiting."""
+        error = RequestError(503, "the server is stopping" if task.cancelled() else
+                             f"the model thread has stopped ({_why(task)})")
+        if not task.cancelled():
+            logging.getLogger("caption.serve").error("the model thread has stopped", exc_info=task.exception())
+        for job in self._running:
+            if not job.future.done():
+                job.future.set_exception(RequestError(503, "the server stopped before this image was captioned")
+                                         if task.cancelled() else error)
+        self._running, self._since = [], None
+        self._refuse_queued(error)
 
     async def _collect(self) -> list[Job]:
         """The next batch: the first job, then what arrives within max_wait while requests are on
@@ -175,10 +234,12 @@ class Batcher:
                 continue
             if self.on_batch is not None:
                 self.on_batch(len(batch))
+            self._running, self._since = batch, time.monotonic()
             try:
                 outcomes = await loop.run_in_executor(self._thread, self.run, batch)
             except Exception as err:  # noqa: BLE001 - run() itself failed: every job gets the error
                 outcomes = [err] * len(batch)
+            self._running, self._since = [], None
             for job, outcome in zip(batch, outcomes):
                 if job.future.done():
                     continue
@@ -186,3 +247,11 @@ class Batcher:
                     job.future.set_exception(outcome)
                 else:
                     job.future.set_result(outcome)
+
+
+def _why(task: asyncio.Task) -> str:
+    """How a finished collector task ended, in a few words."""
+    if task.cancelled():
+        return "stopped"
+    error = task.exception()
+    return "ended" if error is None else f"{type(error).__name__}: {' '.join(str(error).split())[:200]}"

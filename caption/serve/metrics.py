@@ -1,6 +1,8 @@
 """The server's Prometheus metrics, in a registry of its own (prometheus_client, text format at
-``GET /metrics``): requests by endpoint and status, their latency, the size of every batched model
-call, and how many images wait for the model."""
+``GET /metrics``): requests by endpoint and status (refusals, timeouts and 499 for clients gone
+included), their latency, the size of every batched model call, the images captioned and those
+whose captioning failed (counted by :class:`caption.serve.app.Service` after each batch), and
+how many images wait for the model."""
 
 from __future__ import annotations
 

@@ -1,15 +1,17 @@
 """The API's published shapes (OpenAPI at ``/openapi.json``) and ``GET /v1/model``'s answer.
 
 The caption routes read their bodies themselves (multipart or raw bytes, under a size limit), so
-their request bodies and query options are described here by hand; the answers are pydantic
-models used for the schema only (responses are built as plain JSON, :func:`result_record`).
+their request bodies and query options are described here by hand. The caption answers are
+built through the models (:func:`caption_record`): a record is validated strictly (no unknown
+field, no coerced value) and written out as the model has it, so the published shape and the
+served one cannot drift apart.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 DESCRIPTION = ("Show, Attend and Tell captions over HTTP: each answer carries the caption's words and the "
                "attention map behind each word, as `caption predict --json` prints them.")
@@ -21,7 +23,13 @@ OPTION_DOCS = (  # (name, type, what it does) of each option of the caption rout
 )
 
 
-class Guide(BaseModel):
+class _Record(BaseModel):
+    """Strict: a field the model does not name, or a value of another type, is an error."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+
+class Guide(_Record):
     labels: list[dict[str, Any]]
     constraint: Optional[str] = None
     names: list[str] = Field(default_factory=list)
@@ -32,14 +40,14 @@ class Guide(BaseModel):
     spelled: list[dict[str, Any]] = Field(default_factory=list)  # {position, word}: names beyond the vocabulary
 
 
-class Alternative(BaseModel):
+class Alternative(_Record):
     caption: str
     tokens: list[str]
     log_prob: float
     attention: Optional[list[list[list[float]]]] = None
 
 
-class CaptionRecord(BaseModel):
+class CaptionRecord(_Record):
     """One image's caption, as ``caption predict --json`` prints it."""
 
     image: str
@@ -54,7 +62,7 @@ class CaptionRecord(BaseModel):
     alternatives: Optional[list[Alternative]] = None
 
 
-class CaptionResults(BaseModel):
+class CaptionResults(_Record):
     results: list[CaptionRecord]
 
 
@@ -65,8 +73,15 @@ class ErrorBody(BaseModel):
 
 
 class Health(BaseModel):
-    status: str
-    queue: int
+    status: str  # "ok" or "unavailable"
+    queue: int  # images waiting for the model
+    reason: Optional[str] = None  # why not ok
+
+
+def caption_record(record: dict) -> dict:
+    """``record`` (:func:`caption.decoding.results.result_record`) through :class:`CaptionRecord`:
+    validated, then as the model writes it (fields the record left out stay out)."""
+    return CaptionRecord.model_validate(record).model_dump(mode="json", exclude_unset=True)
 
 
 class ModelInfo(BaseModel):
@@ -118,7 +133,9 @@ def model_info(model, service) -> dict:
                      "guide": model.guide is not None},
         "limits": {"max_beam": service.max_beam, "max_batch": s.max_batch, "max_wait_ms": s.max_wait_ms,
                    "max_upload_mb": s.max_upload_mb, "max_images": s.max_images, "max_queue": s.max_queue,
-                   "max_pixels": service.max_pixels},
+                   "max_pixels": service.max_pixels, "max_connections": s.max_connections,
+                   "upload_memory_mb": s.upload_memory_mb, "header_timeout_s": s.header_timeout_s,
+                   "body_timeout_s": s.body_timeout_s, "deadline_s": s.deadline_s},
         "config": to_dict(model.config),
     }
 
@@ -142,8 +159,12 @@ def responses(several: bool) -> dict:
     error = {"model": ErrorBody}
     return {200: {"model": CaptionResults if several else CaptionRecord},
             400: {**error, "description": "a bad option, an empty body, a malformed form"},
-            413: {**error, "description": "a body over --max-upload-mb, an image over the pixel limit"},
+            408: {**error, "description": "the body stalled longer than --body-timeout-s"},
+            413: {**error, "description": "a body over --max-upload-mb (refused from its Content-Length, before "
+                                          "it is read), an image over the pixel limit"},
             415: {**error, "description": "not an image content type"},
             422: {**error, "description": "not an image, or a truncated one"},
             500: {**error, "description": "the model failed; the request id is in the server's log"},
-            503: {**error, "description": "too many images waiting; retry"}}
+            503: {**error, "description": "busy (the queue is full, or too many connections), or stopping; "
+                                          "retry after Retry-After"},
+            504: {**error, "description": "no answer within --deadline-s"}}
