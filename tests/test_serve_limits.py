@@ -98,15 +98,21 @@ def _blocking_run(release: threading.Event):
     return run
 
 
+async def _one_running_one_queued(release: threading.Event):
+    """A started batcher whose model thread holds request a until ``release``, with b queued behind it."""
+    batcher = Batcher(_blocking_run(release), max_batch=1, max_wait=0, max_queue=4)
+    await batcher.start()
+    loop = asyncio.get_running_loop()
+    first = asyncio.ensure_future(batcher.submit([_job(loop, "a")]))
+    second = asyncio.ensure_future(batcher.submit([_job(loop, "b")]))
+    await asyncio.sleep(0.1)  # a is in the model thread, b queued
+    return batcher, loop, first, second
+
+
 def test_a_stop_within_its_grace_answers_the_batch_in_flight_and_the_queue():
     async def scenario():
         release = threading.Event()
-        batcher = Batcher(_blocking_run(release), max_batch=1, max_wait=0, max_queue=4)
-        await batcher.start()
-        loop = asyncio.get_running_loop()
-        first = asyncio.ensure_future(batcher.submit([_job(loop, "a")]))
-        second = asyncio.ensure_future(batcher.submit([_job(loop, "b")]))
-        await asyncio.sleep(0.1)  # a is in the model thread, b queued
+        batcher, loop, first, second = await _one_running_one_queued(release)
         loop.call_later(0.2, release.set)
         await batcher.stop(grace=5)
         with pytest.raises(RequestError, match="stopping"):
@@ -119,12 +125,7 @@ def test_a_stop_within_its_grace_answers_the_batch_in_flight_and_the_queue():
 def test_a_stop_without_grace_answers_the_batch_in_flight_with_a_clear_503():
     async def scenario():
         release = threading.Event()
-        batcher = Batcher(_blocking_run(release), max_batch=1, max_wait=0, max_queue=4)
-        await batcher.start()
-        loop = asyncio.get_running_loop()
-        first = asyncio.ensure_future(batcher.submit([_job(loop, "a")]))
-        second = asyncio.ensure_future(batcher.submit([_job(loop, "b")]))
-        await asyncio.sleep(0.1)
+        batcher, _, first, second = await _one_running_one_queued(release)
         await batcher.stop(grace=0)
         release.set()
         return await asyncio.wait_for(asyncio.gather(first, second, return_exceptions=True), 5)
