@@ -194,8 +194,10 @@ def load(checkpoint: Checkpoints | None = None, device: str | torch.device | Non
     ``device=None`` picks CUDA when available; ``precision`` is auto, fp32, bf16 or fp16 (None:
     the checkpoint's own ``precision``); ``threads`` sets PyTorch's CPU threads (None: its default);
     ``runtime`` replaces all three. ``guide`` (default True) names what the encoder's ImageNet
-    classifier sees (MODEL_CARD.md); where the run cannot, one line on stderr, ``<prog>: guidance
-    off: <why>``, says so; ``report`` also prints the runtime there first. Raises
+    classifier sees and the COCO detector confirms (MODEL_CARD.md); where the run cannot, one line
+    on stderr, ``<prog>: guidance off: <why>``, says so, and one line says when the detector is
+    missing (the people probe alone then says where people are); ``report`` also prints the
+    runtime there first. Raises
     :class:`caption.checkpoint.CheckpointError` for a missing, unreadable or mismatched checkpoint,
     and a CaptionError for a device or precision this machine cannot run.
     """
@@ -211,6 +213,9 @@ def load(checkpoint: Checkpoints | None = None, device: str | torch.device | Non
     model = CaptionModel(loaded, runtime, guide, paths=[Path(p) for p in (paths[:1] if single else paths)])
     if guide and model.guide is None:
         print(f"{prog}: guidance off: {model.guide_off}", file=sys.stderr, flush=True)
+    elif guide and model.guide.detector is None:
+        print(f"{prog}: guidance without the COCO detector ({model.guide.detector_off}): the people probe alone "
+              "says where people are", file=sys.stderr, flush=True)
     return model
 
 

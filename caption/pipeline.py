@@ -41,11 +41,13 @@ def inference_encoder(encoder: nn.Module, image_size: int) -> nn.Module:
 
 
 class EncodedBatch(NamedTuple):
-    """One batch of :func:`encode_images`: the inputs in order, the features of the readable ones."""
+    """One batch of :func:`encode_images`: the inputs in order, the features of the readable ones
+    and the pixels they were computed from (what guidance's detector looks at)."""
 
     items: list  # this batch's inputs, in input order
     results: list  # per item: its row of ``features`` (int) or its ImageError
     features: torch.Tensor | None  # (B', L, D) for the B' readable items, None when none was
+    pixels: torch.Tensor | None = None  # (B', 3, S, S) uint8 on the CPU; None for cached features
 
     def rows(self) -> list[int]:
         """Positions in ``items`` of the feature rows, in row order."""
@@ -79,12 +81,13 @@ def _encode_chunk(encoder: nn.Module, chunk: Sequence[tuple], transform: ImageTr
         results.append(p if isinstance(p, ImageError) else len(good))
         if not isinstance(p, ImageError):
             good.append(p)
-    features = None
+    features = pixels = None
     if good:
-        images = transform.normalize(torch.stack(good)).to(runtime.device, non_blocking=True)  # (B', 3, S, S)
+        pixels = torch.stack(good)  # (B', 3, S, S) uint8
+        images = transform.normalize(pixels).to(runtime.device, non_blocking=True)  # (B', 3, S, S)
         with torch.no_grad(), runtime.autocast():
             features = encoder(images)  # (B', L, D)
-    return EncodedBatch([item for item, _ in chunk], results, features)
+    return EncodedBatch([item for item, _ in chunk], results, features, pixels)
 
 
 class Outcome(NamedTuple):
@@ -96,13 +99,13 @@ class Outcome(NamedTuple):
 
 def caption_features(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *, runtime: Runtime,
                      vocab: Vocabulary | None = None, grid: tuple[int, int] | None = None,
-                     guide=None) -> list[DecodingResult]:
+                     guide=None, pixels: torch.Tensor | None = None) -> list[DecodingResult]:
     """Captions of encoded images (B, L, D), searched without gradients in the runtime's precision;
     guided by ``guide`` (:class:`caption.guidance.guide.Guide`, :func:`caption.guidance.search.guided_decode`)
-    unless it is None."""
+    unless it is None, its detector looking at ``pixels`` (B, 3, S, S) where given."""
     with torch.no_grad(), runtime.autocast():
         if guide is not None:
-            return guided_decode(decoder, features, options, guide, vocab=vocab, grid=grid)
+            return guided_decode(decoder, features, options, guide, vocab=vocab, grid=grid, pixels=pixels)
         return decode(decoder, features, options, vocab=vocab, grid=grid)
 
 
@@ -113,7 +116,7 @@ def caption_batches(batches: Iterable[EncodedBatch], decoder: nn.Module, options
     ImageError; a batch of unreadable images costs no search."""
     for batch in batches:
         found = (caption_features(decoder, batch.features, options, runtime=runtime, vocab=vocab, grid=grid,
-                                  guide=guide) if batch.features is not None else [])
+                                  guide=guide, pixels=batch.pixels) if batch.features is not None else [])
         for item, r in zip(batch.items, batch.results):
             yield Outcome(item, r if isinstance(r, ImageError) else found[r])
 

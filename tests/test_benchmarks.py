@@ -78,3 +78,17 @@ def test_serve_benchmark_reports_rates_latencies_and_the_mixed_run(tiny_checkpoi
     assert stalled["body_timeout_s"] == stalled["header_timeout_s"] == 1
     assert all(d["not_dropped"] == 0 and d["max_s"] < 10 for d in stalled["dropped"].values())
     assert stalled["dropped"]["body"]["statuses"] == ["408"] and stalled["others"]["non_200"] == 0
+
+
+@pytest.mark.slow
+def test_detector_benchmark_names_the_cpu_and_what_it_found(monkeypatch, capsys):
+    from caption.guidance.detector import load_detector
+
+    shared = Path(__file__).resolve().parents[2] / "shared" / "data"
+    if load_detector()[0] is None or not (shared / "photos").is_dir():
+        pytest.skip("the COCO detector or the shared photos are not here")
+    out = _benchmark(monkeypatch, capsys, "detector.py", "--threads", "1", "--batch", "2", "--sizes", "300",
+                     "--images", "2")
+    assert out["cpu"] == cpu_name() and len(out["runs"]) == 2
+    assert all(r["images_per_s"] > 0 and r["blob"] == 300 for r in out["runs"])
+    assert ["cat", pytest.approx(0.96, abs=0.05)] in out["detections"]["cat.bmp"]["300"]

@@ -54,6 +54,8 @@ from caption.guidance.names import (
     stand_in,
     talks_of,
 )
+from caption.guidance.detector import Detector, load_detector
+from caption.guidance.evidence import PROBE_PEOPLE, Evidence, coco_phrases, confirmed, found
 from caption.guidance.people import PeopleProbe, load_probe
 from caption.decoding.results import GuideInfo
 from caption.model.encoder import classifier_head
@@ -104,12 +106,14 @@ class Guide(nn.Module):
     -> a Plan per image."""
 
     def __init__(self, head: nn.Linear, classes: Sequence[ImageNetClass], vocab: Vocabulary, cfg: GuideConfig,
-                 probe: PeopleProbe | None = None):
+                 probe: PeopleProbe | None = None, detector: Detector | None = None):
         super().__init__()
         if head.out_features != len(classes):
             raise ValueError(f"the classifier head has {head.out_features} outputs, the names table {len(classes)}")
         self.head, self.classes, self.cfg, self.vocab = head.eval().requires_grad_(False), list(classes), cfg, vocab
-        self.probe = probe
+        self.probe, self.detector = probe, detector
+        self.detector_off: str | None = None if detector is not None else "none given"  # why there is none
+        self.coco = coco_phrases(vocab)  # how captions name what the detector finds
         kinds, subject_kinds = _kinds(cfg.kinds), _kinds(cfg.subject_kinds)
         self.names: list[tuple[tuple[int, ...], ...]] = []  # each name's phrases: its words, then its plural
         self.spelled: list[tuple[str, ...]] = []  # each name's phrases as the caption says them
@@ -142,6 +146,7 @@ class Guide(nn.Module):
         people = {t for w in (*PERSON_WORDS, *words["person"]) for p in sayable(w, vocab) for t in p}  # plurals too
         wear = {t for w in words["clothing"] for p in sayable(w, vocab) for t in p} | self._words({"clothing"})
         self.penalized = tuple(sorted(people | wear))  # people and what they wear
+        self.people_words = frozenset(people)
         self.slot_words = tuple(sorted(people | self._words(kinds)))  # what captions name things and people by
 
     def _name(self, index: dict[str, int], name: str, phrases: tuple[tuple[int, ...], ...],
@@ -163,8 +168,18 @@ class Guide(nn.Module):
         """(B, C) class probabilities from features (B, L, D): the head on their spatial mean."""
         return torch.softmax(self.head(features.float().mean(1)).float(), dim=-1)  # (B, C)
 
-    def plan(self, features: torch.Tensor) -> list[Plan]:
-        """A Plan per image of features (B, L, D)."""
+    def plan(self, features: torch.Tensor, tokens: Sequence[Sequence[int]] | None = None,
+             pixels: torch.Tensor | None = None) -> list[Plan]:
+        """A Plan per image of features (B, L, D). With a detector, the plain captions' ``tokens``
+        and the images' ``pixels`` (B, 3, S, S), the detector decides where people are
+        (:meth:`_with_evidence`); otherwise the people probe does."""
+        detected = self.detector is not None and tokens is not None and pixels is not None
+        plans = self._plans(features, crowd_by_probe=not detected)
+        return self._with_evidence(plans, tokens, Evidence(self.detector, pixels)) if detected else plans
+
+    def _plans(self, features: torch.Tensor, crowd_by_probe: bool) -> list[Plan]:
+        """A Plan per image from the classifier, photos of people (the probe at ``people``) left
+        unguided where ``crowd_by_probe``; otherwise every photo planned as one without people."""
         probs = self.probabilities(features)  # (B, C)
         people = [None] * len(probs) if self.probe is None else self.probe(features).tolist()  # (B,)
         name_probs = probs @ self.names_of  # (B, names): each name's probability
@@ -177,18 +192,58 @@ class Guide(nn.Module):
         for b, (ps, ids) in enumerate(zip(top_p.tolist(), top_i.tolist())):
             info = GuideInfo(tuple((self.classes[i].label, round(p, 4)) for i, p in zip(ids, ps)),
                              people=None if people[b] is None else round(people[b], 4))
-            crowd = people[b] is not None and people[b] >= self.cfg.people
+            crowd = crowd_by_probe and people[b] is not None and people[b] >= self.cfg.people
             sure = sure_of[b].nonzero().flatten().tolist()
             if sure and not crowd:
                 plausible = plausible_of[b].nonzero().flatten().tolist()
                 plans.append(self._naming(sorted(sure, key=lambda n: float(name_probs[b, n])), plausible, probs[b],
-                                          info, people[b] is not None))
+                                          info, people[b] is not None or not crowd_by_probe))
             elif subject_mass[b] >= self.cfg.no_people and not crowd:  # surely no place for people
                 plans.append(Plan(Constraint((), 0, self.penalized, self.cfg.person_penalty), None,
                                   dataclasses.replace(info, no_people=True), frozenset(self.penalized)))
             else:
                 plans.append(Plan(None, None, info))
         return plans
+
+    def _with_evidence(self, plans: list[Plan], tokens: Sequence[Sequence[int]], evidence: Evidence) -> list[Plan]:
+        """The plans of photos planned as without people, settled where a decision depends on it
+        (:mod:`caption.guidance.evidence`): the detector looks at every caption that would be
+        changed, and at those that name a person the probe is not sure of (the others keep it).
+        Where someone is seen, a caption that names a person stays, and one that names none may
+        be given the classifier's name, people not penalised;
+        where no one is but something else surely is (a name the classifier is sure of, an object
+        the detector finds), the caption says that thing, people penalised and out of the plain
+        caption; a caption naming an object the detector confirms keeps it instead of the
+        classifier's name.
+        Where neither sees anything for sure, the plain caption stays: the detector misses people
+        (small, far, upside down), and a search without them invents a dog."""
+        says = [bool(self.people_words.intersection(t)) for t in tokens]
+        probed = [s and p.info.people is not None and p.info.people >= PROBE_PEOPLE for s, p in zip(says, plans)]
+        changes = [p.constraint is not None and bool(p.constraint.phrases) and not p.accepts(t)
+                   for p, t in zip(plans, tokens)]
+        evidence.look([b for b in range(len(plans)) if changes[b] or (says[b] and not probed[b])])
+        out = []
+        for b, (plan, t) in enumerate(zip(plans, tokens)):
+            if b not in evidence.found:  # the probe settled it, or nothing depends on the detector
+                out.append(Plan(None, None, plan.info) if says[b] else plan)
+                continue
+            seen = evidence.seen(b)
+            named = confirmed(t, seen, self.coco) or (() if changes[b] else found(seen, self.coco))
+            info = dataclasses.replace(plan.info, no_people=not seen.person)
+            if named and not says[b]:  # it names what the detector sees: as it is
+                out.append(Plan(None, None, dataclasses.replace(plan.info, no_people=False)))
+            elif seen.person and changes[b] and not says[b]:  # the name may join the people, not replace them
+                out.append(dataclasses.replace(plan, constraint=dataclasses.replace(plan.constraint, penalized=()),
+                                               short=None, info=dataclasses.replace(plan.info, no_people=False)))
+            elif seen.person or not (named or changes[b]):
+                out.append(Plan(None, None, dataclasses.replace(plan.info, no_people=False)))
+            elif named:  # what it names or the detector finds, and no person
+                words = tuple(" ".join(self.vocab.itos[i] for i in p) for p in named)
+                out.append(Plan(Constraint(named, 0, self.penalized, self.cfg.person_penalty), None,
+                                dataclasses.replace(info, constraint=words[0], names=words), frozenset(self.penalized)))
+            else:  # the classifier's name, as in any photo without people
+                out.append(plan)
+        return out
 
     def _naming(self, sure: list[int], plausible: list[int], probs: torch.Tensor, info: GuideInfo,
                 probed: bool) -> Plan:
@@ -220,10 +275,13 @@ class Guide(nn.Module):
                     invents=invents)
 
 
-def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tuple[Guide | None, str | None]:
+def build_guide(config: Config, vocab: Vocabulary, device: torch.device,
+                detector: bool = True) -> tuple[Guide | None, str | None]:
     """The guide of a run (the encoder's ImageNet classifier, its people probe where one is
-    packaged, and the names table), or None and why there is none: ``guide.enabled`` false, an
-    encoder without a classifier head that reads its features, or an encoder fine-tuned away from it."""
+    packaged, the names table and, with ``detector``, the COCO detector where it is installed), or
+    None and why there is none: ``guide.enabled`` false, an encoder without a classifier head that
+    reads its features, or an encoder fine-tuned away from it. Without the detector the probe
+    alone says where people are (``guide.detector_off`` says why)."""
     if not config.guide.enabled:
         return None, "guide.enabled is false in the run's config"
     if config.train.fine_tune_from_epoch >= 0:
@@ -232,4 +290,7 @@ def build_guide(config: Config, vocab: Vocabulary, device: torch.device) -> tupl
         head = classifier_head(config.model)
     except ConfigError as err:
         return None, str(err)
-    return Guide(head, read_classes(), vocab, config.guide, load_probe(config.model)).to(device), None
+    found, why = load_detector() if detector else (None, "not asked for")
+    guide = Guide(head, read_classes(), vocab, config.guide, load_probe(config.model), found).to(device)
+    guide.detector_off = why
+    return guide, None

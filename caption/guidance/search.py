@@ -26,15 +26,18 @@ from caption.vocab import Vocabulary
 
 def guided_decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, guide: Guide, *,
                   vocab: Vocabulary | None = None, grid: tuple[int, int] | None = None,
-                  mask: torch.Tensor | None = None) -> list[DecodingResult]:
+                  mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> list[DecodingResult]:
     """:func:`caption.decoding.decode` of features (B, L, D) guided by ``guide``: searched
-    captions of confidently classified objects must name them, and every result carries the
-    guide's labels (``result.guide``) with its stand-ins spelled. Sampling is not guided."""
+    captions of confidently classified objects must name them, people are said only where the
+    detector (looking at ``pixels`` (B, 3, S, S) uint8, where given) or the probe sees them, and
+    every result carries the guide's labels (``result.guide``) with its stand-ins spelled.
+    Sampling is not guided."""
     if options.sampling:
         return decode(decoder, features, options, vocab=vocab, grid=grid, mask=mask)
     grid = default_grid(features.shape[1]) if grid is None else grid
     with eval_mode(decoder):
-        pairs = guided_search(read_cells(decoder, options.hard_test), features, options, guide, search, mask)
+        pairs = guided_search(read_cells(decoder, options.hard_test), features, options, guide, search, mask,
+                              pixels)
     results = [to_result(h, options, vocab, grid) for h, _ in pairs]
     return [dataclasses.replace(r, words=info.spell(r.words), guide=info) for r, (_, info) in zip(results, pairs)]
 
@@ -43,12 +46,14 @@ PlainSearch = Callable[[nn.Module, torch.Tensor, DecodeConfig, "torch.Tensor | N
 
 
 def guided_search(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, guide: Guide,
-                  plain: PlainSearch, mask: torch.Tensor | None = None) -> list[tuple[Hypothesis, GuideInfo]]:
-    """Caption features (B, L, D) with ``plain`` search; the captions their Plan does not accept are
+                  plain: PlainSearch, mask: torch.Tensor | None = None,
+                  pixels: torch.Tensor | None = None) -> list[tuple[Hypothesis, GuideInfo]]:
+    """Caption features (B, L, D) with ``plain`` search; the captions their Plan (made with the
+    plain captions and, for the detector, the images' ``pixels`` (B, 3, S, S)) does not accept are
     searched again with constrained beam search (the plain caption stays where it finds none within
     ``max_len``), and those its plan cuts short once more, ending with the name's noun phrase."""
-    plans = guide.plan(features)
     hyps = plain(decoder, features, options, mask)
+    plans = guide.plan(features, [h.tokens for h in hyps], pixels)
     keep = [p.accepts(h.tokens) for h, p in zip(hyps, plans)]
     infos = [p.info if p.enough is None else dataclasses.replace(p.info, satisfied=k) for p, k in zip(plans, keep)]
     todo = [i for i, p in enumerate(plans) if p.constraint is not None and not keep[i]]
