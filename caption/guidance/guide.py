@@ -210,13 +210,12 @@ class Guide(nn.Module):
         (:mod:`caption.guidance.evidence`): the detector looks at every caption that would be
         changed, and at those that name a person the probe is not sure of (the others keep it).
         Where someone is seen, a caption that names a person stays, and one that names none may
-        be given the classifier's name, people not penalised;
-        where no one is but something else surely is (a name the classifier is sure of, an object
-        the detector finds), the caption says that thing, people penalised and out of the plain
-        caption; a caption naming an object the detector confirms keeps it instead of the
-        classifier's name.
-        Where neither sees anything for sure, the plain caption stays: the detector misses people
-        (small, far, upside down), and a search without them invents a dog."""
+        be given the classifier's name, people not penalised. Where no one is but something else
+        surely is (a name the classifier is sure of, an object the detector finds), the caption
+        says that thing, people penalised and out of the plain caption. A caption naming an object
+        the detector confirms keeps it instead of the classifier's name. Where neither sees
+        anything for sure, the plain caption stays: the detector misses people (small, far,
+        upside down), and a search without them invents a dog."""
         says = [bool(self.people_words.intersection(t)) for t in tokens]
         probed = [s and p.info.people is not None and p.info.people >= PROBE_PEOPLE for s, p in zip(says, plans)]
         changes = [p.constraint is not None and bool(p.constraint.phrases) and not p.accepts(t)
