@@ -26,6 +26,7 @@ from typing import Sequence
 
 import torch
 
+from caption.decoding.constrained import Constraint
 from caption.guidance.detector import COCO_LABELS, Detection, Detector
 from caption.guidance.names import sayable
 from caption.vocab import Vocabulary
@@ -52,9 +53,9 @@ def coco_phrases(vocab: Vocabulary) -> dict[str, tuple[tuple[int, ...], ...]]:
 
 @dataclass(frozen=True)
 class Seen:
-    """What the detector found in one photo (None where it did not look)."""
+    """What the detector found in one photo."""
 
-    person: bool  # someone is there (or the probe settled it)
+    person: bool  # it sees someone (a person at ``DETECTOR_PERSON`` or above)
     detections: tuple[Detection, ...] = ()
 
 
@@ -88,11 +89,6 @@ def found(seen: Seen, phrases: dict[str, tuple[tuple[int, ...], ...]]) -> tuple[
 def confirmed(tokens: Sequence[int], seen: Seen, phrases: dict[str, tuple[tuple[int, ...], ...]]
               ) -> tuple[tuple[int, ...], ...]:
     """The phrases of the objects the caption names that the detector sees at ``CONFIRMED``."""
-    tokens = tuple(tokens)
-    out: list[tuple[int, ...]] = []
-    for label in dict.fromkeys(d.label for d in seen.detections if d.score >= CONFIRMED):
-        for p in phrases.get(label, ()):
-            if any(tokens[i : i + len(p)] == p for i in range(len(tokens))):
-                out.extend(phrases[label])
-                break
-    return tuple(dict.fromkeys(out))
+    labels = dict.fromkeys(d.label for d in seen.detections if d.score >= CONFIRMED and d.label in phrases)
+    said = [p for label in labels if Constraint(phrases[label]).satisfied_by(tokens) for p in phrases[label]]
+    return tuple(dict.fromkeys(said))

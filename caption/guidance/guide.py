@@ -228,18 +228,19 @@ class Guide(nn.Module):
                 continue
             seen = evidence.seen(b)
             named = confirmed(t, seen, self.coco) or (() if changes[b] else found(seen, self.coco))
-            info = dataclasses.replace(plan.info, no_people=not seen.person)
-            if named and not says[b]:  # it names what the detector sees: as it is
-                out.append(Plan(None, None, dataclasses.replace(plan.info, no_people=False)))
+            as_it_is = Plan(None, None, dataclasses.replace(plan.info, no_people=False))
+            if named and not says[b]:  # it names what the detector sees
+                out.append(as_it_is)
             elif seen.person and changes[b] and not says[b]:  # the name may join the people, not replace them
                 out.append(dataclasses.replace(plan, constraint=dataclasses.replace(plan.constraint, penalized=()),
-                                               short=None, info=dataclasses.replace(plan.info, no_people=False)))
+                                               short=None, info=as_it_is.info))
             elif seen.person or not (named or changes[b]):
-                out.append(Plan(None, None, dataclasses.replace(plan.info, no_people=False)))
+                out.append(as_it_is)
             elif named:  # what it names or the detector finds, and no person
                 words = tuple(" ".join(self.vocab.itos[i] for i in p) for p in named)
-                out.append(Plan(Constraint(named, 0, self.penalized, self.cfg.person_penalty), None,
-                                dataclasses.replace(info, constraint=words[0], names=words), frozenset(self.penalized)))
+                info = dataclasses.replace(plan.info, no_people=True, constraint=words[0], names=words)
+                out.append(Plan(Constraint(named, 0, self.penalized, self.cfg.person_penalty), None, info,
+                                frozenset(self.penalized)))
             else:  # the classifier's name, as in any photo without people
                 out.append(plan)
         return out

@@ -209,13 +209,14 @@ class CacheNotReady(DataError):
 
 
 def _not_ready(index: dict | None, header: dict) -> str | None:
-    """Why the cache whose index is ``index`` cannot be read as it is (None: it can)."""
+    """Why the cache whose index is ``index`` cannot be read as it is (None: it can); an empty
+    ``header`` skips the check that it was built for these images and this encoder."""
     if index is None:
         return "not built"
     if not all(index.get(k) == v for k, v in header.items()):
         return "stale (built for other images, encoder weights or preprocessing)"
     if not index.get("complete") or index.get("L") is None:
-        return f"unfinished ({index.get('done', 0)}/{header['N']} images)"
+        return f"unfinished ({index.get('done', 0)}/{index.get('N')} images)"
     return None
 
 
@@ -230,10 +231,7 @@ def cache_prefix(cache_dir: str | Path, encoder_cfg: EncoderConfig, image_size: 
 def cache_state(prefix: str | Path) -> str | None:
     """Whether the cache at ``prefix`` is finished, by its index alone (None when it is; else why not).
     A cheap look before anything is loaded; :func:`build_features` also checks the images and encoder."""
-    index = _read_index(_index_path(Path(prefix)))
-    if index is None:
-        return "not built"
-    return None if index.get("complete") else f"unfinished ({index.get('done', 0)}/{index.get('N')} images)"
+    return _not_ready(_read_index(_index_path(Path(prefix))), {})
 
 
 def build_features(encoder: nn.Module, records: Sequence[ImageRecord], transform: ImageTransform,
