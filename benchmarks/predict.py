@@ -91,7 +91,7 @@ def main() -> None:
     p.add_argument("--precision", nargs="+", default=["fp32", "auto"], choices=PRECISIONS)
     p.add_argument("--beam", type=int, default=3)
     p.add_argument("--batch-size", type=int, default=16, help="images per batch (caption predict's default)")
-    p.add_argument("--checkpoint", default=None, help="default: the shipped model")
+    p.add_argument("--checkpoint", nargs="+", default=None, help="default: the shipped model; several: an ensemble")
     p.add_argument("--guide", default="both", choices=("both", "on", "off"),
                    help="time captioning with the classifier's guidance, without it, or both alternated (default)")
     p.add_argument("--repeats", type=int, default=1, help="timed runs per precision and guide setting (default 1)")

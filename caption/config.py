@@ -116,12 +116,17 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # also write last.pt every N optimizer steps (0: at epoch ends only)
     max_steps: int = 0  # stop after this many optimizer steps in all, last.pt written (a larger value and --resume go on); 0: no limit
-    objective: str = "xent"  # "xent" (cross-entropy, teacher forcing) or "scst" (self-critical: CIDEr-D of samples)
+    objective: str = "xent"  # "xent" (cross-entropy, teacher forcing), "scst" (self-critical: CIDEr-D of samples)
+    # or "distill" (cross-entropy and the teachers' next-word distributions)
     init_from: str = ""  # a run directory or .pt whose weights and vocabulary the run starts from (not its optimizer)
     scst_samples: int = 5  # scst: captions sampled per image (K); a step takes batch_size images
     scst_baseline: str = "mean"  # scst: a sample's baseline, "mean" reward of the image's other K-1 samples or "greedy"
     scst_max_len: int = 16  # scst: most tokens per sampled caption, <end> included
     scst_temperature: float = 1.0  # scst: sample from softmax(logits / temperature)
+    # distill (knowledge distillation into this run's one decoder, docs/distillation.md)
+    teachers: str = ""  # distill: the teacher ensemble, checkpoint files or run directories separated by commas
+    distill_weight: float = 0.5  # distill: loss = (1 - w) * cross-entropy + w * KL(teachers || student), per word
+    teacher_captions: str = ""  # distill: the teachers' captions of the training photos (COCO results JSON), extra targets
     # model.blend=hard (Xu et al. 2015, sec. 4.1; arctic-captions' capgen.py defaults): the caption loss with
     # sampled cells, plus REINFORCE on the cell choices with the per-word log-likelihood as the reward
     hard_reinforce: float = 0.1  # λ_r (capgen.py's /10)

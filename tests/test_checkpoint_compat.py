@@ -178,3 +178,37 @@ def test_eb585e5s_shipped_checkpoint_captions_the_sample_photo(tmp_path):
     path, caption = proc.stdout.strip().split("\t")
     assert path == str(sample) and len(caption.split()) >= 3
     assert load_checkpoint(old).config.precision == "auto"  # train.amp true
+
+
+def test_int8_matrices_round_trip_and_a_malformed_one_is_refused(tiny_checkpoint, tmp_path):
+    from caption.checkpoint import INT8, quantize_int8
+
+    torch.manual_seed(0)
+    weights = {"m": torch.randn(64, 128), "bias": torch.randn(64), "small": torch.randn(4, 4)}
+    q = quantize_int8(weights)
+    assert set(q) == {"m"} and q["m"]["values"].dtype == torch.int8 and q["m"]["scale"].shape == (64, 1)
+    back = q["m"]["values"].float() * q["m"]["scale"].float()
+    assert (back - weights["m"]).abs().max() <= weights["m"].abs().max() / 127
+    data = torch.load(tiny_checkpoint, weights_only=True)
+    key = next(k for k, v in data["model"].items() if v.dim() == 2)
+    quantized = quantize_int8({key: data["model"][key].float()}, min_size=1)
+    rest = {k: v for k, v in data["model"].items() if k != key}
+    written = tmp_path / "int8.pt"
+    torch.save({**data, "model": rest, INT8: quantized}, written)
+    read = read_checkpoint(written)
+    assert INT8 not in read and torch.allclose(read["model"][key].float(), data["model"][key].float(),
+                                               atol=float(data["model"][key].abs().max()) / 127)
+    load_checkpoint(written)  # the model builds from it
+    torch.save({**data, "model": rest, INT8: {key: {"values": quantized[key]["values"]}}}, written)
+    with pytest.raises(CheckpointError, match="int8 weights are malformed"):
+        read_checkpoint(written)
+
+
+def test_a_caption_2_checkpoint_loads_with_the_distillation_keys_at_their_defaults(tmp_path):
+    tiny = make_tiny_checkpoint(tmp_path / "tiny.pt")
+    data = torch.load(tiny, weights_only=True)
+    frozen = _frozen(COMPAT / "caption-2.yaml")
+    config = {**data["config"], "train": {k: v for k, v in data["config"]["train"].items() if k in frozen["train"]}}
+    assert _keys(config) - {"name"} <= _keys(frozen)  # what caption/2 wrote
+    loaded = load_checkpoint(_rewrite(tiny, tmp_path / "v2.pt", format="caption/2", config=config))
+    assert (loaded.config.train.teachers, loaded.config.train.distill_weight) == ("", 0.5)

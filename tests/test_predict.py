@@ -174,13 +174,15 @@ def test_caption_raises_image_error_for_a_bad_file(tiny_checkpoint, tmp_path) ->
         caption.load(tiny_checkpoint).caption(bad)
 
 
-def test_default_checkpoint_is_the_shipped_ensemble() -> None:
+def test_default_checkpoint_is_the_shipped_model() -> None:
     from caption import inference
 
-    members = list(inference.SHIPPED_MODELS)
-    assert inference.default_checkpoint() == members and all(p.is_file() for p in members)
-    assert inference.default_checkpoint(single=True) == members[:1]
-    assert sum(p.stat().st_size for p in members) <= 60 * 2**20  # the model files ship inside the package
+    shipped = list(inference.SHIPPED_MODELS)
+    assert inference.default_checkpoint() == shipped and all(p.is_file() for p in shipped)
+    assert inference.default_checkpoint(single=True) == shipped[:1]
+    files = list(inference.ASSETS.glob("*.pt"))  # every model file ships inside the package
+    assert set(shipped + list(inference.SHIPPED_ENSEMBLE)) <= set(files)
+    assert sum(p.stat().st_size for p in files) <= 60 * 2**20
 
 
 def test_default_checkpoint_missing_says_run_demo(tmp_path, monkeypatch) -> None:

@@ -1,5 +1,6 @@
 """``caption export``: a run's best checkpoint as a small file to ship (decoder weights in half
-precision, config and vocabulary; the frozen pretrained encoder is rebuilt from its package).
+precision, or their matrices in 8 bits with ``--int8``; config and vocabulary; the frozen pretrained
+encoder is rebuilt from its package).
 ``--set decode.KEY=VALUE`` (and ``guide.*``) sets the defaults the file is decoded with; the
 weights fix everything else."""
 
@@ -24,7 +25,7 @@ def cmd_export(args: argparse.Namespace) -> int:
     try:
         loaded = load_checkpoint(args.checkpoint)
         config = apply_overrides(loaded.config, args.overrides)
-        path = save_portable(args.out, loaded.model, config, loaded.vocab)
+        path = save_portable(args.out, loaded.model, config, loaded.vocab, int8=args.int8)
     except (CheckpointError, ConfigError) as err:
         error(args, str(err))
         return EXIT_NO_MODEL
@@ -39,4 +40,7 @@ def add_export_command(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="a decode.* or guide.* default to ship with it, e.g. --set decode.no_repeat_ngram=2 "
                         "(repeatable)")
+    p.add_argument("--int8", action="store_true",
+                   help="the decoder's weight matrices in 8 bits with a scale per row (about half the size; "
+                        "measure its scores before shipping it)")
     p.set_defaults(func=cmd_export)

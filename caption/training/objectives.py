@@ -6,7 +6,8 @@ says what an epoch iterates over (``dataset``, ``collate``, ``groups``) and, for
 returns a :class:`StepResult`: the loss to back-propagate and metric sums that the loop adds up
 over the epoch (their means become ``train_<name>`` in ``metrics.csv``). ``train.objective``
 names one in :data:`OBJECTIVES`: ``xent`` (:class:`CrossEntropy`, here; :class:`HardAttention`
-for a ``model.blend=hard`` model) or ``scst`` (:class:`caption.training.scst.SelfCritical`). An
+for a ``model.blend=hard`` model), ``scst`` (:class:`caption.training.scst.SelfCritical`) or
+``distill`` (:class:`caption.training.distill.Distillation`). An
 objective with state of its own (a reward baseline) has ``state_dict``/``load_state_dict``, and
 checkpoints carry it.
 """
@@ -27,7 +28,8 @@ from caption.training.splits import SplitData
 from caption.vocab import Vocabulary
 
 # train.objective -> "module:class", imported when a run uses it
-OBJECTIVES = {"xent": "caption.training.objectives:CrossEntropy", "scst": "caption.training.scst:SelfCritical"}
+OBJECTIVES = {"xent": "caption.training.objectives:CrossEntropy", "scst": "caption.training.scst:SelfCritical",
+              "distill": "caption.training.distill:Distillation"}
 
 
 @dataclass(frozen=True)
