@@ -29,8 +29,7 @@ from caption.config import Config, ConfigError
 from caption.data.datasets import CaptionDataset
 from caption.data.records import ImageRecord
 from caption.errors import DataError, MissingFileError
-from caption.training.distributed import Dist, all_sum
-from caption.training.losses import caption_loss
+from caption.training.distributed import Dist
 from caption.training.objectives import CrossEntropy, StepResult
 from caption.training.splits import SplitData
 from caption.vocab import Vocabulary
@@ -69,24 +68,17 @@ class Distillation(CrossEntropy):
             self.groups = self.dataset.image_groups() if cfg.train.group_by_image else None
 
     def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
-        device = dist.device
-        inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
-        rows = batch.rows.to(device, non_blocking=True)
-        tokens = (captions[:, 1:] != 0).sum().float()
-        counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)
-        token_count, image_count = counts[0] / dist.world, counts[1] / dist.world
-        out = ddp_model(inputs, captions, features=self.cached, rows=rows)
-        loss = caption_loss(out, self.alpha_c, token_count=token_count, image_count=image_count)
-        metrics = {"xent": (loss.xent.item() * float(tokens), float(tokens))}
+        forced = self.teacher_forced(ddp_model, batch, dist)
+        metrics = {"xent": forced.xent}
         if self.teacher is None:
-            return StepResult(loss.total, metrics, len(captions))
-        teacher_logp = self._teacher_log_probs(inputs, captions, rows, device)  # (N, V)
-        student_logp = F.log_softmax(out.word_logits.float(), dim=-1)  # (N, V)
+            return StepResult(forced.loss.total, metrics, len(forced.captions))
+        teacher_logp = self._teacher_log_probs(forced.inputs, forced.captions, forced.rows, dist.device)  # (N, V)
+        student_logp = F.log_softmax(forced.out.word_logits.float(), dim=-1)  # (N, V)
         kl_sum = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()  # over words and the vocabulary
-        kl = kl_sum / token_count
-        total = (1.0 - self.weight) * loss.xent + self.weight * kl + loss.penalty
-        metrics["kl"] = (kl_sum.item(), float(tokens))
-        return StepResult(total, metrics, len(captions))
+        loss = forced.loss
+        total = (1.0 - self.weight) * loss.xent + self.weight * kl_sum / forced.token_count + loss.penalty
+        metrics["kl"] = (kl_sum.item(), forced.tokens)
+        return StepResult(total, metrics, len(forced.captions))
 
     @torch.no_grad()
     def _teacher_log_probs(self, inputs: torch.Tensor, captions: torch.Tensor, rows: torch.Tensor,

@@ -22,8 +22,9 @@ import torch
 
 from caption.config import Config, ConfigError
 from caption.data.datasets import collate_captions
+from caption.model.decoder import DecoderOutput
 from caption.training.distributed import Dist, all_sum
-from caption.training.losses import caption_loss
+from caption.training.losses import Loss, caption_loss
 from caption.training.splits import SplitData
 from caption.vocab import Vocabulary
 
@@ -92,15 +93,39 @@ class CrossEntropy:
         self.groups = train.dataset.image_groups() if cfg.train.group_by_image else None
 
     def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
+        forced = self.teacher_forced(ddp_model, batch, dist)
+        return StepResult(forced.loss.total, {"xent": forced.xent}, len(forced.captions))
+
+    def teacher_forced(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> "Forced":
+        """The batch on ``dist.device``, its teacher-forced output and caption loss, normalised by
+        the global batch (so averaging over ranks gives the single-process gradient)."""
         device = dist.device
         inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
         rows = batch.rows.to(device, non_blocking=True)
         tokens = (captions[:, 1:] != 0).sum().float()
         counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)
         out = ddp_model(inputs, captions, features=self.cached, rows=rows)
-        # normalised by the global batch, so averaging over ranks gives the single-process gradient
-        loss = caption_loss(out, self.alpha_c, token_count=counts[0] / dist.world, image_count=counts[1] / dist.world)
-        return StepResult(loss.total, {"xent": (loss.xent.item() * float(tokens), float(tokens))}, len(captions))
+        token_count = counts[0] / dist.world
+        loss = caption_loss(out, self.alpha_c, token_count=token_count, image_count=counts[1] / dist.world)
+        return Forced(inputs, captions, rows, out, loss, float(tokens), token_count)
+
+
+@dataclass(frozen=True)
+class Forced:
+    """One teacher-forced batch (:meth:`CrossEntropy.teacher_forced`)."""
+
+    inputs: torch.Tensor  # (U, L, D) features or (U, 3, S, S) images, on the device
+    captions: torch.Tensor  # (B, T+1)
+    rows: torch.Tensor  # (B,) the image of each caption
+    out: DecoderOutput
+    loss: Loss
+    tokens: float  # this process's real words
+    token_count: torch.Tensor  # the global batch's real words per process: the loss's divisor
+
+    @property
+    def xent(self) -> tuple[float, float]:
+        """The cross-entropy metric: (sum, count) over this process's words."""
+        return self.loss.xent.item() * self.tokens, self.tokens
 
 
 def reinforce_loss(log_prob_choice: torch.Tensor, reward: torch.Tensor, baseline: float,
