@@ -38,7 +38,7 @@ from caption.vocab import Vocabulary
 
 ASSETS = Path(__file__).parent / "assets"
 # The default model: one decoder over EfficientNet-Lite0 features, distilled from an ensemble of
-# three and then trained on CIDEr (MODEL_CARD.md: how, and what each scores).
+# three (MODEL_CARD.md: how, and what each scores).
 SHIPPED_MODELS = (ASSETS / "flickr8k_lite0_student.pt",)
 # The ensemble it learned from, shipped with its weight matrices in 8 bits: caption.load(SHIPPED_ENSEMBLE)
 SHIPPED_ENSEMBLE = tuple(ASSETS / name for name in (

@@ -63,8 +63,7 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
                    help="checkpoint file or run directory (default: the shipped model); several make an ensemble "
                         "of their decoders (they must share the encoder and vocabulary)")
     p.add_argument("--single", action="store_true",
-                   help="the first checkpoint alone, for speed (default: every one given, or the whole shipped "
-                        "ensemble)")
+                   help="the first checkpoint alone, for speed (default: every one given)")
     p.add_argument("--beam", type=positive_int, default=None, metavar="K",
                    help="beam size; 1 = greedy (default: the run's decode.beam_size)")
     p.add_argument("--hard-test", default=None, choices=("argmax", "expect"),
