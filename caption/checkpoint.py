@@ -277,8 +277,7 @@ def load_teachers(cfg: Config, vocab: Vocabulary) -> Loaded:
     """The teachers ``train.teachers`` names (one model or an ensemble), in eval mode without
     gradients; ConfigError unless they read this run's features (encoder, image size) and vocabulary."""
     teachers = load_checkpoints(teacher_paths(cfg))
-    ours = {**dataclasses.asdict(EncoderConfig.of(cfg.model)), "image_size": cfg.data.image_size}
-    theirs = _encoder_spec(teachers)
+    ours, theirs = _encoder_spec(cfg), _encoder_spec(teachers.config)
     differ = [key for key in ours if ours[key] != theirs[key]]
     if differ:
         raise ConfigError(f"train.teachers {teachers.name}: their {differ[0]} is {theirs[differ[0]]!r}, this "
@@ -306,14 +305,14 @@ def load_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "
     return Loaded(model, first.config, first.vocab, first.path, {}, tuple(m.path for m in loaded))
 
 
-def _encoder_spec(loaded: Loaded) -> dict:
-    """What an ensemble's members must share to read the same features."""
-    return {**dataclasses.asdict(EncoderConfig.of(loaded.config.model)), "image_size": loaded.config.data.image_size}
+def _encoder_spec(cfg: Config) -> dict:
+    """What models must share to read the same features (an ensemble's members, a student and its teachers)."""
+    return {**dataclasses.asdict(EncoderConfig.of(cfg.model)), "image_size": cfg.data.image_size}
 
 
 def _check_member(first: Loaded, other: Loaded) -> None:
     """CheckpointError unless ``other`` can join ``first`` in an ensemble."""
-    ours, theirs = _encoder_spec(first), _encoder_spec(other)
+    ours, theirs = _encoder_spec(first.config), _encoder_spec(other.config)
     differ = [key for key in ours if ours[key] != theirs[key]]
     if differ:
         key = differ[0]

@@ -57,9 +57,7 @@ class Distillation(CrossEntropy):
     def __init__(self, cfg: Config, vocab: Vocabulary, train: SplitData):
         super().__init__(cfg, vocab, train)
         self.weight = cfg.train.distill_weight
-        self.teacher = load_teachers(cfg, vocab) if self.weight > 0 else None
-        self.teachers = [] if self.teacher is None else list(getattr(self.teacher.model.decoder, "members",
-                                                                          [self.teacher.model.decoder]))
+        self.teacher = load_teachers(cfg, vocab).model if self.weight > 0 else None  # eval, no gradients
         if cfg.train.teacher_captions:
             records = with_teacher_captions(train.records, Path(cfg.train.teacher_captions))
             base = train.dataset
@@ -84,12 +82,13 @@ class Distillation(CrossEntropy):
     def _teacher_log_probs(self, inputs: torch.Tensor, captions: torch.Tensor, rows: torch.Tensor,
                            device: torch.device) -> torch.Tensor:
         """(N, V) the teachers' next-word log-probabilities at the batch's real words (``targets[mask]`` order)."""
-        model = self.teacher.model
+        model = self.teacher
         if next(model.parameters()).device != device:
             model.to(device)
         feats = inputs if self.cached else model.encode(inputs)  # (U, L, D)
         feats = feats.index_select(0, rows)  # (B, L, D)
-        member_logps = [F.log_softmax(m(feats, captions).word_logits.float(), dim=-1) for m in self.teachers]
+        members = getattr(model.decoder, "members", [model.decoder])  # an ensemble's decoders, or the one
+        member_logps = [F.log_softmax(m(feats, captions).word_logits.float(), dim=-1) for m in members]
         return F.log_softmax(torch.stack(member_logps).mean(0), dim=-1)  # (N, V)
 
 
