@@ -24,6 +24,7 @@ import itertools
 import json
 import os
 import statistics
+import sys
 import time
 from pathlib import Path
 
@@ -58,7 +59,8 @@ def _run(paths: list[Path], precision: str, args: argparse.Namespace) -> list[di
     model = load(args.checkpoint, device=args.device, precision=precision, threads=args.threads)
     guides = {"both": [True, False], "on": [True], "off": [False]}[args.guide]
     if True in guides and model.guide is None:
-        guides = [False]  # this model has no guide (the reason went to stderr)
+        print(f"benchmarks/predict.py: guidance off: {model.guide_off}", file=sys.stderr)
+        guides = [False]
     for guide in guides:  # warm-up
         list(model.configured(beam=args.beam, guide=guide).captions(paths[: args.batch_size], batch_size=args.batch_size))
     seconds: dict[bool, list[float]] = {g: [] for g in guides}

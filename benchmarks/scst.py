@@ -15,6 +15,7 @@ jobs on the machine change far less than the wall time.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import time
@@ -25,6 +26,7 @@ import torch
 
 import caption
 from caption.config import PRECISIONS, load_config
+from caption.data.images import preprocess
 from caption.data.records import load_coco
 from caption.pipeline import encode_images
 from caption.runtime import cpu_name, keep_freed_memory
@@ -49,7 +51,8 @@ class _Store:
 def _split(model, n: int) -> SimpleNamespace:
     """The first ``n`` training photos' records and features (B, L, D), encoded once."""
     records = load_coco(FLICKR8K / "captions_flickr8k_train.json", FLICKR8K / "images")[:n]
-    batches = encode_images(model.encoder, [r.path for r in records], model.pixels, model.transform, model.runtime,
+    pixels = functools.partial(preprocess, transform=model.transform, pixels=True)
+    batches = encode_images(model.encoder, [r.path for r in records], pixels, model.transform, model.runtime,
                             batch_size=32)
     features = torch.cat([batch.features.float() for batch in batches])  # (n, L, D)
     return SimpleNamespace(records=records, features=_Store(features))

@@ -23,11 +23,14 @@ caption/1 (36472dc up to the release before this one): every checkpoint written 
     0316109 each position on its own: another function, so such a full checkpoint from before
     0316109 cannot be converted and is refused with a line that says to train it again.
 caption/2 (4b5f7e9 up to the release before this one): the config keys of 4b5f7e9.
-caption/3 (this release): the config holds exactly today's keys.
+caption/3 (16693b4 up to the release before this one):
   - ``train.teachers``/``distill_weight``/``teacher_captions`` (knowledge distillation) added; absent
     in caption/2 and take their defaults, which a run that does not distill never reads.
   - A portable checkpoint may hold its decoder's weight matrices in 8 bits (``"int8"``, beside
     ``"model"``: ``caption export --int8``); reading puts them back among the float weights.
+caption/4 (this release): the config holds exactly today's keys.
+  - ``train.ground_weight`` (attention supervised by detected boxes) added; absent in caption/3 and
+    takes its default, 0, which trains as before.
 
 Bump :data:`FORMAT` whenever a config key is added, removed or renamed or the weights' layout
 changes, add the step from the previous format to ``_STEPS``, and freeze the previous config under
@@ -40,7 +43,7 @@ import dataclasses
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, NamedTuple, Sequence
 
 import torch
 
@@ -60,7 +63,7 @@ from caption.vocab import Vocabulary
 
 BEST, LAST = "best.pt", "last.pt"
 INT8 = "int8"  # a portable checkpoint's 8-bit weight matrices (quantize_int8), beside "model"
-PREFIX, FORMAT = "caption/", "caption/3"  # FORMAT: what this release writes (the module docstring)
+PREFIX, FORMAT = "caption/", "caption/4"  # FORMAT: what this release writes (the module docstring)
 OLDEST = 1  # caption/1, the first format this project wrote (36472dc)
 
 
@@ -98,16 +101,27 @@ def save_portable(path: str | Path, model: Captioner, cfg: Config, vocab: Vocabu
     )
 
 
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The project's one int8 quantizer: float (..., C) -> int8 ``values`` (..., C) and float32
+    ``scale`` (..., 1), symmetric per row of the last axis, the row's largest magnitude mapped to 127,
+    so that ``values * scale`` is within half a step (``scale / 2``) of ``x``; an all-zero row has
+    scale 0. Portable checkpoints (:func:`quantize_int8`) and the int8 feature cache
+    (:mod:`caption.training.cache`) both store what it returns."""
+    x = x.float()
+    scale = x.abs().amax(dim=-1, keepdim=True) / 127.0  # (..., 1)
+    safe = torch.where(scale > 0, scale, torch.ones_like(scale))  # (..., 1): an all-zero row stays zero
+    return torch.round(x / safe).clamp_(-127, 127).to(torch.int8), scale  # (..., C), (..., 1)
+
+
 def quantize_int8(weights: dict[str, torch.Tensor], min_size: int = 4096) -> dict[str, dict[str, torch.Tensor]]:
     """Each weight matrix of at least ``min_size`` entries as int8 ``values`` (R, C) and a per-row
-    half-precision ``scale`` (R, 1), symmetric: row r is ``values[r] * scale[r]``, its largest
-    magnitude mapped to 127. Biases, vectors and small matrices stay as they are."""
+    half-precision ``scale`` (R, 1) (:func:`quantize_rows`): row r is ``values[r] * scale[r]``.
+    Biases, vectors and small matrices stay as they are."""
     out = {}
     for key, w in weights.items():
         if w.dim() != 2 or w.numel() < min_size or not w.is_floating_point():
             continue
-        scale = (w.float().abs().amax(dim=1, keepdim=True) / 127.0).clamp_min(1e-12)  # (R, 1)
-        values = torch.round(w.float() / scale).clamp_(-127, 127).to(torch.int8)  # (R, C)
+        values, scale = quantize_rows(w)  # (R, C), (R, 1)
         out[key] = {"values": values, "scale": scale.half()}
     return out
 
@@ -196,7 +210,13 @@ def _v2_to_v3(data: dict) -> dict:
     return dict(data)
 
 
-_STEPS: tuple[Callable[[dict], dict], ...] = (_v1_to_v2, _v2_to_v3)  # _STEPS[i] takes format OLDEST + i one step up
+def _v3_to_v4(data: dict) -> dict:
+    """caption/3 -> caption/4: only ``train.ground_weight`` was added, which takes its default (0);
+    nothing to convert."""
+    return dict(data)
+
+
+_STEPS: tuple[Callable[[dict], dict], ...] = (_v1_to_v2, _v2_to_v3, _v3_to_v4)  # _STEPS[i] takes format OLDEST + i one step up
 
 
 def _readable() -> str:
@@ -255,40 +275,6 @@ def load_checkpoint(path: str | Path, device: str | torch.device = "cpu") -> Loa
     return Loaded(model.to(device).eval(), cfg, vocab, path, data)
 
 
-def load_init_from(cfg: Config) -> Loaded:
-    """The checkpoint ``train.init_from`` names (a run directory means its best.pt), refused when its
-    model differs from ``cfg.model`` in anything but dropout."""
-    loaded = load_checkpoint(cfg.train.init_from)
-    ours, theirs = (dataclasses.asdict(dataclasses.replace(m, dropout=0.0)) for m in (cfg.model, loaded.config.model))
-    differ = [key for key in ours if ours[key] != theirs[key]]
-    if differ:
-        key = differ[0]
-        raise ConfigError(f"train.init_from {loaded.path}: its model.{key} is {theirs[key]!r}, this run's is "
-                          f"{ours[key]!r} (the model config must match)")
-    return loaded
-
-
-def teacher_paths(cfg: Config) -> list[str]:
-    """``train.teachers`` as a list of paths (comma-separated in the config)."""
-    return [p.strip() for p in cfg.train.teachers.split(",") if p.strip()]
-
-
-def load_teachers(cfg: Config, vocab: Vocabulary) -> Loaded:
-    """The teachers ``train.teachers`` names (one model or an ensemble), in eval mode without
-    gradients; ConfigError unless they read this run's features (encoder, image size) and vocabulary."""
-    teachers = load_checkpoints(teacher_paths(cfg))
-    ours, theirs = _encoder_spec(cfg), _encoder_spec(teachers.config)
-    differ = [key for key in ours if ours[key] != theirs[key]]
-    if differ:
-        raise ConfigError(f"train.teachers {teachers.name}: their {differ[0]} is {theirs[differ[0]]!r}, this "
-                          f"run's is {ours[differ[0]]!r} (teachers must read the student's features)")
-    if teachers.vocab.itos != vocab.itos:
-        raise ConfigError(f"train.teachers {teachers.name}: their vocabulary ({len(teachers.vocab)} words) is not "
-                          f"this run's ({len(vocab)}); start the student from a teacher (train.init_from) to share it")
-    teachers.model.eval().requires_grad_(False)
-    return teachers
-
-
 def load_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "cpu") -> Loaded:
     """One checkpoint (:func:`load_checkpoint`), or several as an ensemble: the members' decoders as
     one :class:`EnsembleDecoder` over the first member's encoder, with its config and vocabulary.
@@ -305,19 +291,34 @@ def load_checkpoints(paths: Sequence[str | Path], device: str | torch.device = "
     return Loaded(model, first.config, first.vocab, first.path, {}, tuple(m.path for m in loaded))
 
 
-def _encoder_spec(cfg: Config) -> dict:
+class Difference(NamedTuple):
+    """The first setting on which two models differ (:func:`spec_difference`)."""
+
+    key: str
+    ours: Any
+    theirs: Any
+
+
+def encoder_spec(cfg: Config) -> dict:
     """What models must share to read the same features (an ensemble's members, a student and its teachers)."""
     return {**dataclasses.asdict(EncoderConfig.of(cfg.model)), "image_size": cfg.data.image_size}
 
 
+def spec_difference(ours: Config, theirs: Config, spec: Callable[[Config], dict]) -> Difference | None:
+    """The first key of ``spec`` (a config's settings that two models must share) whose value differs
+    between ``ours`` and ``theirs``, or None when all agree. Every check that models fit together goes
+    through it: an ensemble's members (here), a student and its teachers, a run and the checkpoint it
+    starts from (:mod:`caption.training.pretrained`); each caller words its own error."""
+    a, b = spec(ours), spec(theirs)
+    return next((Difference(key, a[key], b[key]) for key in a if a[key] != b[key]), None)
+
+
 def _check_member(first: Loaded, other: Loaded) -> None:
     """CheckpointError unless ``other`` can join ``first`` in an ensemble."""
-    ours, theirs = _encoder_spec(first.config), _encoder_spec(other.config)
-    differ = [key for key in ours if ours[key] != theirs[key]]
+    differ = spec_difference(first.config, other.config, encoder_spec)
     if differ:
-        key = differ[0]
-        raise CheckpointError(f"ensemble: {other.path} has {key}={theirs[key]!r}, {first.path} has {ours[key]!r}; "
-                              "members must share one encoder, image size and grid")
+        raise CheckpointError(f"ensemble: {other.path} has {differ.key}={differ.theirs!r}, {first.path} has "
+                              f"{differ.ours!r}; members must share one encoder, image size and grid")
     if other.vocab.itos != first.vocab.itos:
         raise CheckpointError(f"ensemble: {other.path} and {first.path} have different vocabularies "
                               f"({len(other.vocab)} and {len(first.vocab)} words); members must share one")

@@ -104,6 +104,7 @@ class TrainConfig:
     fine_tune_from_epoch: int = -1  # -1: never; else start fine-tuning the encoder at this epoch
     grad_clip: float = 5.0
     alpha_c: float = 1.0  # λ of the doubly-stochastic attention penalty
+    ground_weight: float = 0.0  # weight of −log(attention mass in the detected box) per word naming it (docs/attention.md)
     lr_schedule: str = "plateau"  # "plateau" (per epoch, on the val score) or "cosine" (warm-up + cosine over all epochs)
     lr_decay_factor: float = 0.8  # plateau: multiply the LR by this when the val score (select_metric) plateaus
     lr_patience: int = 2  # plateau: epochs without a better val score before the LR drops

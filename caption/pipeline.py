@@ -25,6 +25,7 @@ from torch import nn
 from caption.config import DecodeConfig
 from caption.data.images import ImageError, ImageTransform, prefetch
 from caption.decoding import DecodingResult, decode
+from caption.guidance.result import GuidedResult
 from caption.guidance.search import guided_decode
 from caption.model.fuse import fused_for_inference
 from caption.runtime import Runtime
@@ -99,14 +100,15 @@ class Outcome(NamedTuple):
 
 def caption_features(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, *, runtime: Runtime,
                      vocab: Vocabulary | None = None, grid: tuple[int, int] | None = None,
-                     guide=None, pixels: torch.Tensor | None = None) -> list[DecodingResult]:
+                     guide=None, pixels: torch.Tensor | None = None) -> list[GuidedResult]:
     """Captions of encoded images (B, L, D), searched without gradients in the runtime's precision;
     guided by ``guide`` (:class:`caption.guidance.guide.Guide`, :func:`caption.guidance.search.guided_decode`)
-    unless it is None, its detector looking at ``pixels`` (B, 3, S, S) where given."""
+    unless it is None (then each result's ``guide`` is None), its detector looking at ``pixels``
+    (B, 3, S, S) where given."""
     with torch.no_grad(), runtime.autocast():
         if guide is not None:
             return guided_decode(decoder, features, options, guide, vocab=vocab, grid=grid, pixels=pixels)
-        return decode(decoder, features, options, vocab=vocab, grid=grid)
+        return [GuidedResult.of(r) for r in decode(decoder, features, options, vocab=vocab, grid=grid)]
 
 
 def caption_batches(batches: Iterable[EncodedBatch], decoder: nn.Module, options: DecodeConfig, *,

@@ -20,7 +20,7 @@ from PIL import Image
 
 from caption.config import Config, ModelConfig, load_config
 from caption.data.shapes import generate_shapes
-from caption.decoding.results import result_record
+from caption.guidance.record import as_json, caption_record
 from caption.inference import load
 from caption.serve.client import ServerProcess  # the standard library only: no serve extra needed
 
@@ -224,8 +224,8 @@ def server(tiny_checkpoint, tmp_path_factory):
 def expected(model, path: Path, beam: int = 2, **kw) -> dict:
     """What caption predict --json says of the file (the record the server must match)."""
     runners_up = kw.pop("alternatives", beam > 1)
-    result = model.caption(path, beam=beam, alternatives=runners_up, **kw)
-    return result_record(path.name, result, beam, alternatives=runners_up)
+    result = model.configured(beam=beam, alternatives=runners_up, **kw).caption(path)
+    return as_json(caption_record(path.name, result, beam, alternatives=runners_up))
 
 
 def assert_same(got: dict, want: dict) -> None:

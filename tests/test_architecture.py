@@ -45,7 +45,7 @@ LAYERS = (
     ("caption.data",),
     ("caption.model",),
     ("caption.decoding",),
-    ("caption.guidance",),  # evidence of what a photo shows, and the searches that make captions say it
+    ("caption.guidance",),  # evidence of what a photo shows, the searches that make captions say it, the record
     ("caption.checkpoint", "caption.pipeline"),
     ("caption.evaluation",),
     ("caption.training",),
@@ -297,4 +297,4 @@ def test_models_are_loaded_in_one_place():
     assert builders == []
     readers = sorted(p.relative_to(PACKAGE).as_posix() for p in PACKAGE.rglob("*.py")
                      if "load_checkpoints(" in p.read_text())
-    assert readers == ["checkpoint.py", "inference.py"]
+    assert readers == ["checkpoint.py", "inference.py", "training/pretrained.py"]  # the last: distillation's teachers

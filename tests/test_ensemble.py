@@ -81,7 +81,7 @@ def test_load_a_list_of_checkpoints_as_an_ensemble(tmp_path):
     Image.new("RGB", (40, 30), (20, 200, 30)).save(image)
     model = caption.load([a, b])
     assert isinstance(model.model.decoder, EnsembleDecoder) and model.name == "a.pt+b.pt"
-    result = model.caption(image, beam=2)
+    result = model.configured(beam=2).caption(image)
     assert result.words and result.alphas.shape[1:] == (3, 3)
     torch.testing.assert_close(result.alphas.sum((1, 2)), torch.ones(len(result.words)))
 

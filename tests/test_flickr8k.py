@@ -41,8 +41,7 @@ def test_the_default_is_one_decoder_and_the_shipped_ensemble_loads():
     from caption.model.ensemble import EnsembleDecoder
 
     one = caption.load(guide=False)
-    assert not isinstance(one.model.decoder, EnsembleDecoder) and one.path == SHIPPED_MODELS[0]
-    assert caption.load(guide=False, single=True).path == SHIPPED_MODELS[0]
+    assert not isinstance(one.model.decoder, EnsembleDecoder) and one.paths == SHIPPED_MODELS
     ensemble = caption.load(SHIPPED_ENSEMBLE, guide=False)
     assert isinstance(ensemble.model.decoder, EnsembleDecoder) and len(ensemble.model.decoder.members) == 3
     assert ensemble.name == "+".join(p.name for p in SHIPPED_ENSEMBLE)

@@ -145,7 +145,8 @@ def test_guided_captions_name_what_the_classifier_is_sure_of():
     options = DecodeConfig(beam_size=3, max_len=8)
     plain = decode(decoder, feats, options, vocab=VOCAB)
     guided = guided_decode(decoder, feats, options, guide, vocab=VOCAB)
-    assert all(r.guide is None for r in plain) and all(r.guide is not None for r in guided)
+    assert not any(hasattr(r, "guide") for r in plain)  # decoding's results know nothing of guidance
+    assert all(r.guide is not None for r in guided)
     for p, g, plan in zip(plain, guided, guide.plan(feats)):
         if plan.constraint is None or plan.accepts(p.tokens):
             assert g.tokens == p.tokens and not g.guide.shaped  # nothing asked, or asked and done: as it was
@@ -180,11 +181,12 @@ def test_the_head_on_the_grid_mean_is_the_classifier_itself():
     classifier_head equal the whole EfficientNet-Lite0 classifier's logits."""
     pytest.importorskip("efficientnet_lite_pytorch", reason="the 'lite' extra is not installed")
     import caption
+    from caption.data.images import preprocess
     from caption.inference import SAMPLE_PHOTO
     from caption.model.encoder import classifier_head, load_efficientnet_lite
 
     model = caption.load(threads=1, precision="fp32", guide=False)
-    x = model.tensor(SAMPLE_PHOTO).unsqueeze(0)  # (1, 3, 224, 224)
+    x = preprocess(SAMPLE_PHOTO, model.transform).unsqueeze(0)  # (1, 3, 224, 224)
     with torch.no_grad():
         logits = load_efficientnet_lite("efficientnet_lite0", pretrained=True).eval()(x)  # (1, 1000)
         mine = classifier_head(model.config.model)(model.encoder(x).mean(1))  # (1, 1000)
@@ -199,7 +201,7 @@ def test_the_viewer_shows_the_classifier_label_beside_the_caption(tmp_path):
     from conftest import FakeResult
     from PIL import Image
 
-    from caption.decoding.results import GuideInfo
+    from caption.guidance.result import GuideInfo
     from caption.viz import viewer
 
     info = GuideInfo((("tabby", 0.62), ("tiger cat", 0.2)), "cat", ("cat", "cats"), True, True, True)
@@ -231,15 +233,20 @@ def test_predict_json_carries_the_labels_and_no_guide_leaves_them_out(capsys):
     assert "guide" not in plain and plain["caption"] == guided["caption"]  # it already named the dog
 
 
-def test_an_encoder_without_an_imagenet_head_captions_unguided_and_says_so_once(tiny_checkpoint, capsys):
+def test_an_encoder_without_an_imagenet_head_captions_unguided_and_says_so_once(tiny_checkpoint, capsys, caplog):
+    import logging
+
     import caption
 
-    model = caption.load(tiny_checkpoint)
-    err = capsys.readouterr().err.splitlines()
-    assert model.guide is None and err == [f"caption: guidance off: {model.guide_off}"]
-    assert "small" in model.guide_off
-    quiet = caption.load(tiny_checkpoint, guide=False)
-    assert quiet.guide is None and capsys.readouterr().err == ""
+    with caplog.at_level(logging.INFO, logger="caption.inference"):
+        model = caption.load(tiny_checkpoint)
+    notes = [r.getMessage() for r in caplog.records if r.getMessage().startswith("guidance")]
+    assert model.guide is None and notes == [f"guidance off: {model.guide_off}"]
+    assert "small" in model.guide_off and capsys.readouterr().err == ""  # logged, not printed
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="caption.inference"):
+        quiet = caption.load(tiny_checkpoint, guide=False)
+    assert quiet.guide is None and not [r for r in caplog.records if r.getMessage().startswith("guidance")]
 
 
 def test_the_tables_ship_in_the_wheel():

@@ -10,7 +10,7 @@ import torch
 from test_guide_people import VOCAB, _features, _guide, _ids, _probe
 
 from caption.config import GuideConfig
-from caption.decoding.results import result_record
+from caption.guidance.record import as_json, caption_record
 from caption.guidance.detector import Detection, load_detector
 from caption.guidance.evidence import (
     CONFIRMED,
@@ -130,7 +130,7 @@ def test_real_photos_people_stay_with_people_and_none_are_invented_without(capsy
     assert people.intersection(results[0].tokens), results[0].caption
     for r in results[1:]:
         assert not people.intersection(r.tokens) and r.guide.no_people is not None, r.caption
-        record = result_record("x", r, 3)
+        record = as_json(caption_record("x", r, 3))
         assert record["guide"]["labels"]
 
 
@@ -142,14 +142,16 @@ def test_where_someone_is_seen_a_caption_without_people_may_still_be_given_the_n
     assert plan.constraint.penalized == () and not plan.accepts(_ids(tokens[0]))
 
 
-def test_without_the_detector_guidance_says_so_once_and_the_probe_decides(monkeypatch, capsys):
+def test_without_the_detector_guidance_says_so_once_and_the_probe_decides(monkeypatch, caplog):
+    import logging
+
     import caption
     from caption.guidance import guide as guide_module
 
     monkeypatch.setattr(guide_module, "load_detector", lambda: (None, "no COCO detector: not installed"))
-    model = caption.load(prog="caption predict")
-    err = capsys.readouterr().err
-    assert err.count("guidance without the COCO detector (no COCO detector: not installed)") == 1
+    with caplog.at_level(logging.INFO, logger="caption.inference"):
+        model = caption.load()
+    assert caplog.text.count("guidance without the COCO detector (no COCO detector: not installed)") == 1
     assert model.guide.detector is None and model.guide.detector_off == "no COCO detector: not installed"
     result = model.configured(beam=1).caption(Path(__file__).parents[1] / "caption" / "assets" / "sample.jpg")
     assert result.words and result.guide is not None  # guided all the same, people by the probe

@@ -16,7 +16,7 @@ from caption.guidance.guide import Guide
 from caption.guidance.search import guided_decode, guided_search
 from caption.guidance.names import ImageNetClass, everyday_name, read_classes, stand_in
 from caption.guidance.people import PeopleProbe, fit_probe, load_probe, pooled
-from caption.decoding.results import result_record
+from caption.guidance.record import as_json, caption_record
 from caption.decoding.search import search
 from caption.model import AttentionDecoder
 from caption.vocab import END_ID, Vocabulary
@@ -98,7 +98,7 @@ def test_the_caption_says_the_name_in_the_stand_ins_place_with_its_attention_map
         assert word in result.caption.split() and "animal" not in result.caption.split()
         if position and word in ("iguana", "zebra"):
             assert result.words[position - 1] != ("a" if word == "iguana" else "an")
-        record = result_record("x.jpg", result, beam=3)
+        record = as_json(caption_record("x.jpg", result, beam=3))
         assert record["tokens"][position] == word and len(record["attention"]) == len(record["tokens"])
         assert record["guide"]["spelled"] == [{"position": position, "word": word}]
 
@@ -133,9 +133,10 @@ def test_the_probe_sees_people_in_a_real_photo_and_not_in_a_cup_of_coffee():
     from PIL import Image
 
     import caption
+    from caption.data.images import preprocess
 
-    model = caption.load(threads=1, precision="fp32", single=True)
-    x = torch.stack([model.tensor(Image.fromarray(data.astronaut())), model.tensor(Image.fromarray(data.coffee()))])
+    model = caption.load(threads=1, precision="fp32")
+    x = torch.stack([preprocess(Image.fromarray(photo), model.transform) for photo in (data.astronaut(), data.coffee())])
     with torch.no_grad():
         astronaut, coffee = model.guide.probe(model.encoder(x)).tolist()
     assert astronaut > 0.8 > 0.2 > coffee

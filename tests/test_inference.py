@@ -47,13 +47,26 @@ def test_caption_model_runs_in_the_precision_asked_for(tiny_checkpoint, tmp_path
     bf16 = load(tiny_checkpoint, precision="bf16")
     assert (fp32.precision.name, bf16.precision.name) == ("fp32", "bf16")
     assert load(tiny_checkpoint).precision.requested == "auto"  # the checkpoint's own precision
-    a, b = fp32.caption(image, beam=2), bf16.caption(image, beam=2)
+    a, b = fp32.configured(beam=2).caption(image), bf16.configured(beam=2).caption(image)
     assert a.log_prob == pytest.approx(b.log_prob, abs=0.1) or a.tokens != b.tokens
-    assert torch.equal(fp32.pixels(image), fp32.transform.pixels(fp32.load_rgb(image)))
+    with Image.open(image) as opened:  # a file and the PIL image of it are prepared alike
+        assert torch.equal(preprocess(image, fp32.transform), preprocess(opened, fp32.transform))
     batch = [o.result for o in fp32.configured(beam=2).captions([image, tmp_path / "missing.png", image])]
     assert isinstance(batch[1], ImageError) and batch[0].tokens == batch[2].tokens == a.tokens
     with pytest.raises(CaptionError, match="fp16"):
         load(tiny_checkpoint, precision="fp16")
+
+
+def test_the_library_api_imports_nothing_from_training():
+    """caption.inference may sit above training in the layers, but captioning needs none of it."""
+    import ast
+
+    import caption.inference
+
+    tree = ast.parse(open(caption.inference.__file__, encoding="utf-8").read())
+    modules = {n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module}
+    modules |= {a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+    assert "caption.checkpoint" in modules and not [m for m in modules if m.startswith("caption.training")]
 
 
 def test_encode_images_keeps_order_and_errors_in_place_across_batches(tmp_path):

@@ -22,7 +22,7 @@ from caption.checkpoint import CheckpointError
 from caption.commands.main import main
 from caption.data.images import ImageError
 
-JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid", "attention"}
+JSON_KEYS = {"image", "caption", "tokens", "log_prob", "beam", "grid", "focus", "attention"}
 ALTERNATIVE_KEYS = {"caption", "tokens", "log_prob", "attention"}
 INFO_LINE = re.compile(r"^caption \w+: (precision |guidance off: )")  # stderr: what the model runs at, not an error
 
@@ -91,14 +91,15 @@ def run(capsys, *argv: str) -> tuple[int, list[str], list[str]]:
 # ----------------------------------------------------------------------------- library API
 
 
-def test_load_exposes_config_vocab_grid(tiny_checkpoint) -> None:
+def test_load_exposes_config_vocab_grid(tiny_checkpoint, good) -> None:
     model = caption.load(tiny_checkpoint)
     assert isinstance(model, caption.CaptionModel)
     assert model.grid == (3, 3)
     assert len(model.vocab) == 14
     assert model.config.data.image_size == 32
     assert model.options.beam_size == model.config.decode.beam_size == 2
-    assert caption.load(tiny_checkpoint.parent).path == tiny_checkpoint  # a run directory works too
+    from_dir = caption.load(tiny_checkpoint.parent)  # a run directory works too: its best.pt
+    assert from_dir.name == "best.pt" and from_dir.caption(good).tokens == model.caption(good).tokens
 
 
 def test_caption_returns_words_with_normalised_attention(tiny_checkpoint, good) -> None:
@@ -121,7 +122,6 @@ def test_configured_is_a_copy_and_the_model_knows_its_paths(tiny_checkpoint, tmp
     assert greedy.configured(max_len=None).options == greedy.options  # None keeps a setting
     assert model.paths == (tiny_checkpoint,) and caption.load(tiny_checkpoint.parent).paths == (tiny_checkpoint.parent,)
     assert caption.load([tiny_checkpoint, tiny_checkpoint]).paths == (tiny_checkpoint, tiny_checkpoint)
-    assert caption.load([tiny_checkpoint, tiny_checkpoint], single=True).paths == (tiny_checkpoint,)
     with pytest.raises(ConfigError, match="beam_size"):
         model.configured(beam=0)
     with pytest.raises(TypeError, match="beams"):
@@ -129,6 +129,18 @@ def test_configured_is_a_copy_and_the_model_knows_its_paths(tiny_checkpoint, tmp
     image = make_rgb(tmp_path, "one.png", seed=3, size=(40, 30))
     assert len(greedy.caption(image).words) <= 3
     assert model.caption(image).tokens == model.configured().caption(image).tokens
+    assert model.configured(guide=True).guide is None  # nothing to take back: this encoder has no classifier
+
+
+def test_the_model_offers_three_methods_and_load_prints_nothing(tiny_checkpoint, capsys, caplog) -> None:
+    import logging
+
+    methods = sorted(n for n, v in vars(caption.CaptionModel).items() if callable(v) and not n.startswith("_"))
+    assert methods == ["caption", "captions", "configured"]
+    with caplog.at_level(logging.INFO, logger="caption.inference"):
+        model = caption.load(tiny_checkpoint, threads=1)
+    assert capsys.readouterr() == ("", "")
+    assert [r.getMessage() for r in caplog.records] == [model.runtime.describe(), f"guidance off: {model.guide_off}"]
 
 
 def test_batch_call_equals_single_calls(tiny_checkpoint, tmp_path) -> None:
@@ -149,22 +161,25 @@ def test_batch_call_equals_single_calls(tiny_checkpoint, tmp_path) -> None:
     assert not torch.allclose(batched[0].alphas[0], batched[4].alphas[0], atol=1e-5)
 
 
-def test_preprocessed_is_the_square_model_input(tiny_checkpoint, tmp_path) -> None:
-    model = caption.load(tiny_checkpoint)
+def test_a_pil_image_of_the_model_input_captions_as_the_file(tiny_checkpoint, tmp_path) -> None:
+    from torchvision.transforms.functional import to_pil_image
+
+    from caption.data.images import preprocess
+
+    model = caption.load(tiny_checkpoint).configured(beam=1)
     path = make_rgb(tmp_path, "wide.png", size=(90, 30))
-    seen = model.preprocessed(path)
+    seen = to_pil_image(preprocess(path, model.transform, pixels=True))  # the square image the encoder sees
     assert seen.size == (32, 32) and seen.mode == "RGB"
-    # a PIL image, the preprocessed image and the file all give the same caption
-    from_file, from_seen = model.caption(path, beam=1), model.caption(seen, beam=1)
+    from_file, from_seen = model.caption(path), model.caption(seen)
     assert from_seen.tokens == from_file.tokens
     torch.testing.assert_close(from_seen.alphas, from_file.alphas)
 
 
 def test_beam_and_max_len_override_the_run_config(tiny_checkpoint, good) -> None:
     model = caption.load(tiny_checkpoint)
-    assert len(model.caption(good, beam=1, max_len=2).words) <= 2
+    assert len(model.configured(beam=1, max_len=2).caption(good).words) <= 2
     with pytest.raises(ValueError):
-        model.caption(good, beam=0)
+        model.configured(beam=0)
 
 
 def test_caption_raises_image_error_for_a_bad_file(tiny_checkpoint, tmp_path) -> None:
@@ -179,7 +194,6 @@ def test_default_checkpoint_is_the_shipped_model() -> None:
 
     shipped = list(inference.SHIPPED_MODELS)
     assert inference.default_checkpoint() == shipped and all(p.is_file() for p in shipped)
-    assert inference.default_checkpoint(single=True) == shipped[:1]
     files = list(inference.ASSETS.glob("*.pt"))  # every model file ships inside the package
     assert set(shipped + list(inference.SHIPPED_ENSEMBLE)) <= set(files)
     assert sum(p.stat().st_size for p in files) <= 60 * 2**20
@@ -233,8 +247,11 @@ def test_predict_json_lines(tiny_checkpoint, tmp_path, capsys) -> None:
         assert 1 <= len(r["tokens"]) <= 6 and all(isinstance(t, str) for t in r["tokens"])
         assert r["caption"] == " ".join(t for t in r["tokens"] if t != "<end>")
         assert isinstance(r["log_prob"], float) and r["log_prob"] <= 0
-        want = model.caption(path, beam=3, alternatives=True)
+        want = model.configured(beam=3, alternatives=True).caption(path)
         _assert_maps(r["attention"], want.alphas)
+        flat = want.alphas.double().flatten(1).clamp_min(1e-12)  # (T, L)
+        spread = (-(flat * flat.log()).sum(1)).exp()  # exp(entropy): cells the map is spread over
+        assert r["focus"] == pytest.approx(spread.tolist(), abs=0.051) and all(1 <= f <= 9.05 for f in r["focus"])
         assert len(r["alternatives"]) == len(want.alternatives) <= 2
         for got, alt in zip(r["alternatives"], want.alternatives):
             assert set(got) == ALTERNATIVE_KEYS and got["tokens"] == alt.words and got["caption"] == alt.caption
@@ -259,13 +276,13 @@ def test_predict_json_greedy_has_no_alternatives(tiny_checkpoint, good, capsys) 
 def test_predict_json_init_attention() -> None:
     """A result with a map before the first word (model.init_state=attend) prints it as init_attention."""
     from caption.decoding import DecodingResult
-    from caption.decoding.results import result_record
+    from caption.guidance.record import as_json, caption_record
 
     init = torch.tensor([[0.123456, 0.876544]])
     alphas = torch.tensor([[[0.25, 0.75]], [[0.5, 0.5]]])
     result = DecodingResult(tokens=[5, 3], words=["dog", "<end>"], log_prob=-1.5, score=-1.5, alphas=alphas,
                             finished=True, init_alphas=init)
-    record = result_record("x.jpg", result, beam=1)
+    record = as_json(caption_record("x.jpg", result, beam=1))
     assert record["init_attention"] == [[0.1235, 0.8765]]
     assert record["attention"] == [[[0.25, 0.75]], [[0.5, 0.5]]] and record["grid"] == [1, 2]
 
@@ -341,8 +358,12 @@ def test_predict_large_image(tiny_checkpoint, large_jpeg, capsys) -> None:
 
 
 def test_exif_orientation_is_applied(tiny_checkpoint, tmp_path) -> None:
-    upright = caption.load(tiny_checkpoint).load_rgb(MODES["exif"](tmp_path))
+    from caption.data.images import open_rgb
+
+    upright = open_rgb(MODES["exif"](tmp_path))  # what CaptionModel.captions reads it with (preprocess)
     assert upright.size == (20, 60)  # stored 60x20, displayed rotated
+    assert caption.load(tiny_checkpoint).caption(MODES["exif"](tmp_path)).tokens == \
+        caption.load(tiny_checkpoint).caption(upright).tokens
 
 
 # ----------------------------------------------------------------------------- caption attend
@@ -353,7 +374,7 @@ def test_attend_writes_png_html_and_per_word(tiny_checkpoint, good, tmp_path, ca
     code, out, err = run(capsys, "attend", str(good), "--out", str(out_png), "--checkpoint", str(tiny_checkpoint),
                          "--html", "--per-word", "--beam", "1")
     assert code == 0 and err == []
-    words = caption.load(tiny_checkpoint).caption(good, beam=1).words
+    words = caption.load(tiny_checkpoint).configured(beam=1).caption(good).words
     assert out[0] == f"{good}\t{' '.join(w for w in words if w != '<end>')}"
     written = [Path(p) for p in out[1:]]
     assert written[:2] == [out_png, out_png.with_suffix(".html")]
@@ -365,7 +386,7 @@ def test_attend_writes_png_html_and_per_word(tiny_checkpoint, good, tmp_path, ca
     assert sorted(folder.iterdir()) == sorted(written[2:]) and len(written[2:]) == len(words)
     for p in written[2:]:
         with Image.open(p) as img:
-            assert img.size == (48, 40)  # the photo as taken, not the 32x32 square the model saw
+            assert img.size == (48, 40 + 30)  # the photo as taken (not the 32x32 square the model saw), then the legend
 
 
 def test_attend_html_only(tiny_checkpoint, good, tmp_path, capsys) -> None:
@@ -449,7 +470,7 @@ def test_attend_folder_writes_one_gallery(tiny_checkpoint, tmp_path, capsys) -> 
     assert [line.split(":")[0] for line in data["errors"]] == [str(tmp_path / "gone.png"), str(folder / "b.jpg")]
     assert (data["photos"][1]["width"], data["photos"][1]["height"]) == (30, 50)
     hyps = data["photos"][0]["models"][0]["hyps"]
-    want = model.caption(good[0], alternatives=True)
+    want = model.configured(alternatives=True).caption(good[0])
     assert [h["caption"] for h in hyps] == [want.caption] + [a.caption for a in want.alternatives]
 
 
@@ -476,7 +497,8 @@ def test_attend_compare_single_photo(tiny_checkpoint, second_checkpoint, good, t
     code, out, err = run(capsys, "attend", str(good), "--out", str(target), "--html", "--beam", "2",
                          "--checkpoint", str(tiny_checkpoint), "--compare", str(second_checkpoint))
     assert code == 0 and err == []
-    first, second = (caption.load(c).caption(good, beam=2) for c in (tiny_checkpoint, second_checkpoint))
+    first, second = (caption.load(c).configured(beam=2).caption(good)
+                     for c in (tiny_checkpoint, second_checkpoint))
     assert out == [f"{good}\t{first.caption}\t{second.caption}", str(target), str(target.with_suffix(".html"))]
     data = _page_data(target.with_suffix(".html"))
     assert data["labels"] == ["best.pt (additive)", "general.pt (general)"]

@@ -132,7 +132,8 @@ def test_a_stop_without_grace_answers_the_batch_in_flight_with_a_clear_503():
 
     running, queued = asyncio.run(scenario())
     assert isinstance(running, RequestError) and running.status == 503
-    assert running.message == "the server stopped before this image was captioned"
+    assert running.message == ("the server is stopping: this image was not captioned before the model thread "
+                               "stopped")
     assert isinstance(queued, RequestError) and queued.status == 503 and "stopping" in queued.message
 
 

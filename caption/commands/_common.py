@@ -62,8 +62,6 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--checkpoint", nargs="+", default=None, metavar="PATH",
                    help="checkpoint file or run directory (default: the shipped model); several make an ensemble "
                         "of their decoders (they must share the encoder and vocabulary)")
-    p.add_argument("--single", action="store_true",
-                   help="the first checkpoint alone, for speed (default: every one given)")
     p.add_argument("--beam", type=positive_int, default=None, metavar="K",
                    help="beam size; 1 = greedy (default: the run's decode.beam_size)")
     p.add_argument("--hard-test", default=None, choices=("argmax", "expect"),
@@ -77,21 +75,26 @@ def add_model_args(p: argparse.ArgumentParser) -> None:
 
 def load_model(args: argparse.Namespace, flag: str = "checkpoint", runtime=None):
     """The CaptionModel of ``--checkpoint`` by :func:`caption.inference.load` (default: the shipped
-    model; several paths: an ensemble), or None after an error line; the runtime line goes to stderr.
+    model; several paths: an ensemble), or None after an error line. On stderr: the runtime line
+    (unless ``runtime`` is given) and the model's :func:`caption.inference.guidance_note`.
     ``flag="compare"`` loads ``--compare`` instead (no default) in ``runtime``, the first model's."""
     from caption.checkpoint import CheckpointError
     from caption.errors import CaptionError
-    from caption.inference import load
+    from caption.inference import guidance_note, load
 
     given = getattr(args, flag)
     try:
         model = load([given] if isinstance(given, str) else given, args.device, args.precision, args.threads,
-                     guide=getattr(args, "guide", True), single=getattr(args, "single", False), runtime=runtime,
-                     prog=f"caption {args.command}", report=runtime is None)
+                     guide=getattr(args, "guide", True), runtime=runtime)
     except CheckpointError as err:
         error(args, f"--{flag} {' '.join(str(p) for p in given)}: {err}" if given else str(err))
         return None
     except CaptionError as err:  # an unknown or absent --device, fp16 on a CPU
         error(args, str(err))
         return None
+    if runtime is None:
+        report(args, model.runtime)
+    note = guidance_note(model)
+    if note is not None:
+        print(f"caption {args.command}: {note}", file=sys.stderr, flush=True)
     return model.configured(hard_test=getattr(args, "hard_test", None))

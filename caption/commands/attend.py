@@ -79,11 +79,12 @@ def _single(args: argparse.Namespace, models: list) -> int:
 
     image, out = args.images[0], Path(args.out)
     try:
-        results = [m.caption(image, beam=args.beam, alternatives=True) for m in models]
+        results = [m.configured(beam=args.beam, alternatives=True).caption(image) for m in models]
     except ImageError as err:
         error(args, str(err))
         return EXIT_BAD_INPUT
     both = {"compare": results[1], "labels": _labels(models)} if len(results) > 1 else {}
+    both["scale"] = args.scale
     written = []
     try:
         if out.suffix.lower() == ".html":
@@ -94,7 +95,7 @@ def _single(args: argparse.Namespace, models: list) -> int:
                 written.append(viewer.write_html(results[0], image, out.with_suffix(".html"), **both))
         if args.per_word:
             folder = out.parent / f"{out.stem}_words"
-            words = overlay.save_per_word(results[0], image, folder)
+            words = overlay.save_per_word(results[0], image, folder, scale=args.scale)
             _remove_stale_words(folder, words)
             written.extend(words)
     except OSError as err:
@@ -142,7 +143,8 @@ def _gallery(args: argparse.Namespace, models: list) -> int:
     title = "Attention: " + ", ".join(args.images)
     title = title if len(title) <= TITLE_CHARS else title[: TITLE_CHARS - 1] + "\u2026"
     try:
-        page = viewer.write_gallery(photos, args.out, title=title, labels=_labels(models), errors=errors)
+        page = viewer.write_gallery(photos, args.out, title=title, labels=_labels(models), errors=errors,
+                                    scale=args.scale)
     except OSError as err:
         error(args, f"cannot write {getattr(err, 'filename', None) or args.out}: {err.strerror or err}")
         return EXIT_BAD_INPUT
@@ -182,4 +184,8 @@ def add_attend_command(sub: argparse._SubParsersAction) -> None:
                    help="also write one PNG per word of the (first) model's caption into <OUT stem>_words/")
     p.add_argument("--batch-size", type=positive_int, default=16, metavar="N",
                    help="images per batch in a gallery (default 16)")
+    p.add_argument("--scale", choices=["uniform", "minmax"], default="uniform",
+                   help="uniform (default): every map coloured on one fixed scale of its weight against a flat "
+                        "map's (1 = flat, so a flat map looks flat); minmax: each map stretched to its own range, "
+                        "as other tools draw them (a flat map then looks as sure as a sharp one)")
     p.set_defaults(func=cmd_attend)

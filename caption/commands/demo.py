@@ -18,7 +18,6 @@ from caption.commands._common import add_runtime_args, resolve
 from caption.config import Config, ConfigError, load_config
 from caption.errors import MissingFileError
 from caption.fileio import atomic_write_json
-from caption.training.run_dir import DEMO_RUN_DIR
 
 CONFIG = Path(__file__).resolve().parents[1] / "configs" / "shapes.yaml"  # packaged copy of configs/shapes.yaml
 DONE = "done.json"
@@ -78,6 +77,8 @@ def _write(line: str) -> None:
 
 def demo_run_dir(seed: int) -> Path:
     """The default run directory of a seed: ``runs/shapes`` for seed 0, ``runs/shapes-seed<S>`` otherwise."""
+    from caption.inference import DEMO_RUN_DIR  # where the library looks for the demo's model too
+
     return DEMO_RUN_DIR if seed == 0 else DEMO_RUN_DIR.with_name(f"{DEMO_RUN_DIR.name}-seed{seed}")
 
 

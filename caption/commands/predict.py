@@ -25,7 +25,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
     from tqdm import tqdm
 
     from caption.data.images import ImageError, find_images
-    from caption.decoding.results import result_record
+    from caption.guidance.record import as_json, caption_record
 
     model = load_model(args)
     if model is None:
@@ -45,7 +45,7 @@ def cmd_predict(args: argparse.Namespace) -> int:
             with bar.external_write_mode(file=sys.stderr):
                 error(args, str(result))
             continue
-        line = (json.dumps(result_record(str(path), result, beam), ensure_ascii=False) if args.json
+        line = (json.dumps(as_json(caption_record(str(path), result, beam)), ensure_ascii=False) if args.json
                 else f"{path}\t{result.caption}")
         with bar.external_write_mode(file=sys.stdout):
             print(line, flush=True)

@@ -2,9 +2,10 @@
 
 Training and inference must preprocess identically (a mismatch gives "the same caption for every
 image", the most reported failure of this model family), so both go through :func:`preprocess`:
-:func:`load_image` (EXIF orientation, any mode -> RGB, huge images shrunk before full decode) then
-an :class:`ImageTransform` (whole-image square resize, no crop, so the attention grid covers the
-whole photo; ToTensor; Normalize). Every failure to read a file is an :class:`ImageError` naming it.
+:func:`open_rgb` (a file by :func:`load_image`: EXIF orientation, any mode -> RGB, huge images
+shrunk before full decode; or a PIL image, converted to RGB) then an :class:`ImageTransform`
+(whole-image square resize, no crop, so the attention grid covers the whole photo; ToTensor;
+Normalize). Every failure to read a file is an :class:`ImageError` naming it.
 :func:`prefetch` decodes and resizes the next images in worker threads while the model computes.
 """
 
@@ -17,7 +18,7 @@ import os
 import warnings
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Callable, Iterable, Iterator, Sequence, TypeVar
+from typing import Callable, Iterable, Iterator, Sequence, TypeAlias, TypeVar, Union
 
 import numpy as np
 import torch
@@ -33,6 +34,7 @@ IMAGE_EXTENSIONS = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", "
 # the refusal into an ImageError. A 179 MP photo still loads (JPEGs are drafted down first).
 _ALPHA_MODES = frozenset({"LA", "La", "PA", "RGBA", "RGBa"})
 
+ImageInput: TypeAlias = Union[str, "os.PathLike[str]", Image.Image]  # a file path or a PIL image
 Item = TypeVar("Item")
 Result = TypeVar("Result")
 
@@ -202,13 +204,29 @@ def transform_for(cfg: Config, encoder) -> ImageTransform:
     return image_transform(cfg.data.image_size, encoder.mean, encoder.std)
 
 
-def preprocess(path: str | Path, transform, *, pixels: bool = False) -> torch.Tensor:
-    """Load a file and apply the model transform: the one path used by training and inference.
+def open_rgb(image: ImageInput, max_side: int | None = None) -> Image.Image:
+    """A file path (:func:`load_image`, shrunk to ``max_side``) or a PIL image (converted by
+    :func:`to_rgb`, its size kept) as RGB. Raises :class:`ImageError` naming the input for one that
+    cannot be read or converted, TypeError for anything that is neither."""
+    if isinstance(image, Image.Image):
+        try:
+            return to_rgb(image)
+        except Exception as err:  # an unusual mode Pillow cannot convert
+            name = getattr(image, "filename", "") or "<PIL image>"
+            raise ImageError(name, str(err) or type(err).__name__) from err
+    if isinstance(image, (str, os.PathLike)):
+        return load_image(image, max_side=max_side)
+    raise TypeError(f"expected an image path or a PIL image, got {type(image).__name__}")
+
+
+def preprocess(image: ImageInput, transform, *, pixels: bool = False) -> torch.Tensor:
+    """Read an image file (or take a PIL image) and apply the model transform: the one path used by
+    training, the feature cache and inference (:func:`open_rgb`, then ``transform``).
 
     ``pixels=True`` stops before normalisation (``ImageTransform.pixels``: uint8 (3, S, S)).
     """
-    image = load_image(path, max_side=getattr(transform, "max_side", None))
-    return transform.pixels(image) if pixels else transform(image)
+    rgb = open_rgb(image, max_side=getattr(transform, "max_side", None))
+    return transform.pixels(rgb) if pixels else transform(rgb)
 
 
 def find_images(paths: Iterable[str | Path]) -> tuple[list[Path], list[str]]:

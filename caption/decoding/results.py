@@ -1,7 +1,7 @@
 """What decoding returns: one :class:`DecodingResult` per image (searched), or :class:`Samples`
-(sampled, K rows per image, with log-probabilities that can carry gradients); and
-:func:`result_record`, a result as the plain JSON that ``caption predict --json`` prints and
-``caption serve`` returns."""
+(sampled, K rows per image, with log-probabilities that can carry gradients). What guidance adds
+to a result is guidance's (:mod:`caption.guidance.result`), and a result's JSON record is built
+above both (:mod:`caption.guidance.record`)."""
 
 from __future__ import annotations
 
@@ -12,38 +12,6 @@ import torch
 
 from caption.config import DecodeConfig
 from caption.vocab import END, END_ID, SPECIALS, Vocabulary
-
-MAP_DECIMALS = 4  # attention weights in a result record
-
-
-@dataclass(frozen=True)
-class GuideInfo:
-    """What the encoder's ImageNet classifier said about one image and what it made the caption
-    say (:mod:`caption.guidance`)."""
-
-    labels: tuple[tuple[str, float], ...]  # the classifier's top labels with their probabilities, best first
-    constraint: str | None = None  # the name the caption had to say (most specific first); None: no name
-    names: tuple[str, ...] = ()  # every name that would do, as the vocabulary spells them (plurals too)
-    satisfied: bool = False  # the caption says one of them (or something as plausible)
-    no_people: bool = False  # people and what they wear were kept out (the name is the subject of a photo without people)
-    shaped: bool = False  # guidance changed the caption: the plain one did not do as asked
-    people: float | None = None  # the people probe's probability that the photo shows people; None: no probe
-    spelled: tuple[tuple[int, str], ...] = ()  # (position, name): a word the caption says for a stand-in token
-
-    def as_dict(self) -> dict:
-        """Plain JSON values: ``labels`` as [{"label", "p"}], ``spelled`` as [{"position", "word"}],
-        the rest as they are."""
-        return {"labels": [{"label": label, "p": p} for label, p in self.labels], "constraint": self.constraint,
-                "names": list(self.names), "satisfied": self.satisfied, "no_people": self.no_people,
-                "shaped": self.shaped, "people": self.people,
-                "spelled": [{"position": i, "word": w} for i, w in self.spelled]}
-
-    def spell(self, words: list[str]) -> list[str]:
-        """The caption's words with each stand-in replaced by the name it says (``spelled``)."""
-        words = list(words)
-        for i, word in self.spelled:
-            words[i] = word
-        return words
 
 
 @dataclass(frozen=True)
@@ -58,7 +26,6 @@ class DecodingResult:
     finished: bool  # False when cut at max_len
     alternatives: tuple["DecodingResult", ...] = ()  # the beam's runners-up, best first (options.alternatives)
     init_alphas: torch.Tensor | None = None  # (gh, gw) the query-free pool h0/c0 came from (model.init_state=attend)
-    guide: GuideInfo | None = None  # the classifier's labels and the constraint, when the caption was guided
 
     @property
     def caption(self) -> str:
@@ -145,39 +112,3 @@ class Samples:
         """Each row as a DecodingResult (``score`` is its log-probability), rows in order."""
         grid = default_grid(self.alphas.shape[-1]) if grid is None else grid
         return [to_result(h, DecodeConfig(), vocab, grid) for h in self.hypotheses()]
-
-
-def _maps(alphas: torch.Tensor) -> list:
-    """Attention maps (..., gh, gw) as nested lists rounded to MAP_DECIMALS."""
-    return alphas.double().round(decimals=MAP_DECIMALS).tolist()
-
-
-def result_record(image: str, result: DecodingResult, beam: int, *, attention: bool = True,
-                  alternatives: bool | None = None) -> dict:
-    """One image's caption as plain JSON values: the caption, its emitted words and their attention
-    maps, the guide's labels, and the beam's runners-up with theirs (``alternatives``; None: when
-    ``beam`` > 1). ``attention=False`` leaves every map out. The one shape of ``caption predict --json``
-    and ``caption serve``."""
-    record = {
-        "image": image,
-        "caption": result.caption,
-        "tokens": list(result.words),  # emitted words, "<end>" included when emitted
-        "log_prob": round(float(result.log_prob), 6),
-        "beam": beam,
-        "grid": list(result.alphas.shape[1:]),  # [gh, gw]
-    }
-    if attention:
-        record["attention"] = _maps(result.alphas)  # T maps (gh, gw), aligned with tokens
-        init = getattr(result, "init_alphas", None)
-        if init is not None:
-            record["init_attention"] = _maps(init)  # (gh, gw), the map used before the first word
-    guide = getattr(result, "guide", None)
-    if guide is not None:  # the classifier's labels and what they made the caption say
-        record["guide"] = guide.as_dict()
-    if beam > 1 if alternatives is None else alternatives:
-        record["alternatives"] = [
-            {"caption": alt.caption, "tokens": list(alt.words), "log_prob": round(float(alt.log_prob), 6),
-             **({"attention": _maps(alt.alphas)} if attention else {})}
-            for alt in result.alternatives
-        ]
-    return record

@@ -57,7 +57,7 @@ from caption.guidance.names import (
 from caption.guidance.detector import Detector, load_detector
 from caption.guidance.evidence import PROBE_PEOPLE, Evidence, coco_phrases, confirmed, found
 from caption.guidance.people import PeopleProbe, load_probe
-from caption.decoding.results import GuideInfo
+from caption.guidance.result import GuideInfo
 from caption.model.encoder import classifier_head
 from caption.vocab import Vocabulary
 

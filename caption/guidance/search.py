@@ -17,29 +17,29 @@ from torch import nn
 from caption.config import DecodeConfig
 from caption.decoding import decode
 from caption.decoding.constrained import Constraint, constrained_beam_search
-from caption.decoding.results import DecodingResult, GuideInfo, Hypothesis, default_grid, to_result
+from caption.decoding.results import Hypothesis, default_grid, to_result
 from caption.decoding.rules import eval_mode, read_cells
 from caption.decoding.search import search
 from caption.guidance.guide import Guide
+from caption.guidance.result import GuidedResult, GuideInfo
 from caption.vocab import Vocabulary
 
 
 def guided_decode(decoder: nn.Module, features: torch.Tensor, options: DecodeConfig, guide: Guide, *,
                   vocab: Vocabulary | None = None, grid: tuple[int, int] | None = None,
-                  mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> list[DecodingResult]:
+                  mask: torch.Tensor | None = None, pixels: torch.Tensor | None = None) -> list[GuidedResult]:
     """:func:`caption.decoding.decode` of features (B, L, D) guided by ``guide``: searched
     captions of confidently classified objects must name them, people are said only where the
     detector (looking at ``pixels`` (B, 3, S, S) uint8, where given) or the probe sees them, and
     every result carries the guide's labels (``result.guide``) with its stand-ins spelled.
-    Sampling is not guided."""
+    Sampling is not guided (``result.guide`` None)."""
     if options.sampling:
-        return decode(decoder, features, options, vocab=vocab, grid=grid, mask=mask)
+        return [GuidedResult.of(r) for r in decode(decoder, features, options, vocab=vocab, grid=grid, mask=mask)]
     grid = default_grid(features.shape[1]) if grid is None else grid
     with eval_mode(decoder):
         pairs = guided_search(read_cells(decoder, options.hard_test), features, options, guide, search, mask,
                               pixels)
-    results = [to_result(h, options, vocab, grid) for h, _ in pairs]
-    return [dataclasses.replace(r, words=info.spell(r.words), guide=info) for r, (_, info) in zip(results, pairs)]
+    return [GuidedResult.of(to_result(h, options, vocab, grid), info) for h, info in pairs]
 
 
 PlainSearch = Callable[[nn.Module, torch.Tensor, DecodeConfig, "torch.Tensor | None"], list[Hypothesis]]

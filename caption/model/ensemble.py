@@ -3,8 +3,9 @@
 :class:`EnsembleDecoder` has the decoder interface every search uses (``prepare``,
 ``init_state``, ``step``), so greedy search, beam search and sampling run an ensemble unchanged.
 Each member runs its own ``step``; the ensemble's next-word scores are the mean of the members'
-log-probabilities (a log-linear ensemble: the searches' log-softmax then renormalises their
-geometric mean) and its attention map is the mean of the members' maps.
+log-probabilities (:func:`mean_log_probs`, a log-linear ensemble: the searches' log-softmax then
+renormalises their geometric mean) and its attention map is the mean of the members' maps.
+Distillation's teachers give their next-word distribution through the same function.
 """
 
 from __future__ import annotations
@@ -17,6 +18,17 @@ from torch import nn
 
 from caption.model.attention import Memory
 from caption.model.decoder import AttentionDecoder, DecoderState, StepOutput
+
+
+def mean_log_probs(member_logits: Sequence[torch.Tensor], renormalise: bool = False) -> torch.Tensor:
+    """Each member's (N, V) next-word logits -> the mean of their log-probabilities (N, V), in float32.
+
+    The searches take the log-softmax of whatever a decoder's step returns, so the ensemble's step
+    leaves the mean as it is; ``renormalise`` takes that log-softmax here, for callers that want the
+    ensemble's distribution itself (a teacher's targets in distillation).
+    """
+    logp = torch.stack([torch.log_softmax(x.float(), dim=-1) for x in member_logits]).mean(0)  # (N, V)
+    return torch.log_softmax(logp, dim=-1) if renormalise else logp  # (N, V)
 
 
 @dataclass(frozen=True)
@@ -74,6 +86,6 @@ class EnsembleDecoder(nn.Module):
     def step(self, prev_word: torch.Tensor, state: EnsembleState, memory: EnsembleMemory) -> StepOutput:
         """prev_word (N,) -> the members' mean log-probabilities (N, V) as logits, their states, mean alpha (N, L)."""
         outs = [m.step(prev_word, s, mem) for m, s, mem in zip(self.members, state.members, memory.members)]
-        logp = torch.stack([torch.log_softmax(o.logits.float(), dim=-1) for o in outs]).mean(0)  # (N, V)
+        logp = mean_log_probs([o.logits for o in outs])  # (N, V)
         alpha = torch.stack([o.alpha.float() for o in outs]).mean(0)  # (N, L)
         return StepOutput(logp, EnsembleState(tuple(o.state for o in outs)), alpha)

@@ -2,8 +2,10 @@
 request-id layer (:mod:`caption.serve.middleware`) and the routes.
 
 - Refused from the head alone, before a byte of the body is read: a Content-Length over the
-  upload limit (413), and, on the caption routes, a server that is stopping, a connection over
-  ``--max-connections`` or a full queue (503).
+  upload limit (413), and, on the caption routes (those of the app's routes tagged
+  ``CAPTION_TAG``), whatever the batcher would refuse their images for (a server that is
+  stopping, a full queue: :meth:`caption.serve.batcher.Batcher.refusal`) and a connection over
+  ``--max-connections`` (marked by :mod:`caption.serve.connections`) (503).
 - A body that stalls for ``body_timeout_s`` between two reads is dropped (408, then close).
 - A caption request not answered within ``deadline_s`` of its arrival gets a 504.
 - Lingering close: an answer given before the body was read to its end goes out at once (with
@@ -23,10 +25,11 @@ from __future__ import annotations
 import asyncio
 from contextlib import asynccontextmanager
 
+from caption.serve.connections import OVER_CONNECTION_LIMIT
 from caption.serve.middleware import error_response
+from caption.serve.uploads import RequestError, Stopping
 
-OVER_CONNECTION_LIMIT = "caption.over_connection_limit"  # scope["state"] key, set by caption.serve.protocol
-CAPTION_PATHS = frozenset({"/v1/caption", "/v1/captions"})
+CAPTION_TAG = "captions"  # the tag of the routes that caption images: the routes bounded here
 LINGER_IDLE_S = 2.0  # while lingering, the longest wait for the next piece of the body
 
 
@@ -82,10 +85,9 @@ class Exchange:
             return
         await self._send(message)
 
-    async def answer(self, status: int, message: str, request_id: str) -> None:
-        """The one-line JSON error (``Retry-After: 1`` on a 503)."""
-        headers = {"Retry-After": "1"} if status == 503 else None
-        await error_response(status, message, request_id, headers)(self.scope, self._receive, self.send)
+    async def answer(self, error: RequestError, request_id: str) -> None:
+        """The one-line JSON error."""
+        await error_response(error.status, error.message, request_id)(self.scope, self._receive, self.send)
 
     async def finish(self) -> None:
         """Read and discard what is left of the body (bounded in bytes and time), then end the answer."""
@@ -110,10 +112,19 @@ class Exchange:
 class Admission:
     """The ASGI middleware: refusals from the head, the body timeout, the deadline, lingering
     close and the answer at the end of the shutdown grace. ``service`` is the app's
-    :class:`caption.serve.app.Service` (its settings, batcher and stopping flag)."""
+    :class:`caption.serve.app.Service` (its settings and batcher); ``routes`` the app's routes,
+    read at the first request."""
 
-    def __init__(self, app, service):
-        self.app, self.service = app, service
+    def __init__(self, app, service, routes):
+        self.app, self.service, self.routes = app, service, routes
+        self._caption_paths: frozenset[str] | None = None
+
+    @property
+    def caption_paths(self) -> frozenset[str]:
+        """The paths of the routes tagged CAPTION_TAG."""
+        if self._caption_paths is None:
+            self._caption_paths = frozenset(r.path for r in self.routes if CAPTION_TAG in getattr(r, "tags", ()))
+        return self._caption_paths
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -124,24 +135,25 @@ class Admission:
         try:
             refusal = self.refusal(scope, exchange)
             if refusal is not None:
-                await exchange.answer(*refusal, request_id)
-            elif scope["path"] in CAPTION_PATHS:
+                await exchange.answer(refusal, request_id)
+            elif scope["path"] in self.caption_paths:
                 await self._within_deadline(self.app(scope, exchange.receive, exchange.send))
             else:
                 await self.app(scope, exchange.receive, exchange.send)
         except _DeadlinePassed:
             if not exchange.started:
-                await exchange.answer(504, f"no answer within the deadline of {self.service.settings.deadline_s:g} s "
-                                           "(--deadline-s)", request_id)
+                await exchange.answer(RequestError(504, f"no answer within the deadline of "
+                                                        f"{self.service.settings.deadline_s:g} s (--deadline-s)"),
+                                      request_id)
         except BodyTimeout as err:
             exchange.may_linger = False  # the client has stopped sending: nothing to wait for
             if not exchange.started:
-                await exchange.answer(408, str(err), request_id)
+                await exchange.answer(RequestError(408, str(err)), request_id)
         except asyncio.CancelledError:  # uvicorn's shutdown grace is over: answer, and end this task
             if not exchange.started:
                 exchange.may_linger = False
-                await exchange.answer(503, "the server is stopping: this request was not answered within the "
-                                           f"shutdown grace of {self.service.settings.grace_s:g} s", request_id)
+                await exchange.answer(Stopping("this request was not answered within the shutdown grace of "
+                                               f"{self.service.settings.grace_s:g} s"), request_id)
             return
         await exchange.finish()
 
@@ -156,23 +168,20 @@ class Admission:
                 raise
             raise _DeadlinePassed() from None
 
-    def refusal(self, scope, exchange: Exchange) -> tuple[int, str] | None:
-        """(status, message) when the request is refused from its head alone, else None."""
-        settings = self.service.settings
+    def refusal(self, scope, exchange: Exchange) -> RequestError | None:
+        """Why the request is refused from its head alone; None when it is not."""
+        settings, batcher = self.service.settings, self.service.batcher
         limit = settings.max_upload_bytes
         if exchange.declared is not None and exchange.declared > limit:
-            return 413, f"the body is {exchange.declared} bytes; the limit is {limit} (--max-upload-mb)"
-        if scope["path"] not in CAPTION_PATHS:
+            return RequestError(413, f"the body is {exchange.declared} bytes; the limit is {limit} (--max-upload-mb)")
+        if scope["path"] not in self.caption_paths:
             return None
-        if self.service.stopping:
-            return 503, "the server is stopping"
+        refusal = batcher.refusal()  # stopping, the model thread ended, or the queue full
         open_connections = scope.get("state", {}).get(OVER_CONNECTION_LIMIT)
-        if open_connections:
-            return 503, (f"busy: {open_connections} connections are open, over the limit of "
-                         f"{settings.max_connections} (--max-connections); try again shortly")
-        if self.service.batcher.full():
-            return 503, f"busy: {self.service.batcher.depth()} images wait for the model; try again shortly"
-        return None
+        if refusal is None and open_connections:
+            refusal = RequestError(503, f"busy: {open_connections} connections are open, over the limit of "
+                                        f"{settings.max_connections} (--max-connections); try again shortly")
+        return refusal
 
 
 class UploadBudget:

@@ -13,7 +13,10 @@ with its traceback, under that id. Images are decoded and checked in a small thr
 they are queued for the model (:mod:`caption.serve.batcher`), so a bad one never reaches a batch.
 What is refused before the body is read, the timeouts, the deadline and lingering close are
 :mod:`caption.serve.admission`'s; bodies being read share a memory budget (``upload_memory_mb``).
-Answers are built through the published models (:func:`caption.serve.schema.caption_record`).
+Every route takes the :class:`Service` as a dependency (``Depends``) and returns its declared
+response model: a caption answer is the record of :mod:`caption.guidance.record`, the one shape
+``caption predict --json`` prints and ``/openapi.json`` publishes. Which routes caption images
+(and so are bounded by admission) and which paths the metrics name are read from ``app.routes``.
 """
 
 from __future__ import annotations
@@ -23,20 +26,23 @@ import logging
 from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Annotated, Sequence
 
-from fastapi import FastAPI, Request
+from fastapi import Depends, FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse, Response
+from fastapi.responses import HTMLResponse, Response
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 
 from caption.data.images import ImageError, TooManyPixelsError, loader_threads, read_image
-from caption.decoding.results import result_record
-from caption.serve.admission import Admission, UploadBudget
+from caption.guidance.record import CaptionRecord, CaptionResults, caption_record
+from caption.serve import schema
+from caption.serve.admission import CAPTION_TAG, Admission, UploadBudget
 from caption.serve.batcher import Batcher, Captioned, Job, caption_jobs
+from caption.serve.connections import ConnectionGuard, Connections
 from caption.serve.metrics import Metrics
 from caption.serve.middleware import ClientGone, RequestMiddleware, error_response
+from caption.serve.page import index_page
 from caption.serve.uploads import RequestError, RequestOptions, Upload, parse_options, uploads
 
 LOG = "caption.serve"  # the logger's name
@@ -82,9 +88,11 @@ class ServeSettings:
 
 
 class Service:
-    """What the routes share: the model, the settings, the batcher, the metrics, the decode threads."""
+    """What the routes share: the model, the settings, the batcher, the metrics, the decode
+    threads, the open connections' bounds, and what ``/v1/model`` and the page show (``about``:
+    the page's line about what it runs with)."""
 
-    def __init__(self, model, settings: ServeSettings):
+    def __init__(self, model, settings: ServeSettings, about: str = ""):
         from PIL import Image
 
         self.model, self.settings = model, settings
@@ -97,7 +105,10 @@ class Service:
         self.batcher.on_batch = self.metrics.batch_size.observe
         self.budget = UploadBudget(settings.upload_memory_bytes)
         self.decoders: ThreadPoolExecutor | None = None
-        self.stopping = False
+        self.connections = Connections(settings.header_timeout_s, settings.max_connections)
+        self.info = schema.model_info(model, self)
+        self.page = index_page(model.name, about or model.name, self.default_beam, self.max_beam,
+                               model.guide is not None)
 
     def _run(self, jobs: Sequence[Job]) -> list:
         """One batch, in the model thread; its images counted as captioned or failed."""
@@ -109,13 +120,12 @@ class Service:
 
     def stop_taking_work(self) -> None:
         """The server is stopping: caption requests get a 503, those in flight carry on."""
-        self.stopping = True
         self.batcher.close()
 
     def health(self) -> str | None:
-        """None when requests can be captioned; else why not. A batch running longer than the
-        request deadline counts as a stuck model thread."""
-        return "the server is stopping" if self.stopping else self.batcher.health(self.settings.deadline_s)
+        """None when requests can be captioned; else why not (stopping, among others). A batch
+        running longer than the request deadline counts as a stuck model thread."""
+        return self.batcher.health(self.settings.deadline_s)
 
     @asynccontextmanager
     async def lifespan(self, app):
@@ -169,12 +179,10 @@ class Service:
                 raise image
         return images
 
-    def record(self, name: str, done: Captioned, options: RequestOptions) -> dict:
-        """The answer for one image, built through the published CaptionRecord model."""
-        from caption.serve.schema import caption_record
-
-        return caption_record(result_record(name, done.result, options.beam, attention=options.attention,
-                                            alternatives=options.runners_up))
+    def record(self, name: str, done: Captioned, options: RequestOptions) -> CaptionRecord:
+        """The answer for one image: its caption record, as ``caption predict --json`` prints it."""
+        return caption_record(name, done.result, options.beam, attention=options.attention,
+                              alternatives=options.runners_up)
 
 
 async def read_body(request, limit: int) -> bytes:
@@ -192,71 +200,80 @@ async def read_body(request, limit: int) -> bytes:
     return b"".join(chunks)
 
 
+def get_service(request: Request) -> Service:
+    """The app's Service: every route's dependency."""
+    return request.app.state.service
+
+
+ServiceDep = Annotated[Service, Depends(get_service)]
+
+
+async def caption_one(request: Request, response: Response, service: ServiceDep) -> CaptionRecord:
+    """Caption one image: a multipart file field, or the image's bytes as the body."""
+    names, options, (done,) = await service.answer(request, several=False)
+    response.headers["X-Batch-Size"] = str(done.batch_size)
+    return service.record(names[0], done, options)
+
+
+async def caption_several(request: Request, service: ServiceDep) -> CaptionResults:
+    """Caption several images (multipart file fields), answered in order; one bad image refuses all."""
+    names, options, found = await service.answer(request, several=True)
+    return CaptionResults([service.record(n, d, options) for n, d in zip(names, found)])
+
+
+async def model_info(service: ServiceDep) -> schema.ModelInfo:
+    """The model served, its defaults and the server's limits."""
+    return service.info
+
+
+async def healthz(response: Response, service: ServiceDep) -> schema.Health:
+    """200 while the model thread takes work; 503 with the reason when it does not (stopping,
+    its collector ended, or a batch stuck longer than the request deadline)."""
+    reason = service.health()
+    if reason is not None:
+        response.status_code = 503
+    return schema.Health(status="ok" if reason is None else "unavailable", queue=service.batcher.depth(),
+                         reason=reason)
+
+
+async def metrics(service: ServiceDep) -> Response:
+    """Prometheus text format: requests by endpoint and status, latency, batch sizes, queue depth."""
+    body, content_type = service.metrics.render()
+    return Response(body, media_type=content_type)
+
+
+async def index(service: ServiceDep) -> HTMLResponse:
+    return HTMLResponse(service.page)
+
+
+def _add_routes(app: FastAPI) -> None:
+    """The routes: each takes the Service by ``Depends`` and returns its declared response model."""
+    captions = {"methods": ["POST"], "tags": [CAPTION_TAG], "responses": schema.responses()}
+    app.add_api_route("/v1/caption", caption_one, response_model=CaptionRecord,
+                      openapi_extra=schema.upload_body(several=False), **captions)
+    app.add_api_route("/v1/captions", caption_several, response_model=CaptionResults,
+                      openapi_extra=schema.upload_body(several=True), **captions)
+    app.add_api_route("/v1/model", model_info, response_model=schema.ModelInfo)
+    app.add_api_route("/healthz", healthz, response_model=schema.Health, response_model_exclude_none=True,
+                      responses={503: {"model": schema.Health}})
+    app.add_api_route("/metrics", metrics, response_class=Response)
+    app.add_api_route("/", index, response_class=HTMLResponse, include_in_schema=False)
+
+
 def build_app(model, settings: ServeSettings | None = None, about: str = "") -> FastAPI:
     """The FastAPI app serving ``model`` (a :class:`caption.inference.CaptionModel`); ``about`` is the
     line the page shows about what it runs with."""
-    from caption.serve import schema
-
-    service = Service(model, settings or ServeSettings())
+    service = Service(model, settings or ServeSettings(), about)
     app = FastAPI(title="caption serve", version=schema.version(), lifespan=service.lifespan, docs_url=None,
                   redoc_url=None, description=schema.DESCRIPTION)
-    app.add_middleware(Admission, service=service)  # inside the request id layer: its answers carry the id
-    app.add_middleware(RequestMiddleware, metrics=service.metrics, log=service.log)
-    app.state.service = service  # caption.serve.server reads its settings and tells it when stopping
+    _add_routes(app)
+    app.add_middleware(Admission, service=service, routes=app.routes)
+    app.add_middleware(ConnectionGuard, connections=service.connections)  # marks what Admission refuses
+    app.add_middleware(RequestMiddleware, metrics=service.metrics, log=service.log, routes=app.routes)
+    app.state.service = service  # the routes' dependency; caption.serve.server reads its settings and connections
     for kind in (RequestError, HTTPException, RequestValidationError):
         app.add_exception_handler(kind, _refusal)
-    _caption_routes(app, service)
-    _other_routes(app, service, about or model.name)
     return app
-
-
-def _caption_routes(app: FastAPI, service: Service) -> None:
-    from caption.serve import schema
-
-    @app.post("/v1/caption", openapi_extra=schema.upload_body(several=False), responses=schema.responses(False))
-    async def caption_one(request: Request):
-        """Caption one image: a multipart file field, or the image's bytes as the body."""
-        names, options, (done,) = await service.answer(request, several=False)
-        return JSONResponse(service.record(names[0], done, options), headers={"X-Batch-Size": str(done.batch_size)})
-
-    @app.post("/v1/captions", openapi_extra=schema.upload_body(several=True), responses=schema.responses(True))
-    async def caption_several(request: Request):
-        """Caption several images (multipart file fields), answered in order; one bad image refuses all."""
-        names, options, found = await service.answer(request, several=True)
-        return JSONResponse({"results": [service.record(n, d, options) for n, d in zip(names, found)]})
-
-
-def _other_routes(app: FastAPI, service: Service, about: str) -> None:
-    from caption.serve import schema
-    from caption.serve.page import index_page
-
-    model = service.model
-    info = schema.model_info(model, service)
-    page = index_page(model.name, about, service.default_beam, service.max_beam, model.guide is not None)
-
-    @app.get("/v1/model", response_model=schema.ModelInfo)
-    async def model_info():
-        """The model served, its defaults and the server's limits."""
-        return JSONResponse(info)
-
-    @app.get("/healthz", response_model=schema.Health, responses={503: {"model": schema.Health}})
-    async def healthz():
-        """200 while the model thread takes work; 503 with the reason when it does not (stopping,
-        its collector ended, or a batch stuck longer than the request deadline)."""
-        reason = service.health()
-        body = schema.Health(status="ok" if reason is None else "unavailable", queue=service.batcher.depth(),
-                             reason=reason)
-        return JSONResponse(body.model_dump(exclude_none=True), status_code=200 if reason is None else 503)
-
-    @app.get("/metrics", response_class=Response)
-    async def metrics():
-        """Prometheus text format: requests by endpoint and status, latency, batch sizes, queue depth."""
-        body, content_type = service.metrics.render()
-        return Response(body, media_type=content_type)
-
-    @app.get("/", response_class=HTMLResponse, include_in_schema=False)
-    async def index():
-        return HTMLResponse(page)
 
 
 async def _refusal(request, exc):
@@ -267,5 +284,4 @@ async def _refusal(request, exc):
         status, message = 400, "; ".join(str(e.get("msg", e)) for e in exc.errors()) or "invalid request"
     else:
         status, message = exc.status_code, str(exc.detail)
-    headers = {"Retry-After": "1"} if status == 503 else None
-    return error_response(status, message, getattr(request.state, "request_id", ""), headers)
+    return error_response(status, message, getattr(request.state, "request_id", ""))

@@ -27,7 +27,7 @@ from typing import Callable, Sequence
 
 from PIL import Image
 
-from caption.serve.uploads import RequestError, RequestOptions
+from caption.serve.uploads import RequestError, RequestOptions, Stopping
 
 
 @dataclass
@@ -125,17 +125,13 @@ class Batcher:
         """Images waiting for the model."""
         return self._queue.qsize() if self._queue is not None else 0
 
-    def full(self) -> bool:
-        """No room for another image: a request is refused before its body is read."""
-        return self.depth() >= self.max_queue
-
     def health(self, stall_s: float | None = None) -> str | None:
         """None while the model thread takes batches; else why it does not (``/healthz``): not
         started, stopping, its collector ended, or one batch running longer than ``stall_s``."""
         if self._task is None:
             return "the model thread has not started"
         if self._closed:
-            return "the server is stopping"
+            return Stopping().message
         if self._task.done():
             return f"the model thread has stopped ({_why(self._task)})"
         if stall_s is not None and self._since is not None and time.monotonic() - self._since > stall_s:
@@ -166,20 +162,29 @@ class Batcher:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
-        self._refuse_queued(RequestError(503, "the server is stopping"))
+        self._refuse_queued(Stopping())
         if self._thread is not None:
             self._thread.shutdown(wait=not busy, cancel_futures=True)
 
+    def refusal(self, images: int = 1) -> RequestError | None:
+        """Why ``images`` more cannot be queued now (a 503: not started, stopping, the model thread
+        ended, or no room), else None. Asked before a request's body is read
+        (:mod:`caption.serve.admission`) and again when its images are submitted."""
+        if self._queue is None or self._task is None:
+            return RequestError(503, "the server is not ready")
+        if self._closed:
+            return Stopping()
+        if self._task.done():
+            return RequestError(503, f"the model thread has stopped ({_why(self._task)})")
+        if self._queue.qsize() + images > self.max_queue:
+            return RequestError(503, f"busy: {self._queue.qsize()} images wait for the model; try again shortly")
+        return None
+
     async def submit(self, jobs: Sequence[Job]) -> list[Captioned]:
         """Queue ``jobs`` (all or none: a 503 when the queue has no room) and wait for their captions."""
-        if self._queue is None or self._task is None:
-            raise RequestError(503, "the server is not ready")
-        if self._closed:
-            raise RequestError(503, "the server is stopping")
-        if self._task.done():
-            raise RequestError(503, f"the model thread has stopped ({_why(self._task)})")
-        if self._queue.qsize() + len(jobs) > self.max_queue:
-            raise RequestError(503, f"busy: {self._queue.qsize()} images wait for the model; try again shortly")
+        refusal = self.refusal(len(jobs))
+        if refusal is not None:
+            raise refusal
         for job in jobs:
             self._queue.put_nowait(job)
         outcomes = await asyncio.gather(*(job.future for job in jobs), return_exceptions=True)
@@ -197,13 +202,12 @@ class Batcher:
     def _ended(self, task: asyncio.Task) -> None:
         """The collector ended (stopped, or died of an error it could not hand to a request):
         the images it held and those queued are answered, not left waiting."""
-        error = RequestError(503, "the server is stopping" if task.cancelled() else
-                             f"the model thread has stopped ({_why(task)})")
+        error = Stopping() if task.cancelled() else RequestError(503, f"the model thread has stopped ({_why(task)})")
         if not task.cancelled():
             logging.getLogger("caption.serve").error("the model thread has stopped", exc_info=task.exception())
         for job in self._running:
             if not job.future.done():
-                job.future.set_exception(RequestError(503, "the server stopped before this image was captioned")
+                job.future.set_exception(Stopping("this image was not captioned before the model thread stopped")
                                          if task.cancelled() else error)
         self._running, self._since = [], None
         self._refuse_queued(error)

@@ -1,6 +1,6 @@
-"""What every request goes through: an id (``X-Request-ID``), its status and latency counted, and
-any exception turned into a 500 naming that id, logged once with its traceback (uvicorn never
-sees it, so it is not logged twice)."""
+"""What every request goes through: an id (``X-Request-ID``), its status and latency counted (by
+the path of one of the app's routes, or "other"), and any exception turned into a 500 naming that
+id, logged once with its traceback (uvicorn never sees it, so it is not logged twice)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,6 @@ import logging
 import time
 import uuid
 
-KNOWN_PATHS = frozenset({"/", "/healthz", "/metrics", "/openapi.json", "/v1/caption", "/v1/captions", "/v1/model"})
 CLIENT_GONE = 499  # the status counted for a client that disconnected before its answer (nginx's)
 
 
@@ -16,19 +15,30 @@ class ClientGone(Exception):
     """The client disconnected before its request was read: nothing to answer."""
 
 
-def error_response(status: int, message: str, request_id: str, headers: dict | None = None):
-    """The one-line JSON error: ``{"error", "status", "request_id"}``."""
+def error_response(status: int, message: str, request_id: str):
+    """The one-line JSON error: ``{"error", "status", "request_id"}``; a 503 (busy or stopping)
+    says ``Retry-After: 1``."""
     from starlette.responses import JSONResponse
 
     body = {"error": " ".join(str(message).split()), "status": status, "request_id": request_id}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(body, status_code=status, headers={"Retry-After": "1"} if status == 503 else None)
 
 
 class RequestMiddleware:
-    """Pure ASGI middleware (inside Starlette's error middleware, outside the routes)."""
+    """Pure ASGI middleware (inside Starlette's error middleware, outside the routes); ``routes``
+    are the app's, read at the first request."""
 
-    def __init__(self, app, metrics, log: logging.Logger):
-        self.app, self.metrics, self.log = app, metrics, log
+    def __init__(self, app, metrics, log: logging.Logger, routes):
+        self.app, self.metrics, self.log, self.routes = app, metrics, log, routes
+        self._paths: frozenset[str] | None = None
+
+    def endpoint(self, scope) -> str:
+        """The request's label in the metrics: its route's path, or "other"."""
+        if self._paths is None:
+            self._paths = frozenset(r.path for r in self.routes)
+        route = getattr(scope.get("route"), "path", None)  # set once routing has matched one
+        path = route if route is not None else scope["path"]  # a request answered before routing
+        return path if path in self._paths else "other"
 
     async def __call__(self, scope, receive, send) -> None:
         if scope["type"] != "http":
@@ -58,6 +68,4 @@ class RequestMiddleware:
                                             "server's log", request_id)
                 await reply(scope, receive, send_with_id)
         finally:
-            route = getattr(scope.get("route"), "path", None)
-            endpoint = route if route in KNOWN_PATHS else (scope["path"] if scope["path"] in KNOWN_PATHS else "other")
-            self.metrics.observe(endpoint, sent["status"], time.perf_counter() - started)
+            self.metrics.observe(self.endpoint(scope), sent["status"], time.perf_counter() - started)

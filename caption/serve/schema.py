@@ -1,17 +1,18 @@
-"""The API's published shapes (OpenAPI at ``/openapi.json``) and ``GET /v1/model``'s answer.
+"""The API's published shapes (OpenAPI at ``/openapi.json``) besides the caption record, and
+``GET /v1/model``'s answer.
 
-The caption routes read their bodies themselves (multipart or raw bytes, under a size limit), so
-their request bodies and query options are described here by hand. The caption answers are
-built through the models (:func:`caption_record`): a record is validated strictly (no unknown
-field, no coerced value) and written out as the model has it, so the published shape and the
-served one cannot drift apart.
+The caption answers are the record types of :mod:`caption.guidance.record` (the one shape
+``caption predict --json`` prints), returned by the routes as their response models, so the
+published shape and the served one are the same classes. The caption routes read their bodies
+themselves (multipart or raw bytes, under a size limit), so their request bodies and query
+options are described here by hand.
 """
 
 from __future__ import annotations
 
 from typing import Any, Optional
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel
 
 DESCRIPTION = ("Show, Attend and Tell captions over HTTP: each answer carries the caption's words and the "
                "attention map behind each word, as `caption predict --json` prints them.")
@@ -21,49 +22,6 @@ OPTION_DOCS = (  # (name, type, what it does) of each option of the caption rout
     ("attention", "boolean", "the per-word attention maps (default true)"),
     ("guide", "boolean", "guidance by the encoder's ImageNet classifier, where the model has it (default true)"),
 )
-
-
-class _Record(BaseModel):
-    """Strict: a field the model does not name, or a value of another type, is an error."""
-
-    model_config = ConfigDict(extra="forbid", strict=True)
-
-
-class Guide(_Record):
-    labels: list[dict[str, Any]]
-    constraint: Optional[str] = None
-    names: list[str] = Field(default_factory=list)
-    satisfied: bool = False
-    no_people: bool = False
-    shaped: bool = False
-    people: Optional[float] = None  # the people probe's probability that the photo shows people
-    spelled: list[dict[str, Any]] = Field(default_factory=list)  # {position, word}: names beyond the vocabulary
-
-
-class Alternative(_Record):
-    caption: str
-    tokens: list[str]
-    log_prob: float
-    attention: Optional[list[list[list[float]]]] = None
-
-
-class CaptionRecord(_Record):
-    """One image's caption, as ``caption predict --json`` prints it."""
-
-    image: str
-    caption: str
-    tokens: list[str]
-    log_prob: float
-    beam: int
-    grid: list[int]
-    attention: Optional[list[list[list[float]]]] = None
-    init_attention: Optional[list[list[float]]] = None
-    guide: Optional[Guide] = None
-    alternatives: Optional[list[Alternative]] = None
-
-
-class CaptionResults(_Record):
-    results: list[CaptionRecord]
 
 
 class ErrorBody(BaseModel):
@@ -76,12 +34,6 @@ class Health(BaseModel):
     status: str  # "ok" or "unavailable"
     queue: int  # images waiting for the model
     reason: Optional[str] = None  # why not ok
-
-
-def caption_record(record: dict) -> dict:
-    """``record`` (:func:`caption.decoding.results.result_record`) through :class:`CaptionRecord`:
-    validated, then as the model writes it (fields the record left out stay out)."""
-    return CaptionRecord.model_validate(record).model_dump(mode="json", exclude_unset=True)
 
 
 class ModelInfo(BaseModel):
@@ -115,15 +67,15 @@ def version() -> str:
         return "unknown"
 
 
-def model_info(model, service) -> dict:
+def model_info(model, service) -> ModelInfo:
     """``GET /v1/model``: what is served, with what defaults and limits."""
     import torch
 
     from caption.config import to_dict
 
     s = service.settings
-    return {
-        "name": model.name, "checkpoints": list(s.checkpoints) or [model.path.name], "version": version(),
+    return ModelInfo(**{
+        "name": model.name, "checkpoints": list(s.checkpoints) or [p.name for p in model.paths], "version": version(),
         "torch": torch.__version__, "vocab_size": len(model.vocab), "grid": list(model.grid),
         "image_size": model.image_size, "encoder": model.config.model.encoder,
         "attention": model.config.model.attention, "precision": model.precision.name, "device": str(model.device),
@@ -137,7 +89,7 @@ def model_info(model, service) -> dict:
                    "upload_memory_mb": s.upload_memory_mb, "header_timeout_s": s.header_timeout_s,
                    "body_timeout_s": s.body_timeout_s, "deadline_s": s.deadline_s},
         "config": to_dict(model.config),
-    }
+    })
 
 
 def upload_body(several: bool) -> dict:
@@ -154,11 +106,10 @@ def upload_body(several: bool) -> dict:
     return {"requestBody": {"required": True, "content": content}, "parameters": params}
 
 
-def responses(several: bool) -> dict:
-    """The documented answers of a caption route."""
+def responses() -> dict:
+    """The documented refusals of a caption route (its answer is its response model)."""
     error = {"model": ErrorBody}
-    return {200: {"model": CaptionResults if several else CaptionRecord},
-            400: {**error, "description": "a bad option, an empty body, a malformed form"},
+    return {400: {**error, "description": "a bad option, an empty body, a malformed form"},
             408: {**error, "description": "the body stalled longer than --body-timeout-s"},
             413: {**error, "description": "a body over --max-upload-mb (refused from its Content-Length, before "
                                           "it is read), an image over the pixel limit"},

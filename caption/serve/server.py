@@ -2,15 +2,16 @@
 URL is the real one), then serve until Ctrl-C or SIGTERM, finishing the requests in flight.
 
 The connection-level bounds come from the app's :class:`caption.serve.app.ServeSettings`: the
-header timeout and the connection cap (:mod:`caption.serve.protocol`), the keep-alive timeout,
-and the shutdown grace. At Ctrl-C the app is told first (new caption requests get a 503,
+header timeout and the connection cap (:mod:`caption.serve.connections`, around uvicorn's h11
+protocol, which is wrapped, not subclassed), the keep-alive timeout, and the shutdown grace.
+uvicorn is told not to rewrite a request's client address from proxy headers: the connection
+bounds find a request's connection by that address. At Ctrl-C the app is told first (new caption requests get a 503,
 ``/healthz`` a 503), then uvicorn waits up to ``grace_s`` for the requests in flight, whose
 images the model thread goes on captioning; one still unanswered then gets a 503 saying so.
 """
 
 from __future__ import annotations
 
-import functools
 import socket
 from typing import Callable
 
@@ -39,26 +40,24 @@ def url_of(sock: socket.socket) -> str:
     return f"http://[{host}]:{port}" if ":" in host else f"http://{host}:{port}"
 
 
-def _server(app, verbose: bool):
+def uvicorn_server(app, verbose: bool = False):
     """A uvicorn.Server for ``app`` (built by :func:`caption.serve.app.build_app`) with its settings'
     bounds, which tells the app it is stopping before uvicorn starts waiting for its requests."""
     import uvicorn
-
-    from caption.serve.protocol import GuardedH11Protocol
+    from uvicorn.protocols.http.h11_impl import H11Protocol
 
     service = app.state.service
     s = service.settings
-    protocol = functools.partial(GuardedH11Protocol, header_timeout=s.header_timeout_s,
-                                 max_connections=s.max_connections, admitted=set())
 
     class Server(uvicorn.Server):
         async def shutdown(self, sockets=None) -> None:
             service.stop_taking_work()
             await super().shutdown(sockets)
 
-    config = uvicorn.Config(app, http=protocol, log_config=None, log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_keep_alive=s.keep_alive_s, timeout_graceful_shutdown=s.grace_s,
-                            lifespan="on", server_header=False)
+    config = uvicorn.Config(app, http=service.connections.protocol(H11Protocol), ws="none", proxy_headers=False,
+                            log_config=None, log_level="info" if verbose else "warning", access_log=verbose,
+                            timeout_keep_alive=s.keep_alive_s, timeout_graceful_shutdown=s.grace_s, lifespan="on",
+                            server_header=False)
     return Server(config)
 
 
@@ -68,7 +67,7 @@ def serve(app, host: str, port: int, *, verbose: bool = False,
     Ctrl-C (KeyboardInterrupt is swallowed: stopping is the normal end) or SIGTERM: whether the
     server had started."""
     sock = bind(host, port)
-    server = _server(app, verbose)
+    server = uvicorn_server(app, verbose)
     if ready is not None:
         ready(url_of(sock))
     try:

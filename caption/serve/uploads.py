@@ -26,6 +26,14 @@ class RequestError(Exception):
         super().__init__(self.message)
 
 
+class Stopping(RequestError):
+    """The server is stopping: the one answer (a 503, its words here alone) to every request and
+    image it will no longer caption, whichever layer finds it out."""
+
+    def __init__(self, detail: str = ""):
+        super().__init__(503, f"the server is stopping: {detail}" if detail else "the server is stopping")
+
+
 class Upload(NamedTuple):
     """One image as sent: the name the client gave it (only echoed back), its type and bytes."""
 

@@ -25,6 +25,7 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from caption.checkpoint import quantize_rows
 from caption.config import EncoderConfig
 from caption.data.images import ImageError, ImageTransform, preprocess
 from caption.data.records import ImageRecord
@@ -42,11 +43,11 @@ STORAGES = ("f16", "int8")  # data.cache's on-disk forms ("none" caches nothing)
 
 
 def quantize(feats: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """float32 (B, L, D) -> int8 (B, L, D) and float32 (B, L) scales, one per cell: x ≈ q * scale
-    with |error| <= scale / 2 = max|x_cell| / 254."""
-    scale = np.abs(feats).max(axis=-1) / 127.0  # (B, L)
-    safe = np.where(scale > 0, scale, 1.0)[..., None]  # (B, L, 1); an all-zero cell stays zero
-    return np.clip(np.rint(feats / safe), -127, 127).astype(np.int8), scale.astype(np.float32)
+    """float32 (B, L, D) -> int8 (B, L, D) and float32 (B, L) scales, one per cell
+    (:func:`caption.checkpoint.quantize_rows` over each cell's D values): x ≈ q * scale with
+    |error| <= scale / 2 = max|x_cell| / 254."""
+    values, scale = quantize_rows(torch.from_numpy(feats))  # (B, L, D), (B, L, 1)
+    return values.numpy(), scale.squeeze(-1).numpy()  # (B, L, D), (B, L)
 
 
 def _arrays(prefix: Path, storage: str) -> list[tuple[Path, np.dtype, int]]:

@@ -6,7 +6,8 @@ Two signals (Kim & Rush 2016, "Sequence-Level Knowledge Distillation"), either o
   word with the KL divergence from the teachers' next-word distribution to the student's,
   ``(1 - w) * CE + w * KL`` with ``w = train.distill_weight``. The teachers' distribution is what
   the ensemble decodes with: the renormalised mean of the members' log-probabilities
-  (:mod:`caption.model.ensemble`). The teachers (``train.teachers``) run in eval mode, no gradient.
+  (:func:`caption.model.ensemble.mean_log_probs`). The teachers (``train.teachers``) run in eval
+  mode, without gradients.
 * **sequence level**: the teachers' own captions of the training photos (``train.teacher_captions``,
   a COCO results file such as ``caption evaluate`` writes) join the human captions as extra targets.
 
@@ -24,13 +25,14 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from caption.checkpoint import load_teachers, teacher_paths
 from caption.config import Config, ConfigError
 from caption.data.datasets import CaptionDataset
 from caption.data.records import ImageRecord
 from caption.errors import DataError, MissingFileError
+from caption.model.ensemble import mean_log_probs
 from caption.training.distributed import Dist
 from caption.training.objectives import CrossEntropy, StepResult
+from caption.training.pretrained import load_teachers, teacher_paths
 from caption.training.splits import SplitData
 from caption.vocab import Vocabulary
 
@@ -67,14 +69,14 @@ class Distillation(CrossEntropy):
 
     def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
         forced = self.teacher_forced(ddp_model, batch, dist)
-        metrics = {"xent": forced.xent}
+        metrics = forced.metrics
         if self.teacher is None:
             return StepResult(forced.loss.total, metrics, len(forced.captions))
         teacher_logp = self._teacher_log_probs(forced.inputs, forced.captions, forced.rows, dist.device)  # (N, V)
         student_logp = F.log_softmax(forced.out.word_logits.float(), dim=-1)  # (N, V)
         kl_sum = (teacher_logp.exp() * (teacher_logp - student_logp)).sum()  # over words and the vocabulary
         loss = forced.loss
-        total = (1.0 - self.weight) * loss.xent + self.weight * kl_sum / forced.token_count + loss.penalty
+        total = (1.0 - self.weight) * loss.xent + self.weight * kl_sum / forced.token_count + loss.penalty + loss.ground
         metrics["kl"] = (kl_sum.item(), forced.tokens)
         return StepResult(total, metrics, len(forced.captions))
 
@@ -88,8 +90,7 @@ class Distillation(CrossEntropy):
         feats = inputs if self.cached else model.encode(inputs)  # (U, L, D)
         feats = feats.index_select(0, rows)  # (B, L, D)
         members = getattr(model.decoder, "members", [model.decoder])  # an ensemble's decoders, or the one
-        member_logps = [F.log_softmax(m(feats, captions).word_logits.float(), dim=-1) for m in members]
-        return F.log_softmax(torch.stack(member_logps).mean(0), dim=-1)  # (N, V)
+        return mean_log_probs([m(feats, captions).word_logits for m in members], renormalise=True)  # (N, V)
 
 
 def with_teacher_captions(records: list[ImageRecord], path: Path) -> list[ImageRecord]:

@@ -26,7 +26,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm import tqdm
 
-from caption.checkpoint import BEST, LAST, load_init_from, load_state, read_checkpoint, save_checkpoint
+from caption.checkpoint import BEST, LAST, load_state, read_checkpoint, save_checkpoint
 from caption.config import Config, save_config
 from caption.data.records import load_split
 from caption.evaluation.scoring import caption_records, score_results
@@ -34,6 +34,7 @@ from caption.model import Captioner, build_model
 from caption.runtime import Runtime, resolve_runtime
 from caption.training.distributed import Dist, setup_distributed
 from caption.training.objectives import Objective, build_objective, check_objective
+from caption.training.pretrained import load_init_from
 from caption.training.run_dir import METRICS, claim_run_dir
 from caption.training.sampler import GlobalBatchSampler, batches_per_epoch
 from caption.training.schedule import Schedule

@@ -14,6 +14,11 @@ class Loss(NamedTuple):
     total: torch.Tensor  # what is back-propagated
     xent: torch.Tensor  # mean cross-entropy per real (non-padding) token
     penalty: torch.Tensor  # λ Σ_i (1 - Σ_t α_ti)^2, averaged over the batch
+    ground: torch.Tensor | float = 0.0  # weighted −log(attention mass in the word's box), per grounded word
+
+    def grounded(self, term: torch.Tensor) -> "Loss":
+        """This loss with the box-supervision term (:mod:`caption.training.grounding`) added."""
+        return self._replace(total=self.total + term, ground=term)
 
 
 def caption_loss(

@@ -24,6 +24,7 @@ from caption.config import Config, ConfigError
 from caption.data.datasets import collate_captions
 from caption.model.decoder import DecoderOutput
 from caption.training.distributed import Dist, all_sum
+from caption.training.grounding import BoxTargets
 from caption.training.losses import Loss, caption_loss
 from caption.training.splits import SplitData
 from caption.vocab import Vocabulary
@@ -91,23 +92,32 @@ class CrossEntropy:
         self.dataset = train.dataset
         self.collate = collate_captions
         self.groups = train.dataset.image_groups() if cfg.train.group_by_image else None
+        self.ground_weight = cfg.train.ground_weight
+        self.boxes = (BoxTargets.build(train.records, vocab, cfg.model.grid, cfg.data.cache_dir or "runs/cache")
+                      if self.ground_weight > 0 else None)
 
     def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
         forced = self.teacher_forced(ddp_model, batch, dist)
-        return StepResult(forced.loss.total, {"xent": forced.xent}, len(forced.captions))
+        return StepResult(forced.loss.total, forced.metrics, len(forced.captions))
 
-    def teacher_forced(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> "Forced":
+    def teacher_forced(self, ddp_model: torch.nn.Module, batch, dist: Dist, blend: str | None = None) -> "Forced":
         """The batch on ``dist.device``, its teacher-forced output and caption loss, normalised by
-        the global batch (so averaging over ranks gives the single-process gradient)."""
+        the global batch (so averaging over ranks gives the single-process gradient); ``blend``: how
+        a hard-attention decoder reads the cells (:meth:`caption.model.AttentionDecoder.prepare`)."""
         device = dist.device
         inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
         rows = batch.rows.to(device, non_blocking=True)
         tokens = (captions[:, 1:] != 0).sum().float()
-        counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)
-        out = ddp_model(inputs, captions, features=self.cached, rows=rows)
-        token_count = counts[0] / dist.world
-        loss = caption_loss(out, self.alpha_c, token_count=token_count, image_count=counts[1] / dist.world)
-        return Forced(inputs, captions, rows, out, loss, float(tokens), token_count)
+        counts = all_sum(torch.stack([tokens, torch.tensor(float(len(captions)), device=device)]), dist)  # (2,)
+        out = ddp_model(inputs, captions, features=self.cached, rows=rows, blend=blend)
+        token_count, caption_count = counts[0] / dist.world, counts[1] / dist.world
+        loss = caption_loss(out, self.alpha_c, token_count=token_count, image_count=caption_count)
+        ground = None
+        if self.boxes is not None:  # mean over this process's grounded words
+            ground_sum, grounded = self.boxes.loss(out, batch.image_index)
+            loss = loss.grounded(self.ground_weight * ground_sum / max(grounded, 1))
+            ground = (ground_sum.item(), float(grounded))
+        return Forced(inputs, captions, rows, out, loss, float(tokens), counts, token_count, caption_count, ground)
 
 
 @dataclass(frozen=True)
@@ -120,12 +130,20 @@ class Forced:
     out: DecoderOutput
     loss: Loss
     tokens: float  # this process's real words
-    token_count: torch.Tensor  # the global batch's real words per process: the loss's divisor
+    counts: torch.Tensor  # (2,) the global batch's real words and captions
+    token_count: torch.Tensor  # the global batch's real words per process: the cross-entropy's divisor
+    caption_count: torch.Tensor  # the global batch's captions per process: the attention penalty's divisor
+    ground: tuple[float, float] | None = None  # (sum of −log mass in box, grounded words), with train.ground_weight
 
     @property
     def xent(self) -> tuple[float, float]:
         """The cross-entropy metric: (sum, count) over this process's words."""
         return self.loss.xent.item() * self.tokens, self.tokens
+
+    @property
+    def metrics(self) -> dict[str, tuple[float, float]]:
+        """The step's metrics: ``xent`` per word, and ``ground`` per grounded word when supervised."""
+        return {"xent": self.xent} | ({} if self.ground is None else {"ground": self.ground})
 
 
 def reinforce_loss(log_prob_choice: torch.Tensor, reward: torch.Tensor, baseline: float,
@@ -165,30 +183,24 @@ class HardAttention(CrossEntropy):
         return bool(torch.rand(()) < self.p_expect)
 
     def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:
-        device = dist.device
-        inputs, captions = batch.inputs.to(device, non_blocking=True), batch.captions.to(device, non_blocking=True)
-        rows = batch.rows.to(device, non_blocking=True)
         expect = self._expect()
-        out = ddp_model(inputs, captions, features=self.cached, rows=rows, blend="expect" if expect else "sample")
-        B, mask = len(captions), out.mask  # (B, T)
-        tokens = mask.sum().float()
-        counts = all_sum(torch.stack([tokens, torch.tensor(float(B), device=device)]), dist)
-        loss = caption_loss(out, self.alpha_c, token_count=counts[0] / dist.world, image_count=counts[1] / dist.world)
+        forced = self.teacher_forced(ddp_model, batch, dist, blend="expect" if expect else "sample")
+        out, B, mask = forced.out, len(forced.captions), forced.out.mask  # mask: (B, T)
         word_logp = -torch.nn.functional.cross_entropy(out.word_logits.float(), out.targets[mask], reduction="none")
         b, t = mask.nonzero(as_tuple=True)  # (N,) each, in targets[mask] order
-        reward = torch.zeros(B, device=device).index_add_(0, b, word_logp.detach()) / mask.sum(1)  # (B,) per word
-        total = loss.total
+        reward = torch.zeros(B, device=dist.device).index_add_(0, b, word_logp.detach()) / mask.sum(1)  # (B,) per word
+        total = forced.loss.total
         alphas = out.alphas.float().clamp_min(1e-12)  # (B, T, L)
         if not expect:
             chosen = alphas[b, t, out.cells[b, t]].log()  # (N,) log p(cell) of each word's sampled cell
-            log_choice = torch.zeros(B, device=device).index_add(0, b, chosen)  # (B,)
-            total = total + self.reinforce * reinforce_loss(log_choice, reward, self.baseline, counts[1] / dist.world)
+            log_choice = torch.zeros(B, device=dist.device).index_add(0, b, chosen)  # (B,)
+            total = total + self.reinforce * reinforce_loss(log_choice, reward, self.baseline, forced.caption_count)
         if self.entropy:
             entropy = -(alphas * alphas.log()).sum(-1)[mask].sum()  # over real words
-            total = total - self.entropy * entropy / (counts[0] / dist.world)
-        mean_reward = float(all_sum(reward.sum(), dist) / counts[1])
+            total = total - self.entropy * entropy / forced.token_count
+        mean_reward = float(all_sum(reward.sum(), dist) / forced.counts[1])
         self.baseline = self.decay * self.baseline + (1 - self.decay) * mean_reward
-        metrics = {"xent": (loss.xent.item() * float(tokens), float(tokens)), "reward": (float(reward.sum()), float(B)),
+        metrics = {"xent": forced.xent, "reward": (float(reward.sum()), float(B)),
                    "sampled": (0.0 if expect else 1.0, 1.0)}
         return StepResult(total, metrics, B)
 

@@ -41,6 +41,13 @@ UPSAMPLE = 8  # smoothing works on a grid upsampled by this factor (cheap at any
 SIGMA_CELLS = 0.4  # Gaussian blur width, in grid cells
 CAPTION_WRAP = 34  # characters per line of the caption title on the first panel
 INIT_TITLE = "before the first word"  # the panel of ``init_alphas``
+# Colour scale: a cell's weight against a flat map's (weight × L, 1 = flat), on one log scale for every
+# word and photo, so a flat map looks flat and two maps compare. Top colour at SCALE_MAX times flat: a
+# map that puts all its weight on 1/16 of the grid (3 of 49 cells) reaches it.
+SCALE_MAX = 16.0
+SCALES = ("uniform", "minmax")  # "minmax": each map stretched to its own range (other tools' look)
+LEGEND = "attention ÷ flat (1 = as if it looked everywhere)"
+LEGEND_MINMAX = "min-max per map: not comparable across words"
 
 ImageSource: TypeAlias = "Image.Image | str | os.PathLike[str]"  # a PIL image or a path
 PathLike: TypeAlias = "str | os.PathLike[str]"
@@ -141,7 +148,7 @@ def safe_filename(word: str, max_len: int = 40) -> str:
 
 
 def _panels(
-    result: AttentionResult, photo: Image.Image, cmap: str, alpha: float, label: str | None
+    result: AttentionResult, photo: Image.Image, cmap: str, alpha: float, label: str | None, scale: str
 ) -> list[tuple[np.ndarray, str]]:
     """(image, title) panels of one result: the photo titled with the caption, the map before the
     first word when there is one, then one blended overlay per word."""
@@ -151,29 +158,35 @@ def _panels(
     panels = [(base, textwrap.fill(f"{label}: {caption}" if label else caption, CAPTION_WRAP))]
     init = init_map(result)
     if init is not None:
-        panels.append((_blend(base, attention_map(init, photo.size), cmap, alpha), INIT_TITLE))
-    panels += [(_blend(base, attention_map(m, photo.size), cmap, alpha), w) for w, m in zip(words, maps)]
+        panels.append((_blend(base, attention_map(init, photo.size, scale=scale), cmap, alpha), INIT_TITLE))
+    panels += [(_blend(base, attention_map(m, photo.size, scale=scale), cmap, alpha), w)
+               for w, m in zip(words, maps)]
     return panels
 
 
 # ----------------------------------------------------------------------------- public API
 
 
-def attention_map(alpha: Any, size: tuple[int, int], smooth: bool = True) -> np.ndarray:
+def attention_map(alpha: Any, size: tuple[int, int], smooth: bool = True, scale: str = "uniform") -> np.ndarray:
     """Upsample one (gh, gw) attention grid to an image of size=(W, H); returns (H, W) in [0, 1].
 
     smooth=True: bilinear upsampling plus a light Gaussian blur (done at UPSAMPLE x the grid,
     so its cost does not depend on the image size). smooth=False: nearest-neighbour, showing
-    the raw cells. Values are min-max normalised for display; a flat map becomes all zeros.
+    the raw cells. ``scale="uniform"`` (default) maps weight × L on the fixed log scale from 1 (a flat
+    map's weight, or less) to ``SCALE_MAX`` (:func:`ratio_value`): a flat map is all zeros, whatever
+    its noise. ``scale="minmax"`` stretches each map to its own range, as other visualisers do.
     """
     grid = _to_numpy(alpha)
     if grid.ndim != 2 or grid.size == 0:
         raise ValueError(f"alpha must be a non-empty (gh, gw) grid, got shape {grid.shape}")
     if not np.isfinite(grid).all():
         raise ValueError("alpha contains NaN or infinite values")
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     width, height = int(size[0]), int(size[1])
     if width < 1 or height < 1:
         raise ValueError(f"size must be (W, H) with both >= 1, got {size}")
+    grid = grid * grid.size  # weight against a flat map's: 1 = flat
     if smooth:
         gh, gw = grid.shape
         fine = _resize(grid, (gw * UPSAMPLE, gh * UPSAMPLE), Image.Resampling.BILINEAR)
@@ -182,10 +195,54 @@ def attention_map(alpha: Any, size: tuple[int, int], smooth: bool = True) -> np.
         heat = _resize(fine, (width, height), Image.Resampling.BILINEAR)
     else:
         heat = _resize(grid, (width, height), Image.Resampling.NEAREST)
+    if scale == "uniform":
+        return ratio_value(heat)
     lo, hi = float(heat.min()), float(heat.max())
     if hi - lo <= 1e-12:
         return np.zeros((height, width))
     return (heat - lo) / (hi - lo)
+
+
+def ratio_value(ratio: np.ndarray | float) -> np.ndarray:
+    """Weight × L (1 = flat) -> colour value in [0, 1]: log(ratio) / log(SCALE_MAX), clipped."""
+    return np.clip(np.log(np.maximum(ratio, 1e-12)) / math.log(SCALE_MAX), 0.0, 1.0)
+
+
+def legend_strip(width: int, cmap: str = "jet", scale: str = "uniform", height: int = 30) -> np.ndarray:
+    """(height, width, 3) uint8: the colour scale with its meaning, to stand under a per-word PNG."""
+    from PIL import ImageDraw
+
+    bar_h = height // 2
+    strip = np.full((height, width, 3), 255, dtype=np.uint8)
+    strip[:bar_h] = (colormaps[cmap](np.linspace(0.0, 1.0, width))[:, :3] * 255.0 + 0.5).astype(np.uint8)
+    img = Image.fromarray(strip)
+    draw = ImageDraw.Draw(img)
+    if scale == "uniform":
+        for ratio in (1, 2, 4, 8, 16):
+            x = int(round(float(ratio_value(ratio)) * (width - 1)))
+            draw.line([(x, bar_h - 4), (x, bar_h)], fill=(0, 0, 0))
+            text = f"{ratio}x" + (" = flat" if ratio == 1 else "")
+            draw.text((min(max(x - 6, 0), width - 6 * len(text)), bar_h + 1), text, fill=(0, 0, 0))
+    else:
+        draw.text((2, bar_h + 1), "min-max per map", fill=(0, 0, 0))
+    return np.asarray(img)
+
+
+def _colorbar(fig: Figure, axes: Any, cmap: str, scale: str) -> None:
+    """The figure's legend: the fixed scale of weight × L, or a note that each map is stretched."""
+    from matplotlib.cm import ScalarMappable
+    from matplotlib.colors import LogNorm, Normalize
+
+    if scale == "uniform":
+        bar = fig.colorbar(ScalarMappable(LogNorm(1.0, SCALE_MAX), cmap), ax=axes, location="bottom",
+                           shrink=0.6, aspect=40, pad=0.02)
+        bar.set_ticks([1, 2, 4, 8, 16], labels=["1 (flat)", "2", "4", "8", "16+"])
+        bar.set_label(LEGEND)
+    else:
+        bar = fig.colorbar(ScalarMappable(Normalize(0.0, 1.0), cmap), ax=axes, location="bottom",
+                           shrink=0.6, aspect=40, pad=0.02)
+        bar.set_ticks([0, 1], labels=["lowest", "highest"])
+        bar.set_label(LEGEND_MINMAX)
 
 
 def overlay(
@@ -198,6 +255,7 @@ def overlay(
     title: bool = True,
     compare: AttentionResult | None = None,
     labels: Sequence[str] | None = None,
+    scale: str = "uniform",
 ) -> Figure:
     """Figure with 1 + T panels over the upright photo at its own aspect: the photo titled with
     the full caption, then one per word (plus one titled "before the first word" ahead of them
@@ -207,12 +265,13 @@ def overlay(
     plain photo; each following panel is that word's heatmap blended over the photo, ``<end>``
     included. At most ``cols`` (default 5) panels per row; the figure grows with the rows.
     ``compare``: a second model's result on the same photo, drawn in the rows below the first's;
-    ``labels`` names the two (prefixed to each caption).
+    ``labels`` names the two (prefixed to each caption). ``scale``: "uniform" colours every map on one
+    fixed scale of weight × L (:func:`attention_map`), "minmax" stretches each; a colour bar says which.
     """
     photo = load_rgb(image, DISPLAY_MAX_SIDE)
     results = [result] if compare is None else [result, compare]
     names = list(labels) if labels is not None else [None] * len(results)
-    sections = [_panels(r, photo, cmap, alpha, name) for r, name in zip(results, names)]
+    sections = [_panels(r, photo, cmap, alpha, name, scale) for r, name in zip(results, names)]
     cols = max(1, min(cols or MAX_COLS, max(len(s) for s in sections)))
     rows = [math.ceil(len(s) / cols) for s in sections]  # each section starts on a new row
     aspect = min(max(photo.height / photo.width, 0.25), 4.0)
@@ -230,6 +289,7 @@ def overlay(
             if title:
                 ax.set_title(label, fontsize=9 if ax is axes[0] else 11)
         top += n_rows
+    _colorbar(fig, grid.ravel().tolist(), cmap, scale)
     return fig
 
 
@@ -251,16 +311,20 @@ def save_per_word(
     cmap: str = "jet",
     alpha: float = 0.6,
     max_side: int | None = 1024,
+    scale: str = "uniform",
 ) -> list[Path]:
     """One blended overlay PNG per word over the upright photo, named ``{index:02d}_{word}.png``
-    (e.g. ``03_dog.png``); the map before the first word, if any, is not among them."""
+    (e.g. ``03_dog.png``), with the colour scale's legend under it; the map before the first word,
+    if any, is not among them."""
     words, maps = word_maps(result)
     photo = load_rgb(image, max_side)
     base = np.asarray(photo)
     digits = max(2, len(str(max(len(words) - 1, 0))))
     paths = []
+    legend = legend_strip(photo.width, cmap, scale)
     for i, (word, grid) in enumerate(zip(words, maps)):
-        png = _png_bytes(_blend(base, attention_map(grid, photo.size), cmap, alpha))
+        png = _png_bytes(np.concatenate([_blend(base, attention_map(grid, photo.size, scale=scale), cmap, alpha),
+                                         legend]))  # (H + legend, W, 3)
         target = Path(out_dir) / f"{i:0{digits}d}_{safe_filename(word)}.png"
         paths.append(atomic_write(target, lambda f, data=png: f.write(data)))
     return paths

@@ -17,9 +17,9 @@ Page data (``<script id="data" type="application/json">``)::
 
 where ``cells`` is one (gh, gw) grid, row by row, scaled so that its largest cell is 255, and
 ``hyps`` is the caption then its runners-up (``result.alternatives``), best first, and ``guide``
-what the encoder's ImageNet classifier said (``result.guide.as_dict()``: its top labels with
-probabilities, the name the caption had to say, whether guidance changed it), shown beside the
-caption.
+what the encoder's ImageNet classifier said (the record's ``guide``,
+:func:`caption.guidance.record.guide_record`: its top labels with probabilities, the name the
+caption had to say, whether guidance changed it), shown beside the caption.
 """
 
 from __future__ import annotations
@@ -36,7 +36,11 @@ import numpy as np
 from PIL import Image
 
 from caption.fileio import atomic_write
+from caption.guidance.record import as_json, guide_record
+from caption.guidance.result import guide_of
 from caption.viz.overlay import (
+    SCALE_MAX,
+    SCALES,
     AttentionResult,
     ImageSource,
     PathLike,
@@ -72,9 +76,9 @@ def _reading(result: AttentionResult) -> dict[str, Any]:
     hyps = [_hyp(result)] + [_hyp(alt) for alt in getattr(result, "alternatives", ())]
     init = init_map(result)
     _, maps = word_maps(result)
-    guide = getattr(result, "guide", None)
+    guide = guide_of(result)
     return {"grid": list(maps.shape[1:]), "init": None if init is None else _cells(init),
-            "guide": None if guide is None else guide.as_dict(), "hyps": hyps}
+            "guide": None if guide is None else as_json(guide_record(guide)), "hyps": hyps}
 
 
 def _jpeg_uri(photo: Image.Image) -> str:
@@ -105,14 +109,18 @@ def _script_json(data: Any) -> str:
 
 def render_page(photos: Sequence[dict[str, Any]], *, title: str, labels: Sequence[str], gallery: bool,
                 errors: Sequence[str] = (), cmap: str = "jet", alpha: float = 0.6, head: str = "",
-                before: str = "", after: str = "") -> str:
+                before: str = "", after: str = "", scale: str = "uniform") -> str:
     """The page's HTML from :func:`photo_entry` dicts (every photo read by the same ``labels`` models).
 
     ``head``, ``before`` and ``after`` are trusted HTML put at the end of <head>, under the title and
     after the viewer's script: how ``caption serve``'s page adds its upload form to this viewer,
-    whose script draws any page data given to ``window.captionViewer.show(data)``."""
+    whose script draws any page data given to ``window.captionViewer.show(data)``. ``scale`` is how
+    maps are coloured (:func:`caption.viz.overlay.attention_map`: "uniform" or "minmax")."""
+    if scale not in SCALES:
+        raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     data = {"title": title, "gallery": bool(gallery), "labels": list(labels), "errors": list(errors),
             "alpha": min(max(float(alpha), 0.0), 1.0), "colormap": colormap_table(cmap).ravel().tolist(),
+            "scale": scale, "scale_max": SCALE_MAX,
             "photos": list(photos)}
     values = {"title": html.escape(title), "style": _asset("viewer.css"), "script": _asset("viewer.js"),
               "data": _script_json(data), "alpha": f"{data['alpha']:g}", "head": head, "before": before,
@@ -135,6 +143,7 @@ def write_html(
     cmap: str = "jet",
     alpha: float = 0.6,
     max_side: int = PHOTO_MAX_SIDE,
+    scale: str = "uniform",
 ):
     """Write ONE self-contained viewer page for one photo (inline CSS/JS/data, no URLs; atomic).
 
@@ -147,7 +156,7 @@ def write_html(
     name = (getattr(image, "filename", "") or "photo") if isinstance(image, Image.Image) else str(image)
     entry = photo_entry(name, image, results, max_side)
     page = render_page([entry], title=title if title is not None else (result.caption or "caption"),
-                       labels=names, gallery=False, cmap=cmap, alpha=alpha)
+                       labels=names, gallery=False, cmap=cmap, alpha=alpha, scale=scale)
     return _write(page, path)
 
 
@@ -160,9 +169,11 @@ def write_gallery(
     errors: Sequence[str] = (),
     cmap: str = "jet",
     alpha: float = 0.6,
+    scale: str = "uniform",
 ):
     """Write ONE self-contained gallery page: a grid of the photos (:func:`photo_entry` dicts) with
     their captions, each opening the per-word view (Up/Down or PgUp/PgDn step photos), and the
     files that could not be read (``errors``) listed above it."""
-    page = render_page(photos, title=title, labels=labels, gallery=True, errors=errors, cmap=cmap, alpha=alpha)
+    page = render_page(photos, title=title, labels=labels, gallery=True, errors=errors, cmap=cmap, alpha=alpha,
+                       scale=scale)
     return _write(page, path)

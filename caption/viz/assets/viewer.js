@@ -1,7 +1,9 @@
 /* The attention viewer (caption/viewer.py writes the page data into <script id="data">).
    Heatmaps are drawn here from the attention grids: bilinear upsampling with cell centres at
-   the centres of the grid's rectangles (as Pillow's resize), min-max scaled, coloured with the
-   PNG overlays' colormap table, shown over the photo at the opacity of the slider.
+   the centres of the grid's rectangles (as Pillow's resize), coloured with the PNG overlays'
+   colormap table on their scale (data.scale "uniform": weight x cells on one log scale from 1 = flat
+   to data.scale_max, the same for every word and photo; "minmax": each map stretched to its own
+   range), shown over the photo at the opacity of the slider, with the scale's legend.
    window.captionViewer.show(data) draws other page data of the same shape (caption serve's page). */
 (function () {
   "use strict";
@@ -30,6 +32,13 @@
     return {i0: i0, i1: i1, f: f};
   }
 
+  // colour index (0..255) of a heat value: weight x cells on the fixed log scale, or min-max stretched
+  function colourIndex(v, lo, span) {
+    if (data.scale === "minmax") { return span ? Math.min(255, Math.floor((v - lo) / span * 256)) : 0; }
+    var t = Math.log(Math.max(v, 1e-12)) / Math.log(data.scale_max);
+    return Math.min(255, Math.max(0, Math.floor(t * 256)));
+  }
+
   function paint(canvas, cells, grid, W, H) {
     canvas.width = W; canvas.height = H;
     var ctx = canvas.getContext("2d");
@@ -42,7 +51,7 @@
         var a = xs.i0[x], b = xs.i1[x], fx = xs.f[x];
         var top = cells[r0 + a] + fx * (cells[r0 + b] - cells[r0 + a]);
         var bot = cells[r1 + a] + fx * (cells[r1 + b] - cells[r1 + a]);
-        var v = top + fy * (bot - top);
+        var v = (top + fy * (bot - top)) * gh * gw;  // weight against a flat map's: 1 = flat
         heat[y * W + x] = v;
         if (v < lo) { lo = v; }
         if (v > hi) { hi = v; }
@@ -50,7 +59,7 @@
     }
     var img = ctx.createImageData(W, H), px = img.data, span = hi - lo > 1e-9 ? hi - lo : 0;
     for (var i = 0; i < W * H; i++) {
-      var k = span ? Math.min(255, Math.floor((heat[i] - lo) / span * 256)) * 3 : 0;
+      var k = colourIndex(heat[i], lo, span) * 3;
       px[4 * i] = lut[k]; px[4 * i + 1] = lut[k + 1]; px[4 * i + 2] = lut[k + 2]; px[4 * i + 3] = 255;
     }
     ctx.putImageData(img, 0, 0);
@@ -242,8 +251,28 @@
   window.addEventListener("resize", layout);
 
   // draw one page's data (the one in <script id="data">, or another given later)
+  // the colour scale under the controls: what a colour means on this page's scale
+  function drawScale() {
+    var bar = $("scale-bar"), W = 256;
+    bar.width = W; bar.height = 12;
+    var ctx = bar.getContext("2d"), img = ctx.createImageData(W, 12);
+    for (var x = 0; x < W; x++) {
+      for (var y = 0; y < 12; y++) {
+        var i = 4 * (y * W + x);
+        img.data[i] = lut[3 * x]; img.data[i + 1] = lut[3 * x + 1]; img.data[i + 2] = lut[3 * x + 2]; img.data[i + 3] = 255;
+      }
+    }
+    ctx.putImageData(img, 0, 0);
+    var minmax = data.scale === "minmax";
+    $("scale-lo").textContent = minmax ? "lowest" : "1\u00d7 = flat";
+    $("scale-hi").textContent = minmax ? "highest (each map stretched: not comparable across words)"
+                                       : data.scale_max + "\u00d7 a flat map's weight";
+  }
+
   function show(d) {
     data = d; photos = d.photos; lut = d.colormap;
+    data.scale = d.scale || "uniform"; data.scale_max = d.scale_max || 16;
+    drawScale();
     state.photo = -1;
     $("opacity").value = String(d.alpha);
     setOpacity(d.alpha);
