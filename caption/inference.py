@@ -46,6 +46,10 @@ SHIPPED_MODELS = (ASSETS / "flickr8k_lite0_student.pt",)
 # The ensemble it learned from, shipped with its weight matrices in 8 bits: caption.load(SHIPPED_ENSEMBLE)
 SHIPPED_ENSEMBLE = tuple(ASSETS / name for name in (
     "flickr8k_lite0_additive.pt", "flickr8k_lite0_seed1.pt", "flickr8k_lite0_seed2.pt"))
+# The student trained on with its attention supervised by detected boxes (docs/attention.md): maps that
+# point at what the words name, for a small cost in caption scores; 8-bit weights.
+# caption.load(GROUNDED_MODEL), or --checkpoint with its path
+GROUNDED_MODEL = ASSETS / "flickr8k_lite0_grounded.pt"
 SAMPLE_PHOTO = ASSETS / "sample.jpg"  # from google-coral/test_data, Apache-2.0
 DEMO_RUN_DIR = Path("runs") / "shapes"  # where `caption demo` trains unless told otherwise
 

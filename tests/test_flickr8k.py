@@ -18,14 +18,14 @@ pytest.importorskip("efficientnet_lite_pytorch", reason="the 'lite' extra (Effic
 
 def test_shipped_files_are_small_and_load_without_unpickling():
     from caption.checkpoint import INT8, read_checkpoint
-    from caption.inference import SHIPPED_ENSEMBLE, SHIPPED_MODELS
+    from caption.inference import GROUNDED_MODEL, SHIPPED_ENSEMBLE, SHIPPED_MODELS
 
     vocabularies = []
-    for path in SHIPPED_MODELS + SHIPPED_ENSEMBLE:
+    for path in SHIPPED_MODELS + SHIPPED_ENSEMBLE + (GROUNDED_MODEL,):
         assert path.is_file() and path.stat().st_size <= 25 * 2**20
         raw = torch.load(path, weights_only=True)
         assert all(v.dtype == torch.float16 for v in raw["model"].values())
-        if path in SHIPPED_ENSEMBLE:  # its members' weight matrices in 8 bits
+        if path in SHIPPED_ENSEMBLE + (GROUNDED_MODEL,):  # weight matrices in 8 bits
             assert raw[INT8] and all(q["values"].dtype == torch.int8 for q in raw[INT8].values())
         data = read_checkpoint(path)  # torch.load(weights_only=True) inside
         assert data["encoder"] == "from_config" and data["config"]["model"]["encoder"] == "efficientnet_lite0"
@@ -45,6 +45,27 @@ def test_the_default_is_one_decoder_and_the_shipped_ensemble_loads():
     ensemble = caption.load(SHIPPED_ENSEMBLE, guide=False)
     assert isinstance(ensemble.model.decoder, EnsembleDecoder) and len(ensemble.model.decoder.members) == 3
     assert ensemble.name == "+".join(p.name for p in SHIPPED_ENSEMBLE)
+
+
+def test_the_grounded_model_looks_at_the_dog_the_default_spreads_over_the_photo():
+    """The box-supervised model's map for "dog" on the sample photo (two dogs) is sharp and on the dogs;
+    the default's is nearly flat (docs/attention.md)."""
+    import caption
+    from caption.data.images import load_image
+    from caption.guidance.detector import load_detector
+    from caption.guidance.grounding import LABEL_IDS, cell_masks, detect_full_size
+    from caption.inference import GROUNDED_MODEL, SAMPLE_PHOTO
+
+    detector, reason = load_detector(threads=1)
+    assert detector is not None, reason
+    dogs = cell_masks(detect_full_size(detector, [load_image(SAMPLE_PHOTO)])[0], (7, 7))[LABEL_IDS["dog"]]
+    masses = {}
+    for name, model in (("default", caption.load(guide=False)), ("grounded", caption.load(GROUNDED_MODEL, guide=False))):
+        result = model.caption(SAMPLE_PHOTO)
+        t = next(i for i, w in enumerate(result.words) if w in ("dog", "dogs"))
+        masses[name] = float(result.alphas[t].flatten()[dogs].sum())
+    share = float(dogs.float().mean())
+    assert masses["default"] < share + 0.1 and masses["grounded"] > max(0.6, share + 0.25), (masses, share)
 
 
 @pytest.mark.skipif(not PHOTOS.is_dir(), reason="../shared/data/photos is not beside the checkout")

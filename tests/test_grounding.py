@@ -3,17 +3,21 @@ the pointing figures, and the real detector on the shipped sample photo at full 
 
 from __future__ import annotations
 
+import json
 import math
 
 import pytest
 import torch
 
+from caption.commands.main import main
 from caption.data.images import load_image
+from caption.data.records import ImageRecord
 from caption.evaluation.pointing import Pointed, entropy, grounded_words, summarise
 from caption.guidance.detector import Detection, load_detector
 from caption.guidance.grounding import LABEL_IDS, WORDS_FILE, cell_masks, coco_words, detect_full_size, token_labels
 from caption.model.decoder import DecoderOutput
-from caption.training.grounding import BoxTargets
+from caption.training.grounding import BoxTargets, detect_split
+from caption.training.losses import Loss
 from caption.vocab import Vocabulary
 
 SAMPLE = WORDS_FILE.parent / "sample.jpg"  # two dogs on grass
@@ -112,3 +116,41 @@ def test_the_real_detector_finds_the_dogs_at_full_size() -> None:
     assert len(dogs) == 2
     cells = cell_masks(found, (7, 7))[LABEL_IDS["dog"]]
     assert 5 <= int(cells.sum()) < 49
+
+
+def test_training_detections_are_computed_once_and_cached(tmp_path, monkeypatch) -> None:
+    import caption.training.grounding as training_grounding
+
+    records = [ImageRecord(7, SAMPLE, ["two dogs"]), ImageRecord(8, tmp_path / "missing.jpg", ["?"])]
+    first = detect_split(records, tmp_path, "train", progress=False)
+    assert {d.label for d in first[0] if d.score >= 0.5} == {"dog"} and first[1] == []
+    assert (tmp_path / "detections-train-2.pt").is_file()
+
+    def no_detector(**_):
+        raise AssertionError("the cache should have answered")
+
+    monkeypatch.setattr(training_grounding, "load_detector", no_detector)
+    again = detect_split(records, tmp_path, "train", progress=False)
+    assert [[(d.label, round(d.score, 4)) for d in found] for found in again] == \
+        [[(d.label, round(d.score, 4)) for d in found] for found in first]
+    targets = BoxTargets.build(records, Vocabulary(["dogs"]), 7, tmp_path, progress=False)
+    assert set(targets.masks[0]) >= {LABEL_IDS["dog"]} and targets.masks[1] == {}
+
+
+def test_the_box_term_joins_the_loss_it_is_added_to() -> None:
+    loss = Loss(torch.tensor(3.0), torch.tensor(2.5), torch.tensor(0.5))
+    assert loss.ground == 0.0
+    grounded = loss.grounded(torch.tensor(0.25))
+    assert grounded.total.item() == 3.25 and grounded.ground.item() == 0.25 and grounded.xent.item() == 2.5
+
+
+def test_evaluate_pointing_reports_the_sample_photos_dog(tmp_path, capsys) -> None:
+    code = main(["evaluate", "--pointing", "--images", str(SAMPLE), "--json", "--out", str(tmp_path), "--threads", "1"])
+    out = capsys.readouterr().out
+    assert code == 0
+    report = json.loads(out.strip().splitlines()[-1])
+    assert report["images"] == 1 and report["words"] >= 1 and "dog" in report["categories"]
+    assert 0 < report["mass"] <= 1 and 0 < report["mass_uniform"] < 1 and report["entropy"] <= report["entropy_uniform"]
+    assert json.loads((tmp_path / "pointing.json").read_text()) == report
+    assert main(["evaluate", "--pointing"]) == 2
+    assert "--pointing needs --images" in capsys.readouterr().err
