@@ -6,8 +6,10 @@ import dataclasses
 import io
 import os
 import shutil
+import socket
 import struct
 import subprocess
+import time
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -242,3 +244,18 @@ def assert_same(got: dict, want: dict) -> None:
 
 
 # ----------------------------------------------------------------------------- answers
+
+
+def closed_within(sock: socket.socket, seconds: float) -> float:
+    """Seconds until the server closes ``sock`` (reading and dropping what it sends first); inf when it
+    is still open after ``seconds``."""
+    t0 = time.monotonic()
+    sock.settimeout(seconds)
+    try:
+        while sock.recv(65536):
+            pass
+    except ConnectionResetError:
+        pass
+    except socket.timeout:
+        return float("inf")
+    return time.monotonic() - t0

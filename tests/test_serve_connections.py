@@ -24,7 +24,7 @@ pytest.importorskip("uvicorn")
 pytest.importorskip("python_multipart")
 pytest.importorskip("prometheus_client")
 
-from conftest import png  # noqa: E402
+from conftest import closed_within, png  # noqa: E402
 from pydantic import TypeAdapter, ValidationError  # noqa: E402
 
 from caption.decoding import DecodingResult  # noqa: E402
@@ -81,20 +81,6 @@ def _connect(url: str) -> socket.socket:
     return socket.create_connection((host, int(port)), timeout=SOON_S + 5)
 
 
-def _closed_within(sock: socket.socket, seconds: float) -> float:
-    """Seconds until the server closes ``sock`` (reading and dropping what it sends first)."""
-    t0 = time.monotonic()
-    sock.settimeout(seconds)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
-    except socket.timeout:
-        return float("inf")
-    return time.monotonic() - t0
-
-
 def _answer(sock: socket.socket, request: bytes) -> tuple[int, bytes]:
     sock.sendall(request)
     reply = http.client.HTTPResponse(sock)
@@ -116,7 +102,7 @@ def test_a_request_head_not_complete_in_time_closes_its_connection(served):
     assert status == 200
     kept.sendall(b"GET /healthz HTTP/1.1\r\n")
     for sock in (silent, half, blank, kept):
-        assert _closed_within(sock, SOON_S) < SOON_S
+        assert closed_within(sock, SOON_S) < SOON_S
         sock.close()
 
 
@@ -130,7 +116,7 @@ def test_a_trickled_head_is_closed_and_a_request_longer_than_the_timeout_is_not(
             time.sleep(0.1)
         except OSError:
             closed = True
-    assert closed or _closed_within(trickle, 1.0) < 1.0
+    assert closed or closed_within(trickle, 1.0) < 1.0
     trickle.close()
     slow = _connect(served)  # a body slower than the header timeout: the head was complete, the body has its own
     head = (b"POST /v1/caption HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"

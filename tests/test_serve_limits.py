@@ -28,7 +28,7 @@ from PIL import Image
 
 pytest.importorskip("fastapi", reason="the serve extra is not installed (pip install -e '.[serve]')")
 
-from conftest import assert_same, expected, png  # noqa: E402
+from conftest import assert_same, closed_within, expected, png  # noqa: E402
 
 from caption.serve.admission import UploadBudget  # noqa: E402
 from caption.serve.batcher import Batcher, Job  # noqa: E402
@@ -61,18 +61,6 @@ def _one_line_error(status: int, body: bytes, expected_status: int, words: str) 
 def _address(server) -> tuple[str, int]:
     host, port = server.url.rsplit("/", 1)[-1].split(":")
     return host, int(port)
-
-
-def _closed_within(sock: socket.socket, seconds: float) -> float:
-    """Seconds until the server closes ``sock`` (reading and dropping what it sends first)."""
-    t0 = time.monotonic()
-    sock.settimeout(seconds)
-    try:
-        while sock.recv(65536):
-            pass
-    except ConnectionResetError:
-        pass
-    return time.monotonic() - t0
 
 
 def _big_png(megabytes: float, seed: int = 0) -> bytes:
@@ -251,7 +239,7 @@ def test_stalled_clients_are_dropped_while_others_are_served(guarded):
     reply.begin()
     _one_line_error(reply.status, reply.read(), 408, "stalled")
     for sock in (stalled_body, stalled_head, silent):
-        assert _closed_within(sock, 60) < 60
+        assert closed_within(sock, 60) < 60
         sock.close()
     assert time.monotonic() - t0 < 20  # 2 s timeouts: dropped in seconds, well within the 60 s asked
     assert Client(guarded.url).request("GET", "/healthz").status == 200
