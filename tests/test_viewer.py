@@ -75,8 +75,9 @@ def test_page_data_maps_and_colormap(tmp_path: Path) -> None:
     (hyp,) = reading["hyps"]
     assert hyp["caption"] == "a dog" and hyp["log_prob"] == -3.5
     assert len(hyp["maps"]) == 3 and all(len(m) == 15 for m in hyp["maps"])
-    for i, cells in enumerate(hyp["maps"]):  # the hot cell is 255, the others are in proportion
-        assert max(cells) == 255 and cells.index(255) == i and set(cells) == {255, round(255 * 0.01)}
+    for i, cells in enumerate(hyp["maps"]):  # weights in 1/10,000: the hot cell 1 / 1.14, the others 0.01 / 1.14
+        assert cells.index(max(cells)) == i and set(cells) == {round(10_000 / 1.14), round(100 / 1.14)}
+    assert data["cell_unit"] == 10_000 and data["scale"] == "uniform" and data["scale_max"] == 16
     assert data["colormap"] == colormap_table("jet").ravel().tolist() and len(data["colormap"]) == 768
     assert data["alpha"] == 0.4
 
@@ -92,8 +93,8 @@ def test_alternatives_init_and_comparison_are_in_the_page(tmp_path: Path) -> Non
     assert data["labels"] == ["additive", "concat"]
     a, b = data["photos"][0]["models"]
     assert [h["caption"] for h in a["hyps"]] == ["a dog", "a cat"]
-    assert a["hyps"][1]["log_prob"] == -7.5 and a["hyps"][1]["maps"][0].index(255) == 4
-    assert a["init"] == [0] * 14 + [255]
+    assert a["hyps"][1]["log_prob"] == -7.5 and a["hyps"][1]["maps"][0].index(max(a["hyps"][1]["maps"][0])) == 4
+    assert a["init"] == [0] * 14 + [10_000]
     assert b["init"] is None and [h["words"] for h in b["hyps"]] == [["one", "dog"]]
 
 
@@ -117,7 +118,7 @@ def test_gallery_page_lists_photos_and_errors(tmp_path: Path) -> None:
 
 
 def test_flat_and_empty_maps() -> None:
-    assert viewer._cells(np.full((2, 2), 0.25)) == [255] * 4
+    assert viewer._cells(np.full((2, 2), 0.25)) == [2500] * 4  # absolute weights: the page's scale shows it flat
     assert viewer._cells(np.zeros((2, 3))) == [0] * 6
 
 

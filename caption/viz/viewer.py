@@ -52,17 +52,15 @@ from caption.viz.overlay import (
 
 PHOTO_MAX_SIDE = 640  # long side of the embedded photos, in pixels
 JPEG_QUALITY = 80
-CELL_SCALE = 255  # a grid's largest cell, as stored in the page
+CELL_UNIT = 10_000  # a cell's attention weight is stored in the page in units of 1/CELL_UNIT (a map sums to it)
 _SLOT = re.compile(r"\{\{(\w+)\}\}")  # {{name}} in the page template
 
 
 def _cells(grid: np.ndarray) -> list[int]:
-    """One (gh, gw) map as integers row by row, its largest cell CELL_SCALE (the page rescales anyway)."""
-    flat = np.clip(np.asarray(grid, dtype=np.float64).ravel(), 0.0, None)
-    peak = float(flat.max()) if flat.size else 0.0
-    if peak <= 0.0 or not np.isfinite(peak):
-        return [0] * flat.size
-    return np.rint(flat * (CELL_SCALE / peak)).astype(int).tolist()
+    """One (gh, gw) map as integers row by row, each cell's weight in units of 1/CELL_UNIT: the page
+    keeps every map's absolute weights, which its fixed colour scale needs."""
+    flat = np.clip(np.nan_to_num(np.asarray(grid, dtype=np.float64).ravel()), 0.0, None)
+    return np.rint(flat * CELL_UNIT).astype(int).tolist()
 
 
 def _hyp(result: AttentionResult) -> dict[str, Any]:
@@ -120,7 +118,7 @@ def render_page(photos: Sequence[dict[str, Any]], *, title: str, labels: Sequenc
         raise ValueError(f"scale must be one of {', '.join(SCALES)}, got {scale!r}")
     data = {"title": title, "gallery": bool(gallery), "labels": list(labels), "errors": list(errors),
             "alpha": min(max(float(alpha), 0.0), 1.0), "colormap": colormap_table(cmap).ravel().tolist(),
-            "scale": scale, "scale_max": SCALE_MAX,
+            "scale": scale, "scale_max": SCALE_MAX, "cell_unit": CELL_UNIT,
             "photos": list(photos)}
     values = {"title": html.escape(title), "style": _asset("viewer.css"), "script": _asset("viewer.js"),
               "data": _script_json(data), "alpha": f"{data['alpha']:g}", "head": head, "before": before,

@@ -43,7 +43,7 @@
     canvas.width = W; canvas.height = H;
     var ctx = canvas.getContext("2d");
     if (!cells) { ctx.clearRect(0, 0, W, H); return; }
-    var gh = grid[0], gw = grid[1], xs = axis(W, gw), ys = axis(H, gh);
+    var gh = grid[0], gw = grid[1], xs = axis(W, gw), ys = axis(H, gh), unit = data.cell_unit || 1;
     var heat = new Float32Array(W * H), lo = Infinity, hi = -Infinity;
     for (var y = 0; y < H; y++) {
       var r0 = ys.i0[y] * gw, r1 = ys.i1[y] * gw, fy = ys.f[y];
@@ -51,7 +51,7 @@
         var a = xs.i0[x], b = xs.i1[x], fx = xs.f[x];
         var top = cells[r0 + a] + fx * (cells[r0 + b] - cells[r0 + a]);
         var bot = cells[r1 + a] + fx * (cells[r1 + b] - cells[r1 + a]);
-        var v = (top + fy * (bot - top)) * gh * gw;  // weight against a flat map's: 1 = flat
+        var v = (top + fy * (bot - top)) * gh * gw / unit;  // weight against a flat map's: 1 = flat
         heat[y * W + x] = v;
         if (v < lo) { lo = v; }
         if (v > hi) { hi = v; }
