@@ -12,7 +12,8 @@ import torch
 from caption.commands.main import main
 from caption.data.images import load_image
 from caption.data.records import ImageRecord
-from caption.evaluation.pointing import Pointed, entropy, grounded_words, summarise
+from caption.decoding.results import map_entropy
+from caption.evaluation.pointing import Pointed, grounded_words, summarise
 from caption.guidance.detector import Detection, load_detector
 from caption.guidance.grounding import LABEL_IDS, WORDS_FILE, cell_masks, coco_words, detect_full_size, token_labels
 from caption.model.decoder import DecoderOutput
@@ -97,7 +98,7 @@ def test_pointing_figures_against_both_baselines() -> None:
     assert figures["mass_uniform"] == pytest.approx(0.25) and figures["mass_fixed"] == pytest.approx(0.1)
     assert figures["peak"] == pytest.approx(1.0)  # a flat map's argmax is its first cell, inside here
     assert figures["peak_fixed"] == 0.0 and figures["entropy_uniform"] == pytest.approx(math.log(4), abs=1e-4)
-    assert entropy(torch.full((49,), 1 / 49)).item() == pytest.approx(math.log(49), abs=1e-5)
+    assert map_entropy(torch.full((49,), 1 / 49)).item() == pytest.approx(math.log(49), abs=1e-5)
 
 
 def test_grounded_words_are_those_naming_a_detected_category() -> None:

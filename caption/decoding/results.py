@@ -44,6 +44,12 @@ class Hypothesis:
     init_alpha: torch.Tensor | None = None  # (L,) the image's query-free pool weights (init_state=attend)
 
 
+def map_entropy(alphas: torch.Tensor) -> torch.Tensor:
+    """(..., L) attention maps -> (...,) their entropy in nats, in float64 (log L for a flat map)."""
+    p = alphas.double().clamp_min(1e-12)
+    return -(p * p.log()).sum(-1)
+
+
 def normalised(log_prob: float, length: int, length_penalty: float) -> float:
     """The score a caption is ranked by: ``log_prob / length**length_penalty``."""
     return log_prob / max(length, 1) ** length_penalty

@@ -25,6 +25,7 @@ from typing import Iterable, Sequence
 import torch
 
 from caption.data.images import ImageError, load_image
+from caption.decoding.results import map_entropy
 from caption.guidance.grounding import MIN_SCORE, cell_masks, coco_words, detect_full_size
 from caption.guidance.detector import COCO_LABELS
 
@@ -53,12 +54,6 @@ class PointingReport:
     def as_dict(self) -> dict:
         return {"words": self.words, "images": self.images, **self.overall, "small_boxes": self.small,
                 "categories": self.categories}
-
-
-def entropy(alphas: torch.Tensor) -> torch.Tensor:
-    """(..., L) maps -> (...,) entropy in nats."""
-    p = alphas.float().clamp_min(1e-12)
-    return -(p * p.log()).sum(-1)
 
 
 def grounded_words(words: Sequence[str], alphas: torch.Tensor, masks: dict[int, torch.Tensor],
@@ -91,7 +86,7 @@ def summarise(pointed: Sequence[Pointed], mean_map: torch.Tensor) -> dict:
             "mass_uniform": round(float(share.mean()), 4),
             "peak": round(peak(maps), 4), "peak_fixed": round(peak(fixed), 4),
             "peak_uniform": round(float(share.mean()), 4),
-            "entropy": round(float(entropy(maps).mean()), 4),
+            "entropy": round(float(map_entropy(maps).mean()), 4),
             "entropy_uniform": round(math.log(maps.shape[1]), 4)}
 
 

@@ -23,7 +23,7 @@ from typing import Any, Optional
 
 import torch
 
-from caption.decoding.results import DecodingResult
+from caption.decoding.results import DecodingResult, map_entropy
 from caption.guidance.result import GuideInfo, guide_of
 
 MAP_DECIMALS = 4  # attention weights in a record
@@ -119,8 +119,7 @@ def _maps(alphas: torch.Tensor) -> list:
 def focus(alphas: torch.Tensor) -> list[float]:
     """(T, gh, gw) maps -> per map, the number of cells it is as spread as: exp(entropy), from 1 (all
     weight on one cell) to gh*gw (flat), rounded to FOCUS_DECIMALS."""
-    p = alphas.double().flatten(1).clamp_min(1e-12)  # (T, L)
-    return (-(p * p.log()).sum(1)).exp().round(decimals=FOCUS_DECIMALS).tolist()
+    return map_entropy(alphas.flatten(1)).exp().round(decimals=FOCUS_DECIMALS).tolist()  # (T, L) -> (T,)
 
 
 def guide_record(info: GuideInfo) -> GuideRecord:
