@@ -26,8 +26,7 @@ import torch
 
 from caption.data.images import ImageError, load_image
 from caption.decoding.results import map_entropy
-from caption.guidance.grounding import MIN_SCORE, cell_masks, coco_words, detect_full_size
-from caption.guidance.detector import COCO_LABELS
+from caption.guidance.grounding import LABEL_IDS, MIN_SCORE, cell_masks, coco_words, detect_full_size
 
 SMALL = 0.25  # a box is small under this share of the grid's cells
 
@@ -62,7 +61,7 @@ def grounded_words(words: Sequence[str], alphas: torch.Tensor, masks: dict[int, 
     found = []
     for t, word in enumerate(words):
         label = table.get(word)
-        cls = COCO_LABELS.index(label) if label else 0
+        cls = LABEL_IDS[label] if label else 0
         if cls in masks:
             found.append(Pointed(label, alphas[t].flatten().float(), masks[cls]))  # (L,)
     return found

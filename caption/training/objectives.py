@@ -93,7 +93,7 @@ class CrossEntropy:
         self.collate = collate_captions
         self.groups = train.dataset.image_groups() if cfg.train.group_by_image else None
         self.ground_weight = cfg.train.ground_weight
-        self.boxes = (BoxTargets.build(train.records, vocab, cfg.model.grid, cfg.data.cache_dir or "runs/cache")
+        self.boxes = (BoxTargets.build(train.records, vocab, cfg.model.grid, train.cache_dir)
                       if self.ground_weight > 0 else None)
 
     def step(self, ddp_model: torch.nn.Module, batch, dist: Dist) -> StepResult:

@@ -48,6 +48,7 @@ class SplitData:
     features: FeatureStore | None  # cached grids, or None when images go through the encoder
     transform: Callable | None  # image preprocessing (always set: inference needs it too)
     metric: TaskMetric | None  # the data set's own scores (``data.metric``), None for COCO metrics only
+    cache_dir: Path  # where this run's caches of the split live (features, detections): :func:`cache_dir`
 
 
 @dataclass
@@ -109,7 +110,7 @@ def split_data(cfg: Config, split: str, vocab: Vocabulary, encoder: torch.nn.Mod
     dataset = CaptionDataset(records, vocab, transform=None if features is not None else transform,
                              features=features, max_len=cfg.data.max_caption_len,
                              keep_images=cfg.data.keep_images)
-    return SplitData(records, dataset, features, transform, split_metric(cfg, split))
+    return SplitData(records, dataset, features, transform, split_metric(cfg, split), cache_dir(cfg, run_dir))
 
 
 def _cached(cfg, split, records, encoder, transform, run_dir, runtime, dist, progress) -> FeatureStore:
